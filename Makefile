@@ -1,0 +1,50 @@
+# Two commands on a fresh clone: `make up` starts the whole mesh, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/chatterbot/v1/*.proto)
+BUF := npx --yes @bufbuild/buf@1.75.0
+
+.PHONY: up test install proto proto-check lint buf-lint buf-breaking clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/chatterbot up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Python stubs and .pyi type stubs, generated into the one shared package (chatterbot/v1).
+proto: $(STAMP)
+	rm -f chatterbot/v1/*_pb2*.py chatterbot/v1/*_pb2*.pyi
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+		--python_out=. --pyi_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
+		$(PROTOS)
+	touch chatterbot/v1/__init__.py
+
+# Fails when the committed stubs differ from what `make proto` generates.
+proto-check: proto
+	@git diff --exit-code --stat -- chatterbot/v1 || (echo "generated stubs are stale: run 'make proto' and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- chatterbot/v1)" || (git status --porcelain -- chatterbot/v1; echo "untracked generated stubs: run 'make proto' and commit" >&2; exit 1)
+
+buf-lint:
+	$(BUF) lint
+
+# Compares the contracts with main; run on a branch before merging.
+buf-breaking:
+	$(BUF) breaking --against '.git#branch=main'
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

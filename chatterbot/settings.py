@@ -1,0 +1,97 @@
+"""Settings for every ChatterBot process, read from `CHATTERBOT_*` environment variables and `.env`.
+
+Every field here is listed with its default in `.env.example`; `tests/test_settings.py` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+SERVICES = ("chat", "context", "inference", "store")
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATTERBOT_", env_file=".env", extra="ignore")
+
+    # --- process ---
+    data_dir: Path = Field(Path(".chatterbot"), description="where `chatterbot up` keeps data, logs and keys")
+    log_level: str = "INFO"
+    log_json: bool = True
+    bind_host: str = Field("127.0.0.1", description="interface gRPC and HTTP servers listen on")
+    metrics_port: int = Field(0, description="Prometheus port of this process; 0 disables it")
+    shutdown_grace_seconds: float = Field(10.0, description="how long SIGTERM waits for in-flight calls")
+
+    # --- where the services are (callers dial these; a service binds bind_host and the port) ---
+    chat_addr: str = "127.0.0.1:50051"
+    context_addr: str = "127.0.0.1:50052"
+    inference_addr: str = "127.0.0.1:50053"
+    store_addr: str = "127.0.0.1:50054"
+    edge_port: int = 8000
+
+    # --- servers; empty means "not configured" (`chatterbot up` fills them with embedded ones) ---
+    nats_url: str = ""
+    redis_url: str = ""
+    postgres_dsn: str = ""
+
+    # --- keys: comma-separated; service keys may act for any user_id, admin keys also reach /debug ---
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- guarded client ---
+    deadline_seconds: float = Field(10.0, description="deadline of a unary call between services")
+    stream_deadline_seconds: float = Field(300.0, description="deadline of a whole generation stream")
+    breaker_fail_max: int = Field(5, description="consecutive failures that open a target's breaker")
+    breaker_reset_seconds: float = Field(5.0, description="how long an open breaker waits before a trial")
+    retry_attempts: int = Field(3, description="tries for a call that failed UNAVAILABLE before any response")
+    retry_initial_backoff: float = 0.05
+    retry_max_backoff: float = 0.5
+
+    # --- chat turn ---
+    context_token_budget: int = Field(3072, description="tokens of earlier turns sent with a prompt")
+    max_message_chars: int = 2000
+    system_prompt: str = "You are ChatterBot, a helpful assistant."
+
+    # --- context_svc ---
+    context_max_turns: int = Field(64, description="turns kept per conversation in Redis")
+    context_ttl_seconds: int = Field(86400, description="idle time after which a conversation's context expires")
+
+    # --- inference_svc ---
+    inference_engine: str = Field("sim", description="sim | vllm | openai")
+    model_name: str = "chatterbot-sim-7b-awq"
+    sim_ttft_ms: float = Field(30.0, description="simulated time to first token")
+    sim_itl_ms: float = Field(5.0, description="simulated inter-token latency")
+    sim_max_num_seqs: int = Field(64, description="sequences the simulated engine runs at once")
+    sim_seed: int = 0
+
+    # --- store_svc ---
+    postgres_pool_min: int = 1
+    postgres_pool_max: int = 10
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    def service_addr(self, service: str) -> str:
+        """Address callers dial for `service` (one of SERVICES)."""
+        return getattr(self, f"{service}_addr")
+
+    def service_port(self, service: str) -> int:
+        return int(self.service_addr(service).rsplit(":", 1)[1])
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,239 @@
+import datetime
+
+from chatterbot.v1 import types_pb2 as _types_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class User(_message.Message):
+    __slots__ = ("user_id", "create_time")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class EnsureUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class EnsureUserResponse(_message.Message):
+    __slots__ = ("user", "created")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    created: bool
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class GetUserResponse(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
+
+class StoreServiceCreateConversationRequest(_message.Message):
+    __slots__ = ("user_id", "title", "conversation_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    title: str
+    conversation_id: str
+    def __init__(self, user_id: _Optional[str] = ..., title: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+
+class StoreServiceCreateConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: _types_pb2.Conversation
+    def __init__(self, conversation: _Optional[_Union[_types_pb2.Conversation, _Mapping]] = ...) -> None: ...
+
+class GetConversationRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_id: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+
+class GetConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: _types_pb2.Conversation
+    def __init__(self, conversation: _Optional[_Union[_types_pb2.Conversation, _Mapping]] = ...) -> None: ...
+
+class StoreServiceListConversationsRequest(_message.Message):
+    __slots__ = ("user_id", "page_size", "page_token")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class StoreServiceListConversationsResponse(_message.Message):
+    __slots__ = ("conversations", "next_page_token")
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    conversations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Conversation]
+    next_page_token: str
+    def __init__(self, conversations: _Optional[_Iterable[_Union[_types_pb2.Conversation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StoreServiceRenameConversationRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_id", "title")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_id: str
+    title: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., title: _Optional[str] = ...) -> None: ...
+
+class StoreServiceRenameConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: _types_pb2.Conversation
+    def __init__(self, conversation: _Optional[_Union[_types_pb2.Conversation, _Mapping]] = ...) -> None: ...
+
+class StoreServiceDeleteConversationRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_id: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+
+class StoreServiceDeleteConversationResponse(_message.Message):
+    __slots__ = ("message_count",)
+    MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    message_count: int
+    def __init__(self, message_count: _Optional[int] = ...) -> None: ...
+
+class StoreServiceListMessagesRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_id", "page_size", "before_message_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_id: str
+    page_size: int
+    before_message_id: int
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., page_size: _Optional[int] = ..., before_message_id: _Optional[int] = ...) -> None: ...
+
+class StoreServiceListMessagesResponse(_message.Message):
+    __slots__ = ("messages", "next_before_message_id")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BEFORE_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.HistoryMessage]
+    next_before_message_id: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[_types_pb2.HistoryMessage, _Mapping]]] = ..., next_before_message_id: _Optional[int] = ...) -> None: ...
+
+class ExchangeMessage(_message.Message):
+    __slots__ = ("content", "token_count")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    content: str
+    token_count: int
+    def __init__(self, content: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
+
+class AppendExchangeRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_id", "request_id", "user_message", "assistant_message", "model", "processing_time", "title")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_id: str
+    request_id: str
+    user_message: ExchangeMessage
+    assistant_message: ExchangeMessage
+    model: str
+    processing_time: float
+    title: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., model: _Optional[str] = ..., processing_time: _Optional[float] = ..., title: _Optional[str] = ...) -> None: ...
+
+class AppendExchangeResponse(_message.Message):
+    __slots__ = ("conversation", "user_message", "assistant_message", "created")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    USER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    conversation: _types_pb2.Conversation
+    user_message: _types_pb2.HistoryMessage
+    assistant_message: _types_pb2.HistoryMessage
+    created: bool
+    def __init__(self, conversation: _Optional[_Union[_types_pb2.Conversation, _Mapping]] = ..., user_message: _Optional[_Union[_types_pb2.HistoryMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[_types_pb2.HistoryMessage, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("correlation_id", "user_id", "status", "response", "conversation_id", "processing_time", "error", "finish_reason", "usage", "create_time", "update_time", "expire_time")
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    correlation_id: str
+    user_id: str
+    status: _types_pb2.JobStatus
+    response: str
+    conversation_id: str
+    processing_time: float
+    error: str
+    finish_reason: _types_pb2.FinishReason
+    usage: _types_pb2.Usage
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, correlation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[_types_pb2.JobStatus, str]] = ..., response: _Optional[str] = ..., conversation_id: _Optional[str] = ..., processing_time: _Optional[float] = ..., error: _Optional[str] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PutJobResultRequest(_message.Message):
+    __slots__ = ("result", "ttl_seconds")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    result: JobResult
+    ttl_seconds: int
+    def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class PutJobResultResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: JobResult
+    def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+
+class GetJobResultRequest(_message.Message):
+    __slots__ = ("user_id", "correlation_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    correlation_id: str
+    def __init__(self, user_id: _Optional[str] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResultResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: JobResult
+    def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
