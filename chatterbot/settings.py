@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as `CHATTERBOT_*` variables, to hand to a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"CHATTERBOT_{name.upper()}"] = str(value)
+        return env
+
     def service_addr(self, service: str) -> str:
         """Address callers dial for `service` (one of SERVICES)."""
         return getattr(self, f"{service}_addr")

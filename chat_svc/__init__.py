@@ -1,0 +1,1 @@
+"""ChatService: runs chat turns and serves conversation history."""

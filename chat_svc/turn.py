@@ -1,0 +1,185 @@
+"""One chat turn: context → prompt → generation → history → context.
+
+Plain async functions over the guarded clients; the servicer only translates the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from chatterbot.breaker import CircuitOpenError
+from chatterbot.guarded_client import GuardedClient
+from chatterbot.tokens import approx_token_count
+from chatterbot.v1 import context_pb2, inference_pb2, store_pb2, types_pb2
+
+log = logging.getLogger(__name__)
+
+_DEGRADABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    user_id: str
+    message: str
+    context: list[str] = field(default_factory=list)
+    max_tokens: int = 256
+    temperature: float = 0.7
+    conversation_id: str = ""
+    request_id: str = ""
+    model: str = ""
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TurnResult:
+    response: str
+    conversation_id: str
+    request_id: str
+    processing_time: float
+    finish_reason: int = types_pb2.FINISH_REASON_UNSPECIFIED
+    usage: types_pb2.Usage = field(default_factory=types_pb2.Usage)
+    model: str = ""
+
+
+@dataclass
+class TurnDeps:
+    """The downstream clients and knobs a turn needs."""
+
+    context: GuardedClient
+    inference: GuardedClient
+    store: GuardedClient
+    system_prompt: str
+    context_token_budget: int
+
+
+@dataclass
+class _Prepared:
+    turn: TurnInput
+    conversation_id: str
+    request_id: str
+    generate: inference_pb2.GenerateRequest
+    started: float
+
+
+async def _prepare(deps: TurnDeps, turn: TurnInput) -> _Prepared:
+    started = time.perf_counter()
+    conversation_id = turn.conversation_id or uuid.uuid4().hex
+    request_id = turn.request_id or uuid.uuid4().hex
+    messages = [types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=deps.system_prompt)]
+    messages += [types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=c) for c in turn.context]
+    if turn.conversation_id:
+        history = await _recent_turns(deps, turn.user_id, conversation_id)
+        messages += [types_pb2.ChatMessage(role=t.role, content=t.content) for t in history]
+    messages.append(types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=turn.message))
+    sampling = types_pb2.SamplingParams(
+        max_tokens=turn.max_tokens, temperature=turn.temperature, top_p=turn.top_p, stop=turn.stop
+    )
+    if turn.seed is not None:
+        sampling.seed = turn.seed
+    generate = inference_pb2.GenerateRequest(
+        request_id=request_id, model=turn.model, messages=messages, sampling=sampling
+    )
+    return _Prepared(turn, conversation_id, request_id, generate, started)
+
+
+async def _recent_turns(deps: TurnDeps, user_id: str, conversation_id: str) -> list[context_pb2.Turn]:
+    try:
+        response = await deps.context.unary(
+            "GetContext",
+            context_pb2.GetContextRequest(
+                user_id=user_id, conversation_id=conversation_id, token_budget=deps.context_token_budget
+            ),
+        )
+    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _DEGRADABLE:
+            raise
+        # Context makes answers better, not possible: answer without it rather than not at all.
+        log.warning("context unavailable, answering without it", extra={"conversation_id": conversation_id})
+        return []
+    return list(response.turns)
+
+
+async def _finish(deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.GenerateResponse) -> TurnResult:
+    """Store the exchange (idempotent on the request id), then remember it as context."""
+    processing_time = time.perf_counter() - p.started
+    user_tokens = approx_token_count(p.turn.message)
+    stored = await deps.store.unary(
+        "AppendExchange",
+        store_pb2.AppendExchangeRequest(
+            user_id=p.turn.user_id,
+            conversation_id=p.conversation_id,
+            request_id=p.request_id,
+            user_message=store_pb2.ExchangeMessage(content=p.turn.message, token_count=user_tokens),
+            assistant_message=store_pb2.ExchangeMessage(content=text, token_count=last.usage.completion_tokens),
+            model=last.model,
+            processing_time=processing_time,
+        ),
+    )
+    if stored.created:
+        await _remember(deps, p, text, last.usage.completion_tokens, user_tokens)
+    else:
+        # A repeated request id: the first answer is the answer.
+        text = stored.assistant_message.content
+        processing_time = stored.assistant_message.processing_time
+    return TurnResult(
+        response=text,
+        conversation_id=p.conversation_id,
+        request_id=p.request_id,
+        processing_time=processing_time,
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        model=last.model,
+    )
+
+
+async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int, user_tokens: int) -> None:
+    # History is already safe in PostgreSQL; a context write that fails only costs the next turn some
+    # cached context, so it must not fail this turn.
+    try:
+        await deps.context.unary(
+            "AppendTurns",
+            context_pb2.AppendTurnsRequest(
+                user_id=p.turn.user_id,
+                conversation_id=p.conversation_id,
+                turns=[
+                    context_pb2.Turn(role=types_pb2.ROLE_USER, content=p.turn.message, token_count=user_tokens,
+                                     request_id=p.request_id),
+                    context_pb2.Turn(role=types_pb2.ROLE_ASSISTANT, content=text, token_count=answer_tokens,
+                                     request_id=p.request_id),
+                ],
+            ),
+        )
+    except Exception:
+        log.warning("context append failed", exc_info=True, extra={"conversation_id": p.conversation_id})
+
+
+async def run_turn(deps: TurnDeps, turn: TurnInput) -> TurnResult:
+    """Run a whole turn and return the stored answer."""
+    p = await _prepare(deps, turn)
+    parts: list[str] = []
+    last = inference_pb2.GenerateResponse()
+    async for chunk in deps.inference.stream("Generate", p.generate):
+        parts.append(chunk.text)
+        last = chunk
+    return await _finish(deps, p, "".join(parts), last)
+
+
+async def stream_turn(deps: TurnDeps, turn: TurnInput) -> AsyncIterator[tuple[str, TurnResult | None]]:
+    """Yield (text delta, None) as the answer is generated, then ("", result) once it is stored."""
+    p = await _prepare(deps, turn)
+    parts: list[str] = []
+    last = inference_pb2.GenerateResponse()
+    async for chunk in deps.inference.stream("Generate", p.generate):
+        parts.append(chunk.text)
+        last = chunk
+        if chunk.text:
+            yield chunk.text, None
+    yield "", await _finish(deps, p, "".join(parts), last)

@@ -1,0 +1,5 @@
+import sys
+
+from chatterbot.cli import main
+
+sys.exit(main())

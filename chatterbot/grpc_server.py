@@ -1,0 +1,220 @@
+"""The one gRPC server bootstrap every service runs on.
+
+A service describes itself as a `GrpcApp` (its servicers and the dependencies it needs) from an async context
+manager that owns its clients and pools; `run_grpc_app` does the rest: grpc.aio server, `grpc.health.v1`
+health driven by dependency probes, server reflection, Prometheus metrics, JSON logs, and a graceful
+shutdown on SIGTERM/SIGINT that stops taking calls and drains the ones in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from chatterbot.logs import configure_logging
+from chatterbot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Health names besides "" and the service names: "liveness" is SERVING while the process runs (for liveness
+# probes, which must not restart a pod because a database is down); "dependency.<name>" tracks each probe.
+LIVENESS = "liveness"
+DEPENDENCY_PREFIX = "dependency."
+
+SERVER_HANDLED = prometheus_client.Counter(
+    "chatterbot_grpc_server_handled_total", "RPCs completed by this server", ["method", "code"]
+)
+SERVER_LATENCY = prometheus_client.Histogram(
+    "chatterbot_grpc_server_handling_seconds",
+    "Time to complete an RPC (a whole stream for streaming RPCs)",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SERVER_IN_FLIGHT = prometheus_client.Gauge("chatterbot_grpc_server_in_flight", "RPCs in progress", ["method"])
+
+Probe = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class GrpcApp:
+    """What a service contributes to the bootstrap."""
+
+    name: str
+    # (add_XServicer_to_server, servicer) pairs.
+    servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]]
+    # Full names of the services, for health and reflection ("chatterbot.v1.ChatService").
+    service_names: list[str]
+    # Dependency probes; the service reports NOT_SERVING while any of them fails.
+    probes: dict[str, Probe] = field(default_factory=dict)
+    probe_interval: float = 2.0
+    # Run after the metrics interceptor (authentication, for example).
+    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC by method and status code."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                with _Measured(method, context):
+                    return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                with _Measured(method, context):
+                    async for response in inner_stream(request, context):
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+class _Measured:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method, self.context = method, context
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+        SERVER_IN_FLIGHT.labels(self.method).inc()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        SERVER_IN_FLIGHT.labels(self.method).dec()
+        SERVER_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+        if exc_type is None:
+            code = self.context.code() or grpc.StatusCode.OK
+        elif issubclass(exc_type, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = self.context.code() or grpc.StatusCode.UNKNOWN
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        SERVER_HANDLED.labels(self.method, name).inc()
+
+
+class _Health:
+    """Keeps grpc.health.v1 statuses in step with the dependency probes."""
+
+    def __init__(self, app: GrpcApp) -> None:
+        self.app = app
+        self.servicer = health_aio.HealthServicer()
+        self.ready_names = ["", *app.service_names]
+
+    async def set_all(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.ready_names:
+            await self.servicer.set(name, status)
+
+    async def probe_once(self) -> bool:
+        results = await asyncio.gather(*(_run_probe(p) for p in self.app.probes.values()))
+        for dep, ok in zip(self.app.probes, results):
+            await self.servicer.set(
+                DEPENDENCY_PREFIX + dep,
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+        ready = all(results)
+        await self.set_all(ready)
+        return ready
+
+    async def run(self) -> None:
+        was_ready: bool | None = None
+        while True:
+            ready = await self.probe_once()
+            if ready != was_ready:
+                log.info("health changed", extra={"ready": ready})
+                was_ready = ready
+            await asyncio.sleep(self.app.probe_interval)
+
+
+async def _run_probe(probe: Probe) -> bool:
+    try:
+        return bool(await asyncio.wait_for(probe(), timeout=2.0))
+    except Exception:  # a probe that raises means the dependency is down
+        return False
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
+    """Serve Prometheus metrics of this process on `port` (0 disables it)."""
+    if port:
+        prometheus_client.start_http_server(port, addr=host)
+
+
+async def serve_grpc_app(
+    settings: Settings, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]], *, port: int
+) -> None:
+    """Run one service until SIGTERM/SIGINT, then drain in-flight calls for up to the grace period."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with factory(settings) as app:
+        server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(), *app.interceptors],
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        for add, servicer in app.servicers:
+            add(servicer, server)
+        health = _Health(app)
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+        reflection.enable_server_reflection(
+            [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        address = f"{settings.bind_host}:{port}"
+        if server.add_insecure_port(address) == 0:
+            raise RuntimeError(f"{app.name}: cannot listen on {address}")
+        await health.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await health.probe_once()
+        await server.start()
+        log.info("serving", extra={"service": app.name, "address": address})
+        prober = asyncio.create_task(health.run())
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.shutdown_grace_seconds})
+            prober.cancel()
+            # NOT_SERVING first so load balancers and the edge stop sending new calls.
+            await health.servicer.enter_graceful_shutdown()
+            await server.stop(settings.shutdown_grace_seconds)
+            log.info("stopped")
+
+
+def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]]) -> None:
+    """Entry point of `chatterbot serve <name>` for a gRPC service."""
+    from chatterbot.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(name, settings.log_level, settings.log_json)
+    start_metrics_server(settings.metrics_port)
+    asyncio.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
+

@@ -1,0 +1,213 @@
+"""`chatterbot up`: the whole mesh on one machine, on real servers.
+
+Embedded NATS (JetStream), PostgreSQL and Valkey start unless their URLs are set; then every service runs as
+its own process (`chatterbot serve <name>`), started in dependency order and each awaited until healthy.
+Everything is stopped in reverse order on Ctrl-C or SIGTERM. Data, logs and the dev keys stay in the data dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatterbot.embedded import EmbeddedServer, NatsServer, PostgresServer, ValkeyServer, free_port
+from chatterbot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DATABASE = "chatterbot"
+# Start order: dependencies first. The edge comes last so that a ready edge means a ready mesh.
+START_ORDER = ("store", "context", "inference", "chat", "edge")
+
+
+class ServiceProcess(EmbeddedServer):
+    """One ChatterBot service run as `python -m chatterbot serve <name>`; ready when its health says so."""
+
+    def __init__(self, name: str, log_dir: Path, port: int, env: dict[str, str], host: str = "127.0.0.1") -> None:
+        super().__init__(name, log_dir, host=host, port=port)
+        self.env = env
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "chatterbot", "serve", self.name]
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return {"env": self.env}
+
+    @property
+    def url(self) -> str:
+        if self.name == "edge":
+            return f"http://{self.dial_host}:{self.port}"
+        return f"{self.dial_host}:{self.port}"
+
+    def _is_ready(self) -> bool:
+        if self.name == "edge":
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+        with grpc.insecure_channel(self.url) as channel:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class DevKeys:
+    api_key: str
+    admin_key: str
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> DevKeys:
+        """Keys kept in the data dir, so clients keep working across restarts."""
+        if path.exists():
+            data = json.loads(path.read_text())
+            return cls(data["api_key"], data["admin_key"])
+        keys = cls("cb-dev-" + secrets.token_urlsafe(24), "cb-admin-" + secrets.token_urlsafe(24))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"api_key": keys.api_key, "admin_key": keys.admin_key}))
+        path.chmod(0o600)
+        return keys
+
+
+@dataclass
+class Mesh:
+    """The servers and services of one machine's mesh."""
+
+    settings: Settings
+    data_dir: Path
+    # Use the configured ports when free (`chatterbot up`) or always pick free ones (tests, several meshes).
+    prefer_configured_ports: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, EmbeddedServer] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+    keys: DevKeys | None = None
+
+    def start(self) -> None:
+        """Start everything; on failure stop what was started and re-raise."""
+        self.data_dir = self.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            env = self._start_servers()
+            self._start_services(env)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_up_json()
+
+    def _start_servers(self) -> dict[str, str]:
+        s = self.settings
+        urls = {"nats": s.nats_url, "redis": s.redis_url, "postgres": s.postgres_dsn}
+        if not s.nats_url:
+            self.servers["nats"] = NatsServer(self.data_dir / "nats")
+        if not s.postgres_dsn:
+            self.servers["postgres"] = PostgresServer(self.data_dir / "postgres")
+        if not s.redis_url:
+            self.servers["redis"] = ValkeyServer(self.data_dir / "valkey")
+        for name, server in self.servers.items():
+            log.info("starting %s", name)
+            server.start(timeout=60)
+            urls[name] = server.url
+        if "postgres" in self.servers:
+            pg = self.servers["postgres"]
+            assert isinstance(pg, PostgresServer)
+            pg.ensure_database(DATABASE)
+            urls["postgres"] = pg.dsn(DATABASE)
+        return {
+            "CHATTERBOT_NATS_URL": urls["nats"],
+            "CHATTERBOT_REDIS_URL": urls["redis"],
+            "CHATTERBOT_POSTGRES_DSN": urls["postgres"],
+        }
+
+    def _port(self, configured: int) -> int:
+        if self.prefer_configured_ports and _port_free(configured):
+            return configured
+        return free_port()
+
+    def _start_services(self, server_env: dict[str, str]) -> None:
+        s = self.settings
+        if s.api_keys and s.admin_keys:
+            self.keys = DevKeys(s.api_keys[0], s.admin_keys[0])
+            api_keys, admin_keys = s.api_keys, s.admin_keys
+        else:
+            self.keys = DevKeys.load_or_create(self.data_dir / "keys.json")
+            api_keys, admin_keys = [self.keys.api_key, *s.api_keys], [self.keys.admin_key, *s.admin_keys]
+        ports = {name: self._port(s.service_port(name)) for name in START_ORDER if name != "edge"}
+        ports["edge"] = self._port(s.edge_port)
+        env = {
+            **os.environ,
+            **s.to_env(),
+            **server_env,
+            **{f"CHATTERBOT_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items() if name != "edge"},
+            "CHATTERBOT_EDGE_PORT": str(ports["edge"]),
+            "CHATTERBOT_API_KEYS": ",".join(api_keys),
+            "CHATTERBOT_ADMIN_KEYS": ",".join(admin_keys),
+            "CHATTERBOT_DATA_DIR": str(self.data_dir),
+            **self.extra_env,
+        }
+        log_dir = self.data_dir / "logs"
+        for name in START_ORDER:
+            service_env = {**env, "CHATTERBOT_METRICS_PORT": str(free_port())}
+            service = ServiceProcess(name, log_dir, ports[name], service_env)
+            self.services[name] = service
+            log.info("starting %s", name)
+            service.start(timeout=60)
+
+    def stop(self) -> None:
+        """Stop services (edge first), then servers; each gets its graceful shutdown, then SIGKILL."""
+        for name in reversed(START_ORDER):
+            if name in self.services:
+                self.services[name].stop()
+        for server in reversed(list(self.servers.values())):
+            server.stop()
+
+    @property
+    def edge_url(self) -> str:
+        return self.services["edge"].url
+
+    def up_info(self) -> dict[str, Any]:
+        """What `.chatterbot/up.json` holds."""
+        assert self.keys is not None
+        return {
+            "edge_url": self.edge_url,
+            "api_key": self.keys.api_key,
+            "admin_key": self.keys.admin_key,
+            "grpc": {name: svc.url for name, svc in self.services.items() if name != "edge"},
+            "metrics": {name: f"http://127.0.0.1:{svc.env['CHATTERBOT_METRICS_PORT']}/metrics"
+                        for name, svc in self.services.items()},
+            "servers": {
+                "nats": self.services["chat"].env["CHATTERBOT_NATS_URL"],
+                "redis": self.services["chat"].env["CHATTERBOT_REDIS_URL"],
+                "postgres": self.services["chat"].env["CHATTERBOT_POSTGRES_DSN"],
+            },
+            "logs": str(self.data_dir / "logs"),
+            "pid": os.getpid(),
+        }
+
+    def _write_up_json(self) -> None:
+        path = self.data_dir / "up.json"
+        path.write_text(json.dumps(self.up_info(), indent=2))
+        path.chmod(0o600)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,1 @@
+"""ContextService: recent turns per conversation in Redis, handed out within a token budget."""

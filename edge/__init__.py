@@ -1,0 +1,1 @@
+"""The public HTTP edge: the seed REST/SSE chat API on FastAPI."""

@@ -1,0 +1,43 @@
+"""The edge application: wiring only; routes live in edge/routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from chatterbot.guarded_client import GuardedClient
+from chatterbot.settings import Settings
+from chatterbot.v1 import chat_pb2_grpc
+from edge.health import MeshHealth
+from edge.problems import install_problem_handlers
+from edge.routes import chat, health
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """A new edge app; clients are created on startup and closed on shutdown, never at import."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.chat = GuardedClient("chat", settings.chat_addr, chat_pb2_grpc.ChatServiceStub, settings)
+        app.state.health = MeshHealth(settings)
+        try:
+            yield
+        finally:
+            await app.state.chat.close()
+            await app.state.health.close()
+
+    app = FastAPI(
+        title="ChatterBot",
+        version="1.0.0",
+        description="Chat backend for large language models.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(chat.router)
+    return app

@@ -1,0 +1,69 @@
+"""Health of the whole mesh as the edge sees it: every service and every server it relies on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import nats
+import redis.asyncio as redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatterbot.grpc_server import DEPENDENCY_PREFIX
+from chatterbot.settings import SERVICES, Settings
+
+CHECK_TIMEOUT = 1.0
+
+
+class MeshHealth:
+    """Checks run concurrently, each bounded by CHECK_TIMEOUT, so /health answers in about a second at worst."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Health has its own channels: the breaker-guarded data path must not be disturbed by probes.
+        self.channels = {s: grpc.aio.insecure_channel(settings.service_addr(s)) for s in SERVICES}
+        self.stubs = {s: health_pb2_grpc.HealthStub(c) for s, c in self.channels.items()}
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=CHECK_TIMEOUT) if settings.redis_url else None
+
+    async def _serving(self, service: str, name: str = "") -> bool:
+        response = await self.stubs[service].Check(health_pb2.HealthCheckRequest(service=name), timeout=CHECK_TIMEOUT)
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def _redis(self) -> bool:
+        return self.redis is not None and bool(await self.redis.ping())
+
+    async def _nats(self) -> bool:
+        if not self.settings.nats_url:
+            return False
+        nc = await nats.connect(self.settings.nats_url, connect_timeout=CHECK_TIMEOUT, allow_reconnect=False,
+                                max_reconnect_attempts=0)
+        try:
+            await nc.flush(timeout=CHECK_TIMEOUT)
+            return True
+        finally:
+            await nc.close()
+
+    async def components(self) -> dict[str, str]:
+        checks: dict[str, Callable[[], Awaitable[bool]]] = {s: (lambda s=s: self._serving(s)) for s in SERVICES}
+        checks["postgres"] = lambda: self._serving("store", DEPENDENCY_PREFIX + "postgres")
+        checks["redis"] = self._redis
+        checks["nats"] = self._nats
+        results = await asyncio.gather(*(_bounded(check()) for check in checks.values()))
+        return {name: "up" if ok else "down" for name, ok in zip(checks, results)}
+
+    async def chat_ready(self) -> bool:
+        return await _bounded(self._serving("chat"))
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+async def _bounded(check: Awaitable[bool]) -> bool:
+    try:
+        return await asyncio.wait_for(check, CHECK_TIMEOUT * 1.5)
+    except Exception:  # any failure to answer is "down"
+        return False

@@ -1,0 +1,1 @@
+"""InferenceService: server-streaming token generation over pluggable engines."""
