@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from chatterbot.guarded_client import SERVER_KEEPALIVE_OPTIONS
 from chatterbot.logs import configure_logging
 from chatterbot.settings import Settings
 
@@ -178,8 +179,7 @@ async def serve_grpc_app(
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *SERVER_KEEPALIVE_OPTIONS,
             ],
         )
         for add, servicer in app.servicers:

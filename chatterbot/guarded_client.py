@@ -1,0 +1,324 @@
+"""The guarded client every caller in the mesh uses to reach another service.
+
+One `GuardedClient` per target service per process owns one long-lived channel and puts every call
+behind a deadline, a circuit breaker and a retry policy that only retries what is safe:
+
+- Retried: UNAVAILABLE before any response arrived (the request never reached a handler that answered),
+  with full-jitter exponential backoff, within the call's deadline. A stream is never retried once it
+  yielded a message, and each attempt goes through the breaker, so an opening breaker ends the retries.
+- Counted against the target's breaker: UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, INTERNAL, DATA_LOSS.
+  Business codes (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, CANCELLED, ...) are not.
+- UNAVAILABLE that carries the trailing metadata key `cb-dependency` means the target is healthy but one
+  of *its* dependencies is not: it is neither counted nor retried, and reaches the caller unchanged.
+- An open breaker raises `CircuitOpenError` (target, retry_after) without touching the network; servers
+  turn it into UNAVAILABLE with `dependency_unavailable_metadata(...)`, the edge into 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+
+from chatterbot.breaker import AsyncCircuitBreaker, CircuitOpenError
+from chatterbot.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEPENDENCY_KEY = "cb-dependency"
+RETRY_AFTER_KEY = "retry-after"
+
+FAILURE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+KEEPALIVE_TIME_MS = 30_000
+
+# What a server must allow so that these clients' keepalive pings (idle channels included) are not
+# answered with GOAWAY "too_many_pings"; gRPC servers by default refuse idle pings more often than 5 min.
+SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 3),
+)
+
+CLIENT_LATENCY = Histogram(
+    "chatterbot_client_latency_seconds",
+    "Duration of one attempt of an outbound call (a whole stream for streaming calls)",
+    ["target", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+CLIENT_CALLS = Counter(
+    "chatterbot_client_calls_total",
+    "Outbound call attempts by final status code; CIRCUIT_OPEN when the breaker refused the attempt",
+    ["target", "method", "code"],
+)
+
+
+def dependency_unavailable_metadata(dependency: str, retry_after: float) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for an UNAVAILABLE that blames `dependency`, not the server that returns it."""
+    return ((DEPENDENCY_KEY, dependency), (RETRY_AFTER_KEY, f"{max(0.0, retry_after):.3f}"))
+
+
+def _trailer(exc: grpc.aio.AioRpcError, key: str) -> str | None:
+    for name, value in exc.trailing_metadata() or ():
+        if name == key:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def dependency_of(exc: BaseException) -> str | None:
+    """The failing dependency named by an UNAVAILABLE error's `cb-dependency` trailer, if any."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return _trailer(exc, DEPENDENCY_KEY)
+    return None
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """Seconds the caller should wait, from a CircuitOpenError or an AioRpcError's `retry-after` trailer."""
+    if isinstance(exc, CircuitOpenError):
+        return exc.retry_after
+    if isinstance(exc, grpc.aio.AioRpcError):
+        value = _trailer(exc, RETRY_AFTER_KEY)
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def is_target_failure(exc: BaseException) -> bool:
+    """Whether `exc` says the target itself is failing (what the breaker counts)."""
+    return (
+        isinstance(exc, grpc.aio.AioRpcError) and exc.code() in FAILURE_CODES and dependency_of(exc) is None
+    )
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    # UNAVAILABLE is the one code where the server never produced an answer, so a retry cannot repeat work.
+    return (
+        isinstance(exc, grpc.aio.AioRpcError)
+        and exc.code() == grpc.StatusCode.UNAVAILABLE
+        and dependency_of(exc) is None
+    )
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name
+    if isinstance(exc, CircuitOpenError):
+        return "CIRCUIT_OPEN"
+    if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+        # The caller gave up (cancelled, or left a stream early).
+        return grpc.StatusCode.CANCELLED.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+def channel_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Options of a guarded client's channel."""
+    # Reconnect at least as often as the breaker tries again, or a recovered target would keep failing
+    # its trial calls while the channel sits out gRPC's default backoff (up to 120 s).
+    reconnect_ms = max(100, int(settings.breaker_reset_seconds * 1000))
+    return [
+        # Retries are ours (tenacity), counted by the breaker; gRPC's own would hide failures from it.
+        ("grpc.enable_retries", 0),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # Idle channels are pinged too, so a dead peer is found before the next call rather than by its
+        # deadline; servers must accept that (SERVER_KEEPALIVE_OPTIONS).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, reconnect_ms)),
+        ("grpc.max_reconnect_backoff_ms", reconnect_ms),
+        # Spread calls over every address a name resolves to (headless Kubernetes Services list each pod).
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+
+
+class GuardedClient:
+    """Deadline, circuit breaker and safe retries around one target service's stub.
+
+    Create it inside the running event loop (grpc.aio binds the channel to it) and `close()` it at
+    shutdown. `breaker`, when given, should be named after `target`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        address: str,
+        stub_factory: Callable[[grpc.aio.Channel], Any],
+        settings: Settings,
+        *,
+        breaker: AsyncCircuitBreaker | None = None,
+    ) -> None:
+        self.target = target
+        self.address = address
+        self._settings = settings
+        self.breaker = breaker or AsyncCircuitBreaker(
+            target,
+            fail_max=settings.breaker_fail_max,
+            reset_timeout=settings.breaker_reset_seconds,
+            is_failure=is_target_failure,
+        )
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
+        self.stub = stub_factory(self.channel)
+
+    async def close(self) -> None:
+        """Close the channel, cancelling calls still in flight."""
+        await self.channel.close()
+
+    async def unary(
+        self,
+        method: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        retry: bool = True,
+    ) -> Any:
+        """Call unary `method` of the stub with a deadline, through the breaker, retrying UNAVAILABLE.
+
+        `timeout` (default `settings.deadline_seconds`) bounds the whole call, retries included. Pass
+        `retry=False` for calls that must be tried once only.
+        """
+        rpc = getattr(self.stub, method)
+        budget = self._settings.deadline_seconds if timeout is None else timeout
+        deadline = time.monotonic() + budget
+
+        async def attempt() -> Any:
+            try:
+                return await self.breaker.call(self._unary_attempt, method, rpc, request, deadline, metadata)
+            except CircuitOpenError:
+                CLIENT_CALLS.labels(self.target, method, "CIRCUIT_OPEN").inc()
+                raise
+
+        if not retry:
+            return await attempt()
+        return await self._retrying(budget)(attempt)
+
+    async def stream(
+        self,
+        method: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Iterate server-streaming `method` with a deadline, through the breaker.
+
+        UNAVAILABLE is retried only until the first message arrives, never after. The breaker sees the
+        whole stream, so an error mid-stream counts against the target. Leaving early cancels the call on
+        the server: `contextlib.aclosing(...)` does it at once, a dropped iterator when the event loop
+        finalizes it. `timeout` defaults to `settings.stream_deadline_seconds` and bounds the whole stream.
+        """
+        rpc = getattr(self.stub, method)
+        budget = self._settings.stream_deadline_seconds if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        async for attempt in self._retrying(budget):
+            with attempt:
+                responses = self.breaker.stream(
+                    self._stream_attempt, method, rpc, request, deadline, metadata
+                )
+                try:
+                    first = await anext(responses)
+                except StopAsyncIteration:
+                    return
+                except CircuitOpenError:
+                    CLIENT_CALLS.labels(self.target, method, "CIRCUIT_OPEN").inc()
+                    raise
+        try:
+            yield first
+            async for response in responses:
+                yield response
+        finally:
+            await responses.aclose()
+
+    def _retrying(self, budget: float) -> AsyncRetrying:
+        settings = self._settings
+        return AsyncRetrying(
+            retry=retry_if_exception(_is_retryable),
+            stop=stop_after_attempt(max(1, settings.retry_attempts)) | stop_before_delay(budget),
+            wait=wait_random_exponential(
+                multiplier=settings.retry_initial_backoff, max=settings.retry_max_backoff
+            ),
+            before_sleep=before_sleep_log(logger, logging.DEBUG),
+            reraise=True,
+        )
+
+    async def _unary_attempt(
+        self, method: str, rpc: Any, request: Any, deadline: float, metadata: Any
+    ) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK.name
+        try:
+            return await rpc(request, timeout=_time_left(deadline), metadata=metadata)
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise
+        finally:
+            self._observe(method, code, started)
+
+    async def _stream_attempt(
+        self, method: str, rpc: Any, request: Any, deadline: float, metadata: Any
+    ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK.name
+        call = rpc(request, timeout=_time_left(deadline), metadata=metadata)
+        try:
+            async for response in call:
+                yield response
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise
+        finally:
+            # A no-op for a finished call; for a consumer that left early it tells the server to stop.
+            call.cancel()
+            self._observe(method, code, started)
+
+    def _observe(self, method: str, code: str, started: float) -> None:
+        CLIENT_LATENCY.labels(self.target, method).observe(time.perf_counter() - started)
+        CLIENT_CALLS.labels(self.target, method, code).inc()
+
+
+def _time_left(deadline: float) -> float:
+    # A budget spent on earlier attempts still gets a (tiny) deadline: the attempt ends DEADLINE_EXCEEDED.
+    return max(0.001, deadline - time.monotonic())
+
+
+__all__ = [
+    "CLIENT_CALLS",
+    "CLIENT_LATENCY",
+    "DEPENDENCY_KEY",
+    "FAILURE_CODES",
+    "RETRY_AFTER_KEY",
+    "SERVER_KEEPALIVE_OPTIONS",
+    "CircuitOpenError",
+    "GuardedClient",
+    "channel_options",
+    "dependency_of",
+    "dependency_unavailable_metadata",
+    "is_target_failure",
+    "retry_after_of",
+]

