@@ -252,7 +252,7 @@ class EmbeddedServer:
                     # PDEATHSIG can only be set from inside the child. This preexec_fn only calls getppid and a
                     # prctl resolved before the fork, which keeps small the risk preexec_fn carries when the
                     # parent has other threads (a lock held by one of them at fork time).
-                    preexec_fn=_parent_death_preexec(self.shutdown_signal),  # noqa: PLW1509
+                    preexec_fn=_parent_death_preexec(self.shutdown_signal),
                     **self._popen_kwargs(),
                 )
             logger.info(
@@ -309,10 +309,8 @@ class EmbeddedServer:
             # Children are collected while the server still runs: once it exits they are orphans that
             # nothing links back to it.
             family = {p.pid: p for p in _descendants(proc.pid)}
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(self.shutdown_signal)
-            except ProcessLookupError:
-                pass
             while proc.poll() is None and time.monotonic() < deadline:
                 family.update((p.pid, p) for p in _descendants(proc.pid))
                 time.sleep(0.05)
@@ -604,15 +602,8 @@ class PostgresServer(EmbeddedServer):
         except KeyError:
             try:
                 subprocess.run(
-                    [
-                        "useradd",
-                        "--system",
-                        "--user-group",
-                        "--no-create-home",
-                        "--shell",
-                        "/usr/sbin/nologin",
-                    ]
-                    + [_PG_SYSTEM_USER],
+                    ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                     _PG_SYSTEM_USER],
                     check=True,
                     capture_output=True,
                     text=True,

@@ -132,7 +132,7 @@ class _Health:
 
     async def probe_once(self) -> bool:
         results = await asyncio.gather(*(_run_probe(p) for p in self.app.probes.values()))
-        for dep, ok in zip(self.app.probes, results):
+        for dep, ok in zip(self.app.probes, results, strict=False):
             await self.servicer.set(
                 DEPENDENCY_PREFIX + dep,
                 health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING,

@@ -50,7 +50,7 @@ class MeshHealth:
         checks["redis"] = self._redis
         checks["nats"] = self._nats
         results = await asyncio.gather(*(_bounded(check()) for check in checks.values()))
-        return {name: "up" if ok else "down" for name, ok in zip(checks, results)}
+        return {name: "up" if ok else "down" for name, ok in zip(checks, results, strict=False)}
 
     async def chat_ready(self) -> bool:
         return await _bounded(self._serving("chat"))

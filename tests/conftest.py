@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import psycopg
@@ -48,19 +46,19 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 def mesh_settings(servers: Servers, **overrides) -> Settings:
     """Settings of a test mesh: fast simulated engine, a quickly resetting breaker."""
-    values = dict(
-        nats_url=servers.nats.url,
-        redis_url=servers.valkey.url,
-        postgres_dsn=servers.postgres_dsn,
-        api_keys=[API_KEY],
-        admin_keys=[ADMIN_KEY],
-        sim_ttft_ms=5,
-        sim_itl_ms=1,
-        breaker_fail_max=3,
-        breaker_reset_seconds=1.0,
-        log_level="INFO",
-        shutdown_grace_seconds=5,
-    )
+    values = {
+        "nats_url": servers.nats.url,
+        "redis_url": servers.valkey.url,
+        "postgres_dsn": servers.postgres_dsn,
+        "api_keys": [API_KEY],
+        "admin_keys": [ADMIN_KEY],
+        "sim_ttft_ms": 5,
+        "sim_itl_ms": 1,
+        "breaker_fail_max": 3,
+        "breaker_reset_seconds": 1.0,
+        "log_level": "INFO",
+        "shutdown_grace_seconds": 5,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

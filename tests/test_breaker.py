@@ -195,7 +195,7 @@ async def test_excluded_errors_count_as_success_and_never_open_it():
 async def test_stream_failure_mid_iteration_counts_as_failure():
     breaker, _ = make_breaker(fail_max=2)
     target = Target()
-    for attempt in range(2):
+    for _attempt in range(2):
         received = []
         with pytest.raises(TargetDown):
             async for item in breaker.stream(target.items, 5, fail_after=2):

@@ -100,7 +100,7 @@ def test_start_failure_reports_the_server_log(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         server = ValkeyServer(tmp_path / "valkey", port=taken.getsockname()[1])
-        with pytest.raises(EmbeddedServerError, match="(?s)exited.*Address already in use"):
+        with pytest.raises(EmbeddedServerError, match=r"(?s)exited.*Address already in use"):
             server.start(timeout=10)
     assert not server.is_running
     assert server.pid is None

@@ -52,7 +52,7 @@ def test_chatterbot_up_reaches_healthy_and_stops_with_nothing_left(tmp_path, sto
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
         assert "ChatterBot stopped." in output
-        gone, alive = psutil.wait_procs(family, timeout=10)
+        _gone, alive = psutil.wait_procs(family, timeout=10)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     finally:
         if proc.poll() is None:

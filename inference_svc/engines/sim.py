@@ -20,11 +20,7 @@ from chatterbot.tokens import approx_token_count
 from inference_svc import metrics
 from inference_svc.engines.base import Delta, EngineState, GenerationRequest, ModelInfo, UnknownModel
 
-_WORDS = (
-    "the a model answer token stream context budget cluster latency request reply shard queue replica cache "
-    "prompt engine batch sequence user history message simulated turn vector kernel memory page window "
-    "signal output input value system service network store result event worker stream deadline breaker"
-).split()
+_WORDS = ["the", "a", "model", "answer", "token", "stream", "context", "budget", "cluster", "latency", "request", "reply", "shard", "queue", "replica", "cache", "prompt", "engine", "batch", "sequence", "user", "history", "message", "simulated", "turn", "vector", "kernel", "memory", "page", "window", "signal", "output", "input", "value", "system", "service", "network", "store", "result", "event", "worker", "stream", "deadline", "breaker"]
 
 
 @dataclass(frozen=True)

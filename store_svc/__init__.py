@@ -1,0 +1,1 @@
+"""StoreService: users, conversations, messages and job results in PostgreSQL, every row keyed by user id."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the store schema (plain SQL revisions, no SQLAlchemy models)."""

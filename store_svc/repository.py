@@ -1,0 +1,585 @@
+"""The store's data access: plain async functions over an asyncpg pool, returning plain dataclasses.
+
+Every query is scoped by `user_id` (it leads every key), so a conversation id alone never reaches another
+user's rows, and each query stays on one shard when the tables are distributed by user. Writes that a chat
+turn makes are one statement, one round trip.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from store_svc.errors import InvalidInput, NotFound
+
+DEFAULT_PAGE_SIZE = 50
+MAX_CONVERSATION_PAGE_SIZE = 200
+MAX_MESSAGE_PAGE_SIZE = 500
+DEFAULT_TITLE = "New conversation"
+DEFAULT_JOB_TTL_SECONDS = 24 * 3600
+
+MAX_USER_ID = 50
+MAX_TITLE = 200
+MAX_REQUEST_ID = 128
+MAX_CORRELATION_ID = 128
+MAX_MODEL = 200
+# How much of the first user message becomes the title of a conversation created without one.
+DERIVED_TITLE_CHARS = 60
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_INT4_MAX = 2**31 - 1
+# "Before the newest message": one statement (and one cached plan) serves the first page and the rest.
+_NO_CURSOR = 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    user_id: str
+    conversation_id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A stored message; `model` and `request_id` are "" and `processing_time` 0.0 where not set."""
+
+    user_id: str
+    message_id: int
+    conversation_id: str
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    token_count: int
+    processing_time: float
+    model: str
+    request_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A user message and its answer, as stored by `append_exchange`."""
+
+    conversation: Conversation
+    user_message: Message
+    assistant_message: Message
+    # False when the request id had been stored before and nothing was written.
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    conversations: list[Conversation]
+    # Opaque; "" on the last page.
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    # Oldest first.
+    messages: list[Message]
+    # Pass as `before_message_id` for the page before this one; 0 when there is none.
+    next_before_message_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """The outcome of a queued chat. `status` and `finish_reason` are the numbers of the proto enums
+    (`JobStatus`, `FinishReason`): the store keeps them, it does not interpret them."""
+
+    user_id: str
+    correlation_id: str
+    status: int
+    response: str = ""
+    conversation_id: str = ""
+    processing_time: float = 0.0
+    error: str = ""
+    finish_reason: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Set by the store.
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+# --- SQL ----------------------------------------------------------------------------------------------------
+
+_CONVERSATION_COLUMNS = "user_id, conversation_id, title, created_at, updated_at, message_count"
+_MESSAGE_COLUMNS = (
+    "user_id, message_id, conversation_id, role, content, token_count, processing_time, model, request_id, "
+    "created_at"
+)
+_JOB_COLUMNS = (
+    "user_id, correlation_id, status, response, conversation_id, processing_time, error, finish_reason, "
+    "prompt_tokens, completion_tokens, created_at, updated_at, expires_at"
+)
+
+_ENSURE_USER = """
+INSERT INTO users (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING RETURNING user_id, created_at
+"""
+_GET_USER = "SELECT user_id, created_at FROM users WHERE user_id = $1"
+
+# An id that exists already is left as it is, so a retried create is harmless.
+_CREATE_CONVERSATION = f"""
+WITH new_user AS (
+    INSERT INTO users (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING
+)
+INSERT INTO conversations (user_id, conversation_id, title) VALUES ($1, $2, $3)
+ON CONFLICT (user_id, conversation_id) DO NOTHING
+RETURNING {_CONVERSATION_COLUMNS}
+"""
+_GET_CONVERSATION = f"""
+SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1 AND conversation_id = $2
+"""
+# Two statements rather than one with "$2 IS NULL OR ...": a generic cached plan of that would not use the
+# index range on updated_at.
+_LIST_CONVERSATIONS_FIRST = f"""
+SELECT {_CONVERSATION_COLUMNS} FROM conversations
+WHERE user_id = $1
+ORDER BY updated_at DESC, conversation_id
+LIMIT $2
+"""
+_LIST_CONVERSATIONS_AFTER = f"""
+SELECT {_CONVERSATION_COLUMNS} FROM conversations
+WHERE user_id = $1 AND updated_at <= $2 AND (updated_at < $2 OR conversation_id > $3)
+ORDER BY updated_at DESC, conversation_id
+LIMIT $4
+"""
+_RENAME_CONVERSATION = f"""
+UPDATE conversations SET title = $3, updated_at = now()
+WHERE user_id = $1 AND conversation_id = $2
+RETURNING {_CONVERSATION_COLUMNS}
+"""
+# Messages are deleted explicitly (the cascade would find none left) to count them.
+_DELETE_CONVERSATION = """
+WITH deleted_messages AS (
+    DELETE FROM messages WHERE user_id = $1 AND conversation_id = $2 RETURNING 1
+), deleted AS (
+    DELETE FROM conversations WHERE user_id = $1 AND conversation_id = $2 RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted) AS conversations, (SELECT count(*) FROM deleted_messages) AS messages
+"""
+# The conversation row comes along even when it has no messages (or none before the cursor), which tells
+# "empty" from "not yours".
+_LIST_MESSAGES = f"""
+SELECT m.* FROM conversations c
+LEFT JOIN LATERAL (
+    SELECT {_MESSAGE_COLUMNS} FROM messages
+    WHERE user_id = c.user_id AND conversation_id = c.conversation_id AND message_id < $3
+    ORDER BY message_id DESC
+    LIMIT $4
+) m ON true
+WHERE c.user_id = $1 AND c.conversation_id = $2
+ORDER BY m.message_id DESC
+"""
+
+# One round trip for a whole turn. Data-modifying CTEs run once each, on one snapshot, and foreign keys are
+# checked at the end of the statement, so the user and conversation may be created by this very statement.
+# A request id stored before inserts no message, so the conversation is neither created nor touched and the
+# final SELECT is empty: the caller then reads the stored exchange.
+_APPEND_EXCHANGE = f"""
+WITH new_user AS (
+    INSERT INTO users (user_id) VALUES ($1::text) ON CONFLICT (user_id) DO NOTHING
+),
+new_messages AS (
+    INSERT INTO messages (user_id, conversation_id, role, content, token_count, processing_time, model,
+                          request_id)
+    VALUES ($1::text, $2::text, 'user', $4::text, $5::integer, NULL, NULL, $3::text),
+           ($1::text, $2::text, 'assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
+    ON CONFLICT (user_id, request_id, role) DO NOTHING
+    RETURNING {_MESSAGE_COLUMNS}
+),
+conversation AS (
+    INSERT INTO conversations AS c (user_id, conversation_id, title, message_count)
+    SELECT $1::text, $2::text, $10::text, count(*) FROM new_messages HAVING count(*) > 0
+    ON CONFLICT (user_id, conversation_id) DO UPDATE
+        SET message_count = c.message_count + excluded.message_count, updated_at = now()
+    RETURNING title, created_at, updated_at, message_count
+)
+SELECT m.*, c.title, c.created_at AS conversation_created_at, c.updated_at AS conversation_updated_at,
+       c.message_count
+FROM new_messages m CROSS JOIN conversation c
+ORDER BY m.message_id
+"""
+_STORED_EXCHANGE = """
+SELECT m.user_id, m.message_id, m.conversation_id, m.role, m.content, m.token_count, m.processing_time,
+       m.model, m.request_id, m.created_at,
+       c.title, c.created_at AS conversation_created_at, c.updated_at AS conversation_updated_at,
+       c.message_count
+FROM messages m
+JOIN conversations c ON c.user_id = m.user_id AND c.conversation_id = m.conversation_id
+WHERE m.user_id = $1 AND m.request_id = $2 AND m.role IN ('user', 'assistant')
+ORDER BY m.message_id
+"""
+
+_PUT_JOB_RESULT = f"""
+INSERT INTO job_results (user_id, correlation_id, status, response, conversation_id, processing_time, error,
+                         finish_reason, prompt_tokens, completion_tokens, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))
+ON CONFLICT (user_id, correlation_id) DO UPDATE SET
+    status = excluded.status,
+    response = excluded.response,
+    conversation_id = excluded.conversation_id,
+    processing_time = excluded.processing_time,
+    error = excluded.error,
+    finish_reason = excluded.finish_reason,
+    prompt_tokens = excluded.prompt_tokens,
+    completion_tokens = excluded.completion_tokens,
+    updated_at = now(),
+    expires_at = excluded.expires_at
+RETURNING {_JOB_COLUMNS}
+"""
+_GET_JOB_RESULT = f"""
+SELECT {_JOB_COLUMNS} FROM job_results
+WHERE user_id = $1 AND correlation_id = $2 AND expires_at > now()
+"""
+# Maintenance, the one query that spans users. SKIP LOCKED lets several replicas purge side by side.
+_PURGE_EXPIRED_JOB_RESULTS = """
+WITH doomed AS (
+    SELECT user_id, correlation_id FROM job_results
+    WHERE expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM job_results j USING doomed d
+WHERE j.user_id = d.user_id AND j.correlation_id = d.correlation_id
+"""
+
+
+class StoreRepository:
+    """Users, conversations, messages and job results of one PostgreSQL database (one shard)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, default_job_ttl_seconds: int = DEFAULT_JOB_TTL_SECONDS) -> None:
+        self.pool = pool
+        self.default_job_ttl_seconds = default_job_ttl_seconds
+
+    # --- users ---
+
+    async def ensure_user(self, user_id: str) -> tuple[User, bool]:
+        """The user, created if missing; the flag is True when this call created it."""
+        _check_user_id(user_id)
+        row = await self.pool.fetchrow(_ENSURE_USER, user_id)
+        if row is not None:
+            return User(**row), True
+        # A fresh statement: the insert's snapshot may predate a concurrent creator's commit.
+        return await self.get_user(user_id), False
+
+    async def get_user(self, user_id: str) -> User:
+        """The user; `NotFound` if it was never stored."""
+        _check_user_id(user_id)
+        row = await self.pool.fetchrow(_GET_USER, user_id)
+        if row is None:
+            raise NotFound(f"user {user_id!r} not found")
+        return User(**row)
+
+    # --- conversations ---
+
+    async def create_conversation(
+        self, user_id: str, title: str = "", conversation_id: str = ""
+    ) -> Conversation:
+        """A new conversation (the user is created if missing); the id is generated when empty.
+
+        Creating an id that exists already returns that conversation unchanged, so retries are safe.
+        """
+        _check_user_id(user_id)
+        conversation_id = conversation_id or uuid.uuid4().hex
+        _check_conversation_id(conversation_id)
+        title = _check_title(title) or DEFAULT_TITLE
+        row = await self.pool.fetchrow(_CREATE_CONVERSATION, user_id, conversation_id, title)
+        if row is None:
+            return await self.get_conversation(user_id, conversation_id)
+        return Conversation(**row)
+
+    async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation:
+        """The conversation; `NotFound` if this user has none with that id."""
+        _check_user_id(user_id)
+        _check_conversation_id(conversation_id)
+        row = await self.pool.fetchrow(_GET_CONVERSATION, user_id, conversation_id)
+        if row is None:
+            raise _conversation_not_found(conversation_id)
+        return Conversation(**row)
+
+    async def list_conversations(
+        self, user_id: str, page_size: int = 0, page_token: str = ""
+    ) -> ConversationPage:
+        """The user's conversations, most recently updated first, `page_size` (0 means 50) at a time."""
+        _check_user_id(user_id)
+        size = _page_size(page_size, MAX_CONVERSATION_PAGE_SIZE)
+        if page_token:
+            updated_at, after_id = _decode_page_token(page_token)
+            rows = await self.pool.fetch(_LIST_CONVERSATIONS_AFTER, user_id, updated_at, after_id, size + 1)
+        else:
+            rows = await self.pool.fetch(_LIST_CONVERSATIONS_FIRST, user_id, size + 1)
+        conversations = [Conversation(**row) for row in rows[:size]]
+        next_token = ""
+        if len(rows) > size:
+            last = conversations[-1]
+            next_token = _encode_page_token(last.updated_at, last.conversation_id)
+        return ConversationPage(conversations, next_token)
+
+    async def rename_conversation(self, user_id: str, conversation_id: str, title: str) -> Conversation:
+        """Set the conversation's title (and bump its update time); `NotFound` if it is not this user's."""
+        _check_user_id(user_id)
+        _check_conversation_id(conversation_id)
+        title = _check_title(title)
+        if not title:
+            raise InvalidInput("title must not be empty")
+        row = await self.pool.fetchrow(_RENAME_CONVERSATION, user_id, conversation_id, title)
+        if row is None:
+            raise _conversation_not_found(conversation_id)
+        return Conversation(**row)
+
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> int:
+        """Delete the conversation and its messages; return how many messages went. `NotFound` if not there."""
+        _check_user_id(user_id)
+        _check_conversation_id(conversation_id)
+        row = await self.pool.fetchrow(_DELETE_CONVERSATION, user_id, conversation_id)
+        if row["conversations"] == 0:
+            raise _conversation_not_found(conversation_id)
+        return row["messages"]
+
+    # --- messages ---
+
+    async def list_messages(
+        self, user_id: str, conversation_id: str, page_size: int = 0, before_message_id: int = 0
+    ) -> MessagePage:
+        """The newest `page_size` (0 means 50) messages before `before_message_id` (0: from the newest),
+        oldest first. `NotFound` if the conversation is not this user's."""
+        _check_user_id(user_id)
+        _check_conversation_id(conversation_id)
+        if before_message_id < 0:
+            raise InvalidInput("before_message_id must not be negative")
+        size = _page_size(page_size, MAX_MESSAGE_PAGE_SIZE)
+        rows = await self.pool.fetch(
+            _LIST_MESSAGES, user_id, conversation_id, before_message_id or _NO_CURSOR, size + 1
+        )
+        if not rows:
+            raise _conversation_not_found(conversation_id)
+        if rows[0]["message_id"] is None:
+            return MessagePage([], 0)
+        newest_first = [_message(row) for row in rows[:size]]
+        next_before = newest_first[-1].message_id if len(rows) > size else 0
+        return MessagePage(newest_first[::-1], next_before)
+
+    async def append_exchange(
+        self,
+        user_id: str,
+        conversation_id: str,
+        request_id: str,
+        user_content: str,
+        assistant_content: str,
+        *,
+        user_token_count: int = 0,
+        assistant_token_count: int = 0,
+        model: str = "",
+        processing_time: float = 0.0,
+        title: str = "",
+    ) -> Exchange:
+        """Store a user message and its answer, creating the user and conversation as needed.
+
+        Idempotent on (user_id, request_id): a request id stored before writes nothing and returns the stored
+        exchange with `created=False` (from the conversation it was first stored in). An empty request id
+        opts out of that. An empty conversation id starts a new conversation; a new conversation is titled
+        `title`, or else the start of the user message.
+        """
+        _check_user_id(user_id)
+        conversation_id = conversation_id or uuid.uuid4().hex
+        _check_conversation_id(conversation_id)
+        _check_length("request_id", request_id, MAX_REQUEST_ID)
+        _check_length("model", model, MAX_MODEL)
+        _check_token_count(user_token_count)
+        _check_token_count(assistant_token_count)
+        title = _check_title(title) or derive_title(user_content)
+        rows = await self.pool.fetch(
+            _APPEND_EXCHANGE,
+            user_id,
+            conversation_id,
+            request_id or None,
+            user_content,
+            user_token_count,
+            assistant_content,
+            assistant_token_count,
+            processing_time,
+            model or None,
+            title,
+        )
+        if len(rows) == 2:
+            return _exchange(user_id, rows, created=True)
+        # A replay (no rows), or a half-stored exchange from outside this service (one row).
+        stored = await self.pool.fetch(_STORED_EXCHANGE, user_id, request_id)
+        return _exchange(user_id, stored, created=bool(rows))
+
+    # --- job results ---
+
+    async def put_job_result(self, result: JobResult, ttl_seconds: int = 0) -> JobResult:
+        """Insert or replace the result of a queued chat, kept for `ttl_seconds` (0: the default) from now."""
+        _check_user_id(result.user_id)
+        if not result.correlation_id:
+            raise InvalidInput("correlation_id is required")
+        _check_length("correlation_id", result.correlation_id, MAX_CORRELATION_ID)
+        if result.conversation_id:
+            _check_conversation_id(result.conversation_id)
+        _check_token_count(result.prompt_tokens)
+        _check_token_count(result.completion_tokens)
+        ttl = ttl_seconds or self.default_job_ttl_seconds
+        if ttl < 0:
+            raise InvalidInput("ttl_seconds must not be negative")
+        row = await self.pool.fetchrow(
+            _PUT_JOB_RESULT,
+            result.user_id,
+            result.correlation_id,
+            result.status,
+            result.response,
+            result.conversation_id,
+            result.processing_time,
+            result.error,
+            result.finish_reason,
+            result.prompt_tokens,
+            result.completion_tokens,
+            float(ttl),
+        )
+        return JobResult(**row)
+
+    async def get_job_result(self, user_id: str, correlation_id: str) -> JobResult:
+        """The stored result; `NotFound` if there is none or it has expired."""
+        _check_user_id(user_id)
+        if not correlation_id:
+            raise InvalidInput("correlation_id is required")
+        _check_length("correlation_id", correlation_id, MAX_CORRELATION_ID)
+        row = await self.pool.fetchrow(_GET_JOB_RESULT, user_id, correlation_id)
+        if row is None:
+            raise NotFound(f"job result {correlation_id!r} not found")
+        return JobResult(**row)
+
+    async def purge_expired_job_results(self, limit: int = 1000) -> int:
+        """Delete up to `limit` expired job results; return how many went."""
+        status = await self.pool.execute(_PURGE_EXPIRED_JOB_RESULTS, limit)
+        return int(status.rsplit(" ", 1)[1])
+
+
+# --- rows to dataclasses ----------------------------------------------------------------------------------
+
+
+def _message(row: asyncpg.Record) -> Message:
+    return Message(
+        user_id=row["user_id"],
+        message_id=row["message_id"],
+        conversation_id=row["conversation_id"],
+        role=row["role"],
+        content=row["content"],
+        token_count=row["token_count"],
+        processing_time=row["processing_time"] or 0.0,
+        model=row["model"] or "",
+        request_id=row["request_id"] or "",
+        created_at=row["created_at"],
+    )
+
+
+def _exchange(user_id: str, rows: list[asyncpg.Record], *, created: bool) -> Exchange:
+    by_role = {row["role"]: row for row in rows}
+    if "user" not in by_role or "assistant" not in by_role:
+        raise RuntimeError(
+            f"exchange of request {rows[0]['request_id']!r} is incomplete"
+            if rows
+            else "exchange vanished while it was being stored"
+        )
+    first = rows[0]
+    conversation = Conversation(
+        user_id=user_id,
+        conversation_id=first["conversation_id"],
+        title=first["title"],
+        created_at=first["conversation_created_at"],
+        updated_at=first["conversation_updated_at"],
+        message_count=first["message_count"],
+    )
+    return Exchange(conversation, _message(by_role["user"]), _message(by_role["assistant"]), created)
+
+
+# --- validation and helpers -------------------------------------------------------------------------------
+
+
+def derive_title(user_content: str) -> str:
+    """A title from the start of the first user message: whitespace collapsed, cut at a word if it can be."""
+    text = " ".join(user_content.split())
+    if not text:
+        return DEFAULT_TITLE
+    if len(text) <= DERIVED_TITLE_CHARS:
+        return text
+    cut = text[: DERIVED_TITLE_CHARS - 1]
+    if " " in cut[DERIVED_TITLE_CHARS // 2 :]:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" .,;:") + "…"
+
+
+def _check_user_id(user_id: str) -> None:
+    if not user_id:
+        raise InvalidInput("user_id is required")
+    _check_length("user_id", user_id, MAX_USER_ID)
+
+
+def _check_conversation_id(conversation_id: str) -> None:
+    if not conversation_id:
+        raise InvalidInput("conversation_id is required")
+    if not _CONVERSATION_ID.fullmatch(conversation_id):
+        raise InvalidInput("conversation_id must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+
+
+def _check_title(title: str) -> str:
+    title = title.strip()
+    _check_length("title", title, MAX_TITLE)
+    return title
+
+
+def _check_length(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is longer than {limit} characters")
+
+
+def _check_token_count(count: int) -> None:
+    if not 0 <= count <= _INT4_MAX:
+        raise InvalidInput(f"token count {count} is out of range")
+
+
+def _page_size(requested: int, limit: int) -> int:
+    if requested < 0:
+        raise InvalidInput("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, limit)
+
+
+def _conversation_not_found(conversation_id: str) -> NotFound:
+    return NotFound(f"conversation {conversation_id!r} not found")
+
+
+def _encode_page_token(updated_at: datetime, conversation_id: str) -> str:
+    # Integer microseconds: the cursor must compare equal to the stored timestamp, exactly.
+    micros = (updated_at - _EPOCH) // timedelta(microseconds=1)
+    raw = json.dumps([micros, conversation_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        micros, conversation_id = json.loads(raw)
+        if not isinstance(micros, int) or not isinstance(conversation_id, str):
+            raise TypeError("bad page token shape")
+        return _EPOCH + timedelta(microseconds=micros), conversation_id
+    except (binascii.Error, ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput("page_token is not valid") from exc

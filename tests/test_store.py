@@ -1,0 +1,508 @@
+"""store_svc on a real embedded PostgreSQL: migrations, the repository, and the gRPC servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from chatterbot.embedded import PostgresServer
+from chatterbot.settings import Settings
+from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
+from store_svc.errors import InvalidInput, NotFound
+from store_svc.main import app
+from store_svc.migrate import upgrade, upgrade_async
+from store_svc.repository import JobResult, StoreRepository, derive_title
+from store_svc.servicer import StoreServicer
+
+TABLES = {"users", "conversations", "messages", "job_results"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    # Started from the main thread (a sync fixture): the server dies with the thread that started it.
+    server = PostgresServer(tmp_path_factory.mktemp("store-pg"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dsn(postgres):
+    postgres.ensure_database("store_test")
+    dsn = postgres.dsn("store_test")
+    upgrade(dsn)
+    return dsn
+
+
+@pytest.fixture(scope="module")
+async def pool(dsn):
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def repo(pool):
+    return StoreRepository(pool)
+
+
+def new_user() -> str:
+    """A user of one test only, so tests sharing the database never see each other's rows."""
+    return f"u-{uuid.uuid4().hex[:12]}"
+
+
+async def tables_and_version(dsn: str) -> tuple[set[str], list[str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        versions = [r["version_num"] for r in await conn.fetch("SELECT version_num FROM alembic_version")]
+        return tables, versions
+    finally:
+        await conn.close()
+
+
+# --- migrations ---
+
+
+async def test_migrations_apply_to_an_empty_database_and_rerun_as_a_no_op(postgres):
+    postgres.ensure_database("migrate_test")
+    dsn = postgres.dsn("migrate_test")
+
+    await upgrade_async(dsn)
+    tables, versions = await tables_and_version(dsn)
+    assert tables >= TABLES
+    assert versions == ["0001"]
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO users (user_id) VALUES ('survivor')")
+    finally:
+        await conn.close()
+
+    await upgrade_async(dsn)
+    await upgrade_async(dsn)
+    tables, versions = await tables_and_version(dsn)
+    assert tables >= TABLES
+    assert versions == ["0001"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 1
+    finally:
+        await conn.close()
+
+
+async def test_replicas_migrating_at_once_take_turns(postgres):
+    postgres.ensure_database("migrate_race")
+    dsn = postgres.dsn("migrate_race")
+
+    async def replica() -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", f"from store_svc.migrate import upgrade; upgrade({dsn!r})", cwd=REPO_ROOT
+        )
+        return await proc.wait()
+
+    assert await asyncio.gather(replica(), replica(), replica()) == [0, 0, 0]
+    tables, versions = await tables_and_version(dsn)
+    assert tables >= TABLES
+    assert versions == ["0001"]
+
+
+# --- exchanges ---
+
+
+async def test_append_exchange_stores_both_messages_in_order(repo):
+    user = new_user()
+    exchange = await repo.append_exchange(
+        user,
+        "c1",
+        "req-1",
+        "What is PostgreSQL?",
+        "A database.",
+        user_token_count=4,
+        assistant_token_count=3,
+        model="sim-7b",
+        processing_time=0.25,
+    )
+    assert exchange.created
+    assert exchange.conversation.message_count == 2
+    assert exchange.conversation.title == "What is PostgreSQL?"
+    assert exchange.user_message.message_id < exchange.assistant_message.message_id
+    assert (exchange.user_message.role, exchange.user_message.content) == ("user", "What is PostgreSQL?")
+    assert (exchange.assistant_message.role, exchange.assistant_message.content) == (
+        "assistant",
+        "A database.",
+    )
+    assert exchange.assistant_message.model == "sim-7b"
+    assert exchange.assistant_message.processing_time == 0.25
+    assert exchange.assistant_message.token_count == 3
+    assert exchange.user_message.request_id == exchange.assistant_message.request_id == "req-1"
+
+    page = await repo.list_messages(user, "c1")
+    assert [m.content for m in page.messages] == ["What is PostgreSQL?", "A database."]
+    assert page.next_before_message_id == 0
+
+
+async def test_append_exchange_is_idempotent_on_the_request_id(repo, pool):
+    user = new_user()
+    first = await repo.append_exchange(user, "c1", "req-1", "hello", "hi there")
+    replay = await repo.append_exchange(user, "c1", "req-1", "hello (retried)", "a different answer")
+
+    assert not replay.created
+    assert replay.user_message == first.user_message
+    assert replay.assistant_message == first.assistant_message
+    assert replay.conversation.message_count == 2
+    assert replay.conversation.updated_at == first.conversation.updated_at
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user) == 2
+    assert (await repo.get_conversation(user, "c1")).message_count == 2
+
+
+async def test_a_replay_naming_another_conversation_returns_the_stored_exchange_and_creates_nothing(repo):
+    user = new_user()
+    await repo.append_exchange(user, "c1", "req-1", "hello", "hi")
+    replay = await repo.append_exchange(user, "c2", "req-1", "hello", "hi")
+    assert not replay.created
+    assert replay.conversation.conversation_id == "c1"
+    with pytest.raises(NotFound):
+        await repo.get_conversation(user, "c2")
+
+
+async def test_concurrent_duplicates_store_one_exchange(repo, pool):
+    user = new_user()
+    results = await asyncio.gather(*(repo.append_exchange(user, "c1", "req-1", "q", "a") for _ in range(4)))
+    assert sorted(r.created for r in results) == [False, False, False, True]
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user) == 2
+    assert (await repo.get_conversation(user, "c1")).message_count == 2
+
+
+async def test_later_exchanges_extend_the_conversation_and_keep_its_title(repo):
+    user = new_user()
+    first = await repo.append_exchange(user, "c1", "req-1", "first question", "a", title="Chosen title")
+    second = await repo.append_exchange(user, "c1", "req-2", "second question", "b", title="ignored")
+    assert second.created
+    assert second.conversation.message_count == 4
+    assert second.conversation.title == "Chosen title"
+    assert second.conversation.updated_at > first.conversation.updated_at
+
+
+async def test_append_exchange_without_ids_starts_a_new_conversation_each_time(repo):
+    user = new_user()
+    a = await repo.append_exchange(user, "", "", "q", "a")
+    b = await repo.append_exchange(user, "", "", "q", "a")
+    assert a.created and b.created
+    assert a.conversation.conversation_id != b.conversation.conversation_id
+
+
+def test_a_derived_title_is_the_start_of_the_user_message():
+    assert derive_title("  short\n question ") == "short question"
+    long = derive_title("word " * 40)
+    assert len(long) <= 60 and long.endswith("…")
+    assert derive_title("   ") == "New conversation"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"user_id": ""},
+        {"user_id": "x" * 51},
+        {"conversation_id": "has space"},
+        {"conversation_id": "c" * 65},
+        {"title": "t" * 201},
+    ],
+)
+async def test_invalid_input_is_refused_before_reaching_the_database(repo, kwargs):
+    args = {"user_id": new_user(), "conversation_id": "c1", "title": "", **kwargs}
+    with pytest.raises(InvalidInput):
+        await repo.append_exchange(
+            args["user_id"], args["conversation_id"], "req-1", "q", "a", title=args["title"]
+        )
+
+
+# --- conversations ---
+
+
+async def test_conversations_list_most_recently_updated_first_with_pagination(repo):
+    user = new_user()
+    for name in ("c1", "c2", "c3", "c4", "c5"):
+        await repo.create_conversation(user, title=name, conversation_id=name)
+    # Activity moves c2 to the top.
+    await repo.append_exchange(user, "c2", "req-1", "q", "a")
+
+    seen, token = [], ""
+    while True:
+        page = await repo.list_conversations(user, page_size=2, page_token=token)
+        assert len(page.conversations) <= 2
+        seen += [c.conversation_id for c in page.conversations]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["c2", "c5", "c4", "c3", "c1"]
+
+    everything = await repo.list_conversations(user)
+    assert [c.conversation_id for c in everything.conversations] == seen
+    assert everything.next_page_token == ""
+
+
+async def test_conversations_with_the_same_update_time_page_without_gaps(repo, pool):
+    user = new_user()
+    for i in range(5):
+        await repo.create_conversation(user, conversation_id=f"c{i}")
+    await pool.execute(
+        "UPDATE conversations SET updated_at = '2025-01-01T00:00:00Z' WHERE user_id = $1", user
+    )
+    seen, token = [], ""
+    while True:
+        page = await repo.list_conversations(user, page_size=2, page_token=token)
+        seen += [c.conversation_id for c in page.conversations]
+        if not (token := page.next_page_token):
+            break
+    assert seen == ["c0", "c1", "c2", "c3", "c4"]
+
+
+async def test_a_malformed_page_token_is_invalid_input(repo):
+    with pytest.raises(InvalidInput):
+        await repo.list_conversations(new_user(), page_token="not a token")
+
+
+async def test_create_conversation_generates_an_id_and_a_default_title(repo):
+    user = new_user()
+    conversation = await repo.create_conversation(user)
+    assert len(conversation.conversation_id) == 32
+    assert conversation.title == "New conversation"
+    assert conversation.message_count == 0
+    assert await repo.get_conversation(user, conversation.conversation_id) == conversation
+    again = await repo.create_conversation(user, title="other", conversation_id=conversation.conversation_id)
+    assert again == conversation
+
+
+async def test_rename_changes_the_title(repo):
+    user = new_user()
+    await repo.create_conversation(user, conversation_id="c1")
+    renamed = await repo.rename_conversation(user, "c1", "  Holiday plans ")
+    assert renamed.title == "Holiday plans"
+    assert (await repo.get_conversation(user, "c1")).title == "Holiday plans"
+    with pytest.raises(InvalidInput):
+        await repo.rename_conversation(user, "c1", "   ")
+
+
+async def test_a_user_cannot_read_rename_or_delete_another_users_conversation(repo):
+    alice, bob = new_user(), new_user()
+    await repo.append_exchange(alice, "shared-id", "req-1", "alice's secret", "noted")
+
+    with pytest.raises(NotFound):
+        await repo.get_conversation(bob, "shared-id")
+    with pytest.raises(NotFound):
+        await repo.list_messages(bob, "shared-id")
+    with pytest.raises(NotFound):
+        await repo.rename_conversation(bob, "shared-id", "mine now")
+    with pytest.raises(NotFound):
+        await repo.delete_conversation(bob, "shared-id")
+    assert (await repo.list_conversations(bob)).conversations == []
+
+    untouched = await repo.get_conversation(alice, "shared-id")
+    assert untouched.title == "alice's secret"
+    assert untouched.message_count == 2
+
+
+async def test_delete_removes_the_conversation_and_its_messages(repo, pool):
+    user = new_user()
+    await repo.append_exchange(user, "c1", "req-1", "q1", "a1")
+    await repo.append_exchange(user, "c1", "req-2", "q2", "a2")
+    await repo.append_exchange(user, "c2", "req-3", "kept", "kept")
+
+    assert await repo.delete_conversation(user, "c1") == 4
+    with pytest.raises(NotFound):
+        await repo.get_conversation(user, "c1")
+    with pytest.raises(NotFound):
+        await repo.delete_conversation(user, "c1")
+    rows = await pool.fetch("SELECT conversation_id FROM messages WHERE user_id = $1", user)
+    assert {r["conversation_id"] for r in rows} == {"c2"}
+
+
+# --- history ---
+
+
+async def test_history_pages_backwards_with_the_cursor(repo):
+    user = new_user()
+    for i in range(5):
+        await repo.append_exchange(user, "c1", f"req-{i}", f"q{i}", f"a{i}")
+
+    newest = await repo.list_messages(user, "c1", page_size=4)
+    assert [m.content for m in newest.messages] == ["q3", "a3", "q4", "a4"]
+    middle = await repo.list_messages(
+        user, "c1", page_size=4, before_message_id=newest.next_before_message_id
+    )
+    assert [m.content for m in middle.messages] == ["q1", "a1", "q2", "a2"]
+    oldest = await repo.list_messages(
+        user, "c1", page_size=4, before_message_id=middle.next_before_message_id
+    )
+    assert [m.content for m in oldest.messages] == ["q0", "a0"]
+    assert oldest.next_before_message_id == 0
+
+
+async def test_history_of_an_empty_conversation_is_empty(repo):
+    user = new_user()
+    await repo.create_conversation(user, conversation_id="c1")
+    page = await repo.list_messages(user, "c1")
+    assert page.messages == [] and page.next_before_message_id == 0
+
+
+# --- users ---
+
+
+async def test_ensure_user_creates_once(repo):
+    user = new_user()
+    with pytest.raises(NotFound):
+        await repo.get_user(user)
+    created, was_created = await repo.ensure_user(user)
+    again, created_again = await repo.ensure_user(user)
+    assert was_created and not created_again
+    assert created == again == await repo.get_user(user)
+
+
+# --- job results ---
+
+
+async def test_job_results_round_trip_and_upsert(repo):
+    user = new_user()
+    pending = await repo.put_job_result(JobResult(user, "corr-1", status=types_pb2.JOB_STATUS_PENDING))
+    assert pending.created_at is not None and pending.expires_at > pending.created_at
+
+    done = await repo.put_job_result(
+        JobResult(
+            user,
+            "corr-1",
+            status=types_pb2.JOB_STATUS_SUCCEEDED,
+            response="the answer",
+            conversation_id="c1",
+            processing_time=1.5,
+            finish_reason=types_pb2.FINISH_REASON_STOP,
+            prompt_tokens=10,
+            completion_tokens=3,
+        ),
+        ttl_seconds=60,
+    )
+    fetched = await repo.get_job_result(user, "corr-1")
+    assert fetched == done
+    assert fetched.status == types_pb2.JOB_STATUS_SUCCEEDED
+    assert fetched.response == "the answer"
+    assert (fetched.prompt_tokens, fetched.completion_tokens) == (10, 3)
+    assert fetched.created_at == pending.created_at
+    assert fetched.updated_at >= pending.updated_at
+
+    with pytest.raises(NotFound):
+        await repo.get_job_result(new_user(), "corr-1")
+
+
+async def test_expired_job_results_are_not_found_and_get_purged(repo, pool):
+    user = new_user()
+    await repo.put_job_result(JobResult(user, "corr-1", status=types_pb2.JOB_STATUS_FAILED, error="boom"))
+    await pool.execute(
+        "UPDATE job_results SET expires_at = now() - interval '1 second' WHERE user_id = $1", user
+    )
+    with pytest.raises(NotFound):
+        await repo.get_job_result(user, "corr-1")
+    assert await repo.purge_expired_job_results() >= 1
+    assert await pool.fetchval("SELECT count(*) FROM job_results WHERE user_id = $1", user) == 0
+
+
+# --- gRPC ---
+
+
+@pytest.fixture
+async def store_stub(repo):
+    server = grpc.aio.server()
+    store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(repo), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield store_pb2_grpc.StoreServiceStub(channel)
+    await channel.close()
+    await server.stop(None)
+
+
+async def test_grpc_append_exchange_is_idempotent_and_errors_map_to_status_codes(store_stub):
+    user = new_user()
+    request = store_pb2.AppendExchangeRequest(
+        user_id=user,
+        conversation_id="c1",
+        request_id="req-1",
+        user_message=store_pb2.ExchangeMessage(content="hello", token_count=1),
+        assistant_message=store_pb2.ExchangeMessage(content="hi!", token_count=2),
+        model="sim-7b",
+        processing_time=0.5,
+    )
+    first = await store_stub.AppendExchange(request, timeout=5)
+    second = await store_stub.AppendExchange(request, timeout=5)
+    assert first.created and not second.created
+    assert second.conversation.message_count == 2
+    assert first.user_message.role == types_pb2.ROLE_USER
+    assert first.assistant_message.role == types_pb2.ROLE_ASSISTANT
+    assert second.assistant_message == first.assistant_message
+    assert first.assistant_message.create_time.seconds > 0
+
+    history = await store_stub.ListMessages(
+        store_pb2.StoreServiceListMessagesRequest(user_id=user, conversation_id="c1"), timeout=5
+    )
+    assert [m.content for m in history.messages] == ["hello", "hi!"]
+
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await store_stub.AppendExchange(store_pb2.AppendExchangeRequest(conversation_id="c1"), timeout=5)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await store_stub.GetConversation(
+            store_pb2.GetConversationRequest(user_id=user, conversation_id="no-such-conversation"), timeout=5
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_grpc_job_results_round_trip(store_stub):
+    user = new_user()
+    put = await store_stub.PutJobResult(
+        store_pb2.PutJobResultRequest(
+            result=store_pb2.JobResult(
+                user_id=user,
+                correlation_id="corr-1",
+                status=types_pb2.JOB_STATUS_SUCCEEDED,
+                response="done",
+                usage=types_pb2.Usage(prompt_tokens=5, completion_tokens=7),
+            ),
+            ttl_seconds=60,
+        ),
+        timeout=5,
+    )
+    got = await store_stub.GetJobResult(
+        store_pb2.GetJobResultRequest(user_id=user, correlation_id="corr-1"), timeout=5
+    )
+    assert got.result == put.result
+    assert got.result.usage.total_tokens == 12
+    assert got.result.expire_time.seconds - got.result.create_time.seconds == 60
+
+
+# --- service wiring ---
+
+
+async def test_the_service_migrates_on_start_and_probes_postgres(postgres):
+    postgres.ensure_database("app_test")
+    settings = Settings(postgres_dsn=postgres.dsn("app_test"), postgres_pool_min=1, postgres_pool_max=2)
+    async with app(settings) as grpc_app:
+        assert grpc_app.service_names == ["chatterbot.v1.StoreService"]
+        assert await grpc_app.probes["postgres"]()
+    tables, versions = await tables_and_version(postgres.dsn("app_test"))
+    assert tables >= TABLES and versions == ["0001"]
+
+
+async def test_the_service_refuses_to_start_without_a_dsn():
+    with pytest.raises(RuntimeError, match="CHATTERBOT_POSTGRES_DSN is not set"):
+        async with app(Settings(postgres_dsn="")):
+            pass
