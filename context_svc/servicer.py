@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 
 import grpc
+import redis.exceptions
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatterbot.v1 import context_pb2, context_pb2_grpc, types_pb2
@@ -12,6 +15,21 @@ from context_svc.turns import Turn, TurnStore, fit_budget
 
 _ROLE_NAMES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
 _ROLE_VALUES = {name: value for value, name in _ROLE_NAMES.items()}
+log = logging.getLogger(__name__)
+
+
+def _redis_unavailable(handler):
+    """Redis down or timing out is UNAVAILABLE (callers answer without context), not UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            log.warning("redis unavailable", extra={"method": handler.__name__, "error": repr(exc)})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "context cache unavailable")
+
+    return wrapper
 
 
 def _check_scope(user_id: str, conversation_id: str) -> str | None:
@@ -38,6 +56,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         self.turns = turns
         self.default_budget = default_budget
 
+    @_redis_unavailable
     async def GetContext(self, request, context):
         if problem := _check_scope(request.user_id, request.conversation_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -52,6 +71,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             source=context_pb2.CONTEXT_SOURCE_CACHE,
         )
 
+    @_redis_unavailable
     async def AppendTurns(self, request, context):
         if problem := _check_scope(request.user_id, request.conversation_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -67,6 +87,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         kept = await self.turns.append(request.user_id, request.conversation_id, turns)
         return context_pb2.AppendTurnsResponse(turn_count=kept)
 
+    @_redis_unavailable
     async def ClearContext(self, request, context):
         if problem := _check_scope(request.user_id, request.conversation_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
