@@ -161,17 +161,6 @@ async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int,
         log.warning("context append failed", exc_info=True, extra={"conversation_id": p.conversation_id})
 
 
-async def run_turn(deps: TurnDeps, turn: TurnInput) -> TurnResult:
-    """Run a whole turn and return the stored answer."""
-    p = await _prepare(deps, turn)
-    parts: list[str] = []
-    last = inference_pb2.GenerateResponse()
-    async for chunk in deps.inference.stream("Generate", p.generate):
-        parts.append(chunk.text)
-        last = chunk
-    return await _finish(deps, p, "".join(parts), last)
-
-
 async def stream_turn(deps: TurnDeps, turn: TurnInput) -> AsyncIterator[tuple[str, TurnResult | None]]:
     """Yield (text delta, None) as the answer is generated, then ("", result) once it is stored."""
     p = await _prepare(deps, turn)
@@ -183,3 +172,11 @@ async def stream_turn(deps: TurnDeps, turn: TurnInput) -> AsyncIterator[tuple[st
         if chunk.text:
             yield chunk.text, None
     yield "", await _finish(deps, p, "".join(parts), last)
+
+
+async def run_turn(deps: TurnDeps, turn: TurnInput) -> TurnResult:
+    """Run a whole turn and return the stored answer."""
+    async for _, result in stream_turn(deps, turn):
+        if result is not None:
+            return result
+    raise RuntimeError("stream_turn ended without a result")
