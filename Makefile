@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/chatterbot/v1/*.proto)
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: up test install proto proto-check lint buf-lint buf-breaking clean
+.PHONY: up test install proto proto-check lint buf-lint buf-breaking env-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ buf-lint:
 # Compares the contracts with main; run on a branch before merging.
 buf-breaking:
 	$(BUF) breaking --against '.git#branch=main'
+
+env-example: $(STAMP)
+	$(BIN)/chatterbot env-example > .env.example
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

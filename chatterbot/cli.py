@@ -75,6 +75,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env_example(args: argparse.Namespace) -> int:
+    from chatterbot.settings import env_example
+
+    sys.stdout.write(env_example())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatterbot", description="ChatterBot chat backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--dsn", help="PostgreSQL DSN (default: CHATTERBOT_POSTGRES_DSN)")
     migrate.set_defaults(func=cmd_migrate)
+
+    example = sub.add_parser("env-example", help="print every setting with its default (the .env.example text)")
+    example.set_defaults(func=cmd_env_example)
     return parser
 
 

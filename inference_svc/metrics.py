@@ -19,3 +19,12 @@ ITL = prometheus_client.Histogram(
 TOKENS = prometheus_client.Counter("chatterbot_engine_generated_tokens_total", "Tokens generated", ["model"])
 PROMPT_TOKENS = prometheus_client.Counter("chatterbot_engine_prompt_tokens_total", "Prompt tokens processed", ["model"])
 ABORTS = prometheus_client.Counter("chatterbot_engine_aborted_requests_total", "Requests aborted before the end", ["model"])
+CACHE_HITS = prometheus_client.Counter(
+    "chatterbot_result_cache_hits_total", "Deterministic requests answered from the result cache", ["model"]
+)
+CACHE_MISSES = prometheus_client.Counter(
+    "chatterbot_result_cache_misses_total", "Deterministic requests the engine had to generate", ["model"]
+)
+REJECTED = prometheus_client.Counter(
+    "chatterbot_engine_rejected_requests_total", "Requests refused because the waiting queue was full", ["model"]
+)

@@ -7,7 +7,19 @@ import uuid
 import grpc
 
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-from inference_svc.engines.base import Engine, EngineState, GenerationRequest, Message, UnknownModel
+from inference_svc.engines.base import (
+    EngineError,
+    EngineState,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerationRequest,
+    InvalidRequest,
+    Message,
+    Overloaded,
+    UnknownModel,
+    UpstreamRejected,
+)
+from inference_svc.generation import Generator, coalesce
 
 _ROLES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {"stop": types_pb2.FINISH_REASON_STOP, "length": types_pb2.FINISH_REASON_LENGTH,
@@ -49,21 +61,35 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
     )
 
 
+_STATUS = {
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
+    EngineTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    UpstreamRejected: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(exc: EngineError) -> grpc.StatusCode:
+    for kind, code in _STATUS.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
 
     async def Generate(self, request, context):
         try:
             gen_request = to_generation_request(request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.engine.state() is not EngineState.READY:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine is {self.engine.state().value}")
-        model = gen_request.model or self.engine.models()[0].id
         try:
-            # Cancelling the RPC cancels this generator, which closes the engine's iterator: that is the abort.
-            async for delta in self.engine.generate(gen_request):
+            # Cancelling the RPC closes this chain down to the engine: that is the abort.
+            async for model, delta in coalesce(self.generator.generate(gen_request)):
                 response = inference_pb2.GenerateResponse(text=delta.text, token_count=delta.token_count, model=model)
                 if delta.finish_reason:
                     response.finish_reason = _FINISH[delta.finish_reason]
@@ -71,8 +97,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     response.usage.completion_tokens = delta.completion_tokens
                     response.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
                 yield response
-        except UnknownModel as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {exc.args[0]!r}")
+        except EngineError as exc:
+            metadata = (("retry-after", "1"),) if isinstance(exc, Overloaded) else ()
+            await context.abort(status_for(exc), str(exc) or type(exc).__name__, trailing_metadata=metadata)
 
     async def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(
@@ -81,6 +108,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     id=m.id, engine=m.engine, state=_MODEL_STATE[m.state], max_model_len=m.max_model_len,
                     is_default=m.is_default,
                 )
-                for m in self.engine.models()
+                for m in self.generator.models.models()
             ]
         )

@@ -20,7 +20,7 @@ from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 def slow_inference(tmp_path):
     """inference_svc alone, generating one token every 20 ms."""
     port = free_port()
-    settings = Settings(_env_file=None, inference_addr=f"127.0.0.1:{port}", sim_ttft_ms=10, sim_itl_ms=20,
+    settings = Settings(_env_file=None, inference_addr=f"127.0.0.1:{port}", sim_ttft_ms=10, sim_itl_ms=20, sim_mean_output_tokens=10_000,
                         shutdown_grace_seconds=10)
     service = ServiceProcess("inference", tmp_path, port, settings.to_env())
     service.start()

@@ -29,7 +29,7 @@ def _wait_for_up_json(path: Path, proc: subprocess.Popen, timeout: float) -> dic
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_chatterbot_up_reaches_healthy_and_stops_with_nothing_left(tmp_path, stop_signal):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOT_")}
-    env.update(CHATTERBOT_SIM_ITL_MS="1", CHATTERBOT_SIM_TTFT_MS="5")
+    env.update(CHATTERBOT_SIM_ITL_MS="1", CHATTERBOT_SIM_ITL_AT_MAX_MS="2", CHATTERBOT_SIM_TTFT_MS="5")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatterbot", "up", "--data-dir", str(tmp_path / "data")],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -2,9 +2,13 @@
 
 from pathlib import Path
 
-from chatterbot.settings import Settings
+from chatterbot.settings import Settings, env_example
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_env_example_is_current():
+    assert (ROOT / ".env.example").read_text() == env_example(), "run `make env-example`"
 
 
 def test_env_example_lists_every_setting_with_its_default():

@@ -52,11 +52,45 @@ class ModelInfo:
     is_default: bool
 
 
-class UnknownModel(LookupError):
-    """The request names a model this engine does not serve."""
+@dataclass(frozen=True)
+class EngineLoad:
+    """Sequences generating now and waiting for a slot."""
+
+    running: int
+    waiting: int
+
+
+class EngineError(Exception):
+    """Base of the errors an engine raises; the servicer maps each to a gRPC status code."""
+
+
+class UnknownModel(EngineError, LookupError):
+    """The request names a model this service does not serve (NOT_FOUND)."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The engine refuses the request as given, e.g. the prompt is longer than the model's window (INVALID_ARGUMENT)."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is past its bound: fail fast so callers degrade or shed (RESOURCE_EXHAUSTED)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine or its upstream cannot serve now: not ready, refused, 5xx (UNAVAILABLE)."""
+
+
+class EngineTimeout(EngineError):
+    """The engine or its upstream did not answer in time (DEADLINE_EXCEEDED)."""
+
+
+class UpstreamRejected(EngineError):
+    """An upstream refused the call for a reason the caller cannot fix, e.g. a wrong API key (FAILED_PRECONDITION)."""
 
 
 class Engine(Protocol):
+    """One model behind InferenceService. `name` is the engine kind: sim, vllm or openai."""
+
     name: str
 
     async def start(self) -> None: ...
@@ -72,3 +106,5 @@ class Engine(Protocol):
     def state(self) -> EngineState: ...
 
     def models(self) -> list[ModelInfo]: ...
+
+    def load(self) -> EngineLoad: ...
