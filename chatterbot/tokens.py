@@ -1,8 +1,13 @@
-"""Token counting where no model tokenizer is at hand.
+"""Token counting for context budgets: the model's tokenizer when one is configured, else an approximation.
 
-A declared approximation: about four characters of English text per token (the usual figure for BPE
-vocabularies of Llama-class models), never less than one token for a non-empty text.
+The declared approximation: about four characters of English text per token (the usual figure for BPE
+vocabularies of Llama-class models), never less than one token for a non-empty text. A configured tokenizer
+(`CHATTERBOT_CONTEXT_TOKENIZER`, a Hugging Face `tokenizer.json`) needs the `tokenizers` package.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 CHARS_PER_TOKEN = 4
 
@@ -12,3 +17,17 @@ def approx_token_count(text: str) -> int:
     if not text:
         return 0
     return max(1, (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN)
+
+
+def token_counter(tokenizer_path: str = "") -> Callable[[str], int]:
+    """A function counting the tokens of a text: with the tokenizer at `tokenizer_path`, or approximately."""
+    if not tokenizer_path:
+        return approx_token_count
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+
+    return count

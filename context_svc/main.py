@@ -8,8 +8,11 @@ from contextlib import asynccontextmanager
 import redis.asyncio as redis
 
 from chatterbot.grpc_server import GrpcApp, run_service
+from chatterbot.guarded_client import GuardedClient
 from chatterbot.settings import Settings
-from chatterbot.v1 import context_pb2, context_pb2_grpc
+from chatterbot.tokens import token_counter
+from chatterbot.v1 import context_pb2, context_pb2_grpc, store_pb2_grpc
+from context_svc.history import store_history
 from context_svc.servicer import ContextServicer
 from context_svc.turns import TurnStore
 
@@ -19,7 +22,19 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     if not settings.redis_url:
         raise SystemExit("CHATTERBOT_REDIS_URL is not set")
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    turns = TurnStore(client, settings.context_max_turns, settings.context_ttl_seconds)
+    count_tokens = token_counter(settings.context_tokenizer)
+    # On a miss, context is rebuilt from history.
+    store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)
+    turns = TurnStore(
+        client,
+        settings.context_max_turns,
+        settings.context_ttl_seconds,
+        history=store_history(store, count_tokens),
+        lock_timeout=settings.context_lock_timeout_seconds,
+        # A turn waits for the one before it, but not past a caller's deadline.
+        lock_wait=min(settings.context_lock_timeout_seconds, settings.deadline_seconds),
+        count_tokens=count_tokens,
+    )
 
     async def redis_up() -> bool:
         return bool(await client.ping())
@@ -35,6 +50,7 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             probes={"redis": redis_up},
         )
     finally:
+        await store.close()
         await client.aclose()
 
 

@@ -10,6 +10,8 @@ import grpc
 import redis.exceptions
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chatterbot.breaker import CircuitOpenError
+from chatterbot.guarded_client import dependency_unavailable_metadata
 from chatterbot.v1 import context_pb2, context_pb2_grpc, types_pb2
 from context_svc.turns import Turn, TurnStore, fit_budget
 
@@ -25,6 +27,11 @@ def _redis_unavailable(handler):
     async def wrapper(self, request, context):
         try:
             return await handler(self, request, context)
+        except redis.exceptions.LockError as exc:
+            # Another turn of the conversation holds it for too long; the conversation is busy, Redis is not.
+            log.warning("context lock not acquired", extra={"method": handler.__name__, "error": repr(exc)})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "conversation context is busy; retry",
+                                trailing_metadata=dependency_unavailable_metadata("context-lock", 1.0))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             log.warning("redis unavailable", extra={"method": handler.__name__, "error": repr(exc)})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "context cache unavailable")
@@ -60,15 +67,21 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
     async def GetContext(self, request, context):
         if problem := _check_scope(request.user_id, request.conversation_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        turns = await self.turns.read(request.user_id, request.conversation_id)
-        if turns is None:
+        try:
+            found = await self.turns.read(request.user_id, request.conversation_id)
+        except (CircuitOpenError, grpc.aio.AioRpcError, redis.exceptions.LockError) as exc:
+            # A miss that history cannot fill now: the turn is answered without earlier context.
+            log.warning("context not rebuilt", extra={"conversation_id": request.conversation_id, "error": repr(exc)})
+            found = None
+        if found is None:
             return context_pb2.GetContextResponse(source=context_pb2.CONTEXT_SOURCE_EMPTY)
+        turns, rebuilt = found
         fitted = fit_budget(turns, request.token_budget or self.default_budget)
         return context_pb2.GetContextResponse(
             turns=[_to_proto(t) for t in fitted.turns],
             token_count=fitted.token_count,
             truncated=fitted.truncated,
-            source=context_pb2.CONTEXT_SOURCE_CACHE,
+            source=context_pb2.CONTEXT_SOURCE_STORE if rebuilt else context_pb2.CONTEXT_SOURCE_CACHE,
         )
 
     @_redis_unavailable
@@ -77,6 +90,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if not request.turns:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "turns must not be empty")
+        # Stamped on arrival, before waiting for the conversation's lock: turns are kept in arrival order.
         now = time.time()
         turns = []
         for i, t in enumerate(request.turns):

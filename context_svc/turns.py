@@ -1,13 +1,44 @@
-"""Recent turns of a conversation, kept as a capped Redis list with an idle TTL."""
+"""Recent turns of a conversation: a capped Redis list of zstd-compressed turns with an idle TTL.
+
+Ordering (README, "Context"): every change to a conversation's list happens under that conversation's Redis
+lock (redis-py's `Lock`, which frees itself after `lock_timeout` if its holder died). Under it:
+- the turns of one append stay together and in the order given, and appends never interleave;
+- appended turns are kept in the order of their `created_at`, which the servicer stamps when a request
+  arrives, before it waits for the lock: appends racing for the lock end up in arrival order either way.
+  Turns rebuilt from history keep history's order and stay before anything appended later (their own
+  timestamps come from another clock and are not compared);
+- a turn whose (request id, role) is among the newest turns already is not stored again, so a retried
+  append, or one that races a rebuild from history that already holds it, changes nothing;
+- a missing list (expired, evicted, flushed) is rebuilt from history (store_svc) before anything is
+  appended, so the list is always the newest turns of the conversation, never a fragment of them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 
 import orjson
 import redis.asyncio as redis
+import zstandard
+from redis.asyncio.lock import Lock
 
 from chatterbot.tokens import approx_token_count
+
+log = logging.getLogger(__name__)
+
+# Loads the newest `limit` turns of a conversation from history, oldest first; None when it has none.
+HistoryLoader = Callable[[str, str, int], Awaitable["list[Turn] | None"]]
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Level 3 is zstd's default: several hundred MB/s, and chat text still shrinks by about half.
+_compressor = zstandard.ZstdCompressor(level=3)
+_decompressor = zstandard.ZstdDecompressor()
+# How many of the newest turns an append reads to drop duplicates and place late arrivals.
+TAIL_TURNS = 16
+# How often a waiting append asks for the lock again.
+LOCK_POLL_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -17,6 +48,9 @@ class Turn:
     token_count: int
     created_at: float  # unix seconds
     request_id: str = ""
+    # Where the turn sorts among its conversation's turns: the arrival time of an appended turn, 0 for a turn
+    # rebuilt from history.
+    order: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -28,8 +62,37 @@ class Context:
 
 def context_key(user_id: str, conversation_id: str) -> str:
     # Scoped by user: a conversation id alone never reaches another user's turns. The hash tag keeps one
-    # conversation on one Redis Cluster slot.
+    # conversation (its list and its lock) on one Redis Cluster slot.
     return f"ctx:{{{user_id}:{conversation_id}}}"
+
+
+def lock_key(user_id: str, conversation_id: str) -> str:
+    return f"ctxlock:{{{user_id}:{conversation_id}}}"
+
+
+def encode_turn(turn: Turn) -> bytes:
+    """One list element: the turn as JSON, zstd-compressed."""
+    payload = {
+        "role": turn.role,
+        "content": turn.content,
+        "tokens": turn.token_count,
+        "at": turn.created_at,
+        "rid": turn.request_id,
+        "ord": turn.order,
+    }
+    return _compressor.compress(orjson.dumps(payload))
+
+
+def decode_turn(raw: bytes) -> dict:
+    """The stored fields of one list element (elements written before compression are plain JSON)."""
+    if raw[:4] == _ZSTD_MAGIC:
+        raw = _decompressor.decompress(raw)
+    return orjson.loads(raw)
+
+
+def _turn(raw: bytes) -> Turn:
+    d = decode_turn(raw)
+    return Turn(d["role"], d["content"], d["tokens"], d["at"], d.get("rid", ""), d.get("ord", d["at"]))
 
 
 def fit_budget(turns: list[Turn], budget: int) -> Context:
@@ -46,46 +109,119 @@ def fit_budget(turns: list[Turn], budget: int) -> Context:
 
 
 class TurnStore:
-    """Turns per conversation in Redis: append, read within a budget, clear."""
+    """Turns per conversation in Redis: append, read (rebuilding from history on a miss), clear."""
 
-    def __init__(self, client: redis.Redis, max_turns: int, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        max_turns: int,
+        ttl_seconds: int,
+        *,
+        history: HistoryLoader | None = None,
+        lock_timeout: float = 10.0,
+        lock_wait: float | None = None,
+        count_tokens: Callable[[str], int] = approx_token_count,
+    ) -> None:
         self.client = client
         self.max_turns = max_turns
         self.ttl_seconds = ttl_seconds
+        self.history = history
+        self.lock_timeout = lock_timeout
+        self.lock_wait = lock_timeout if lock_wait is None else lock_wait
+        self.count_tokens = count_tokens
+
+    def lock(self, user_id: str, conversation_id: str) -> Lock:
+        """The conversation's lock: `async with` it to hold it (raises `LockError` after `lock_wait`)."""
+        return self.client.lock(
+            lock_key(user_id, conversation_id),
+            timeout=self.lock_timeout,
+            sleep=LOCK_POLL_SECONDS,
+            blocking_timeout=self.lock_wait,
+        )
 
     async def append(self, user_id: str, conversation_id: str, turns: list[Turn]) -> int:
-        """Append turns (token counts computed here when missing); returns how many the conversation keeps."""
-        key = context_key(user_id, conversation_id)
-        encoded = [
-            orjson.dumps(
-                {
-                    "role": t.role,
-                    "content": t.content,
-                    "tokens": t.token_count or approx_token_count(t.content),
-                    "at": t.created_at,
-                    "rid": t.request_id,
-                }
-            )
-            for t in turns
+        """Append turns in `created_at` order, under the conversation's lock; return how many it keeps.
+
+        Token counts are computed here, once, for turns that come without one. 0 means nothing was written:
+        the list was missing and history could not be read, so the next read rebuilds it instead.
+        """
+        turns = [
+            replace(t, token_count=t.token_count or self.count_tokens(t.content), order=t.created_at) for t in turns
         ]
+        key = context_key(user_id, conversation_id)
+        async with self.lock(user_id, conversation_id):
+            tail = await self.client.lrange(key, -TAIL_TURNS, -1)
+            if not tail:
+                return await self._rebuild(key, user_id, conversation_id, turns)
+            return await self._append_after(key, [_turn(raw) for raw in tail], turns)
+
+    async def read(self, user_id: str, conversation_id: str) -> tuple[list[Turn], bool] | None:
+        """All kept turns, oldest first, and whether they were just rebuilt from history; None when the
+        conversation has no turns (or is unknown to history)."""
+        key = context_key(user_id, conversation_id)
+        raw = await self.client.lrange(key, 0, -1)
+        if raw:
+            return [_turn(item) for item in raw], False
+        if self.history is None:
+            return None
+        async with self.lock(user_id, conversation_id):
+            # An append or another reader may have filled it while this one waited for the lock.
+            raw = await self.client.lrange(key, 0, -1)
+            if raw:
+                return [_turn(item) for item in raw], False
+            loaded = await self.history(user_id, conversation_id, self.max_turns)
+            if not loaded:
+                return None
+            await self._replace(key, loaded)
+            return loaded, True
+
+    async def clear(self, user_id: str, conversation_id: str) -> None:
+        await self.client.delete(context_key(user_id, conversation_id))
+
+    async def _rebuild(self, key: str, user_id: str, conversation_id: str, turns: list[Turn]) -> int:
+        if self.history is None:
+            return await self._replace(key, turns)
+        try:
+            loaded = await self.history(user_id, conversation_id, self.max_turns)
+        except Exception:
+            # Writing only these turns would hide the earlier ones from every read until the list expires.
+            log.warning("history unavailable; context left to be rebuilt on the next read", exc_info=True,
+                        extra={"conversation_id": conversation_id})
+            return 0
+        if loaded is None:
+            return await self._replace(key, turns)
+        # History was written before the context (chat_svc stores the exchange first): it may hold these turns.
+        stored = {(t.request_id, t.role) for t in loaded if t.request_id}
+        return await self._replace(key, loaded + [t for t in turns if (t.request_id, t.role) not in stored])
+
+    async def _append_after(self, key: str, tail: list[Turn], turns: list[Turn]) -> int:
+        if turns and turns[0].order < tail[0].order and len(tail) == TAIL_TURNS:
+            # Arrived before all of the newest turns (rare: many turns were waiting for the lock): place it
+            # among everything kept.
+            tail = [_turn(raw) for raw in await self.client.lrange(key, 0, -1)]
+        seen = {(t.request_id, t.role) for t in tail if t.request_id}
+        new = [t for t in turns if not (t.request_id and (t.request_id, t.role) in seen)]
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *encoded)
+            if new and new[0].order < tail[-1].order:
+                # A request that arrived earlier got the lock later: put it where it belongs. The sort is
+                # stable, so turns of one request, and equal times, keep their order.
+                pipe.ltrim(key, 0, -(len(tail) + 1))
+                pipe.rpush(key, *(encode_turn(t) for t in sorted(tail + new, key=lambda t: t.order)))
+            elif new:
+                pipe.rpush(key, *(encode_turn(t) for t in new))
             pipe.ltrim(key, -self.max_turns, -1)
             pipe.expire(key, self.ttl_seconds)
             pipe.llen(key)
             results = await pipe.execute()
         return int(results[-1])
 
-    async def read(self, user_id: str, conversation_id: str) -> list[Turn] | None:
-        """All kept turns, oldest first; None when the conversation has nothing cached."""
-        raw = await self.client.lrange(context_key(user_id, conversation_id), 0, -1)
-        if not raw:
-            return None
-        turns = []
-        for item in raw:
-            d = orjson.loads(item)
-            turns.append(Turn(d["role"], d["content"], d["tokens"], d["at"], d.get("rid", "")))
-        return turns
-
-    async def clear(self, user_id: str, conversation_id: str) -> None:
-        await self.client.delete(context_key(user_id, conversation_id))
+    async def _replace(self, key: str, turns: list[Turn]) -> int:
+        kept = turns[-self.max_turns :]
+        if not kept:
+            return 0
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.rpush(key, *(encode_turn(t) for t in kept))
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+        return len(kept)

@@ -1,4 +1,4 @@
-"""Entry point of the store service: migrate, open the asyncpg pool, serve StoreService over gRPC."""
+"""Entry point of the store service: migrate every shard, open a pool per shard, serve StoreService over gRPC."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import asyncpg
 from chatterbot.grpc_server import GrpcApp, run_service
 from chatterbot.settings import Settings
 from chatterbot.v1 import store_pb2, store_pb2_grpc
-from store_svc.migrate import upgrade_async
+from store_svc.migrate import upgrade_all_async
+from store_svc.partitions import keep_partitions_ahead
 from store_svc.repository import StoreRepository
 from store_svc.servicer import StoreServicer
+from store_svc.sharding import ShardRouter, ShardSpec, shard_specs
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +25,35 @@ STATEMENT_CACHE_SIZE = 256
 PROBE_TIMEOUT_SECONDS = 1.0
 POOL_CLOSE_SECONDS = 5.0
 PURGE_INTERVAL_SECONDS = 300.0
+# Partitions are made months ahead; checking a few times a day is plenty.
+PARTITIONS_INTERVAL_SECONDS = 6 * 3600.0
 
 
 @asynccontextmanager
 async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
-    """The store service for `run_service`: owns the pool, which it opens after migrating the schema."""
-    dsn = settings.postgres_dsn
-    if not dsn:
+    """The store service for `run_service`: owns a pool per shard, opened after migrating every shard."""
+    specs = shard_specs(settings.postgres_shards, settings.postgres_replicas, settings.postgres_dsn)
+    if not specs:
         raise RuntimeError(
-            "CHATTERBOT_POSTGRES_DSN is not set: the store service needs a PostgreSQL database"
+            "CHATTERBOT_POSTGRES_DSN is not set: the store service needs a PostgreSQL database "
+            "(or CHATTERBOT_POSTGRES_SHARDS)"
         )
-    await upgrade_async(dsn)
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=settings.postgres_pool_min,
-        max_size=settings.postgres_pool_max,
-        statement_cache_size=STATEMENT_CACHE_SIZE,
-        # A query slower than a caller's deadline has no one waiting for its answer.
-        command_timeout=settings.deadline_seconds,
-        reset=_keep_session,
-    )
-    repo = StoreRepository(pool)
-    purger = asyncio.create_task(_purge_expired_job_results(repo), name="purge-expired-job-results")
+    await upgrade_all_async([spec.dsn for spec in specs])
+    router = await open_router(specs, settings)
+    repo = StoreRepository(router, partitions_ahead_months=settings.postgres_partitions_ahead_months)
+    tasks = [
+        asyncio.create_task(_purge_expired_job_results(repo), name="purge-expired-job-results"),
+        asyncio.create_task(
+            keep_partitions_ahead(repo.ensure_partitions, PARTITIONS_INTERVAL_SECONDS), name="message-partitions"
+        ),
+    ]
 
     async def postgres_probe() -> bool:
-        async with pool.acquire(timeout=PROBE_TIMEOUT_SECONDS) as conn:
-            return await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_SECONDS) == 1
+        async def one(pool: asyncpg.Pool) -> bool:
+            async with pool.acquire(timeout=PROBE_TIMEOUT_SECONDS) as conn:
+                return await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_SECONDS) == 1
+
+        return all(await asyncio.gather(*(one(pool) for pool in router.primaries)))
 
     try:
         yield GrpcApp(
@@ -58,13 +63,33 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             probes={"postgres": postgres_probe},
         )
     finally:
-        purger.cancel()
-        await asyncio.gather(purger, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            await asyncio.wait_for(pool.close(), POOL_CLOSE_SECONDS)
+            await asyncio.wait_for(router.close(), POOL_CLOSE_SECONDS)
         except TimeoutError:
-            log.warning("connections still busy after %gs; terminating the pool", POOL_CLOSE_SECONDS)
-            pool.terminate()
+            log.warning("connections still busy after %gs; terminating the pools", POOL_CLOSE_SECONDS)
+            router.terminate()
+
+
+async def open_router(specs: list[ShardSpec], settings: Settings) -> ShardRouter:
+    """A pool per shard primary and per replica, routed as the settings say."""
+    primaries = [await _pool(spec.dsn, settings) for spec in specs]
+    replicas = [await _pool(spec.replica_dsn, settings) if spec.replica_dsn else None for spec in specs]
+    return ShardRouter(primaries, replicas, previous_shard_count=settings.postgres_previous_shard_count)
+
+
+async def _pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=settings.postgres_pool_min,
+        max_size=settings.postgres_pool_max,
+        statement_cache_size=STATEMENT_CACHE_SIZE,
+        # A query slower than a caller's deadline has no one waiting for its answer.
+        command_timeout=settings.deadline_seconds,
+        reset=_keep_session,
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

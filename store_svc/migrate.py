@@ -38,3 +38,14 @@ def upgrade(dsn: str) -> None:
 async def upgrade_async(dsn: str) -> None:
     """`upgrade` in a worker thread, so the event loop keeps running."""
     await asyncio.to_thread(upgrade, dsn)
+
+
+def upgrade_all(dsns: list[str]) -> None:
+    """`upgrade` every shard, one after the other. Blocking."""
+    for dsn in dsns:
+        upgrade(dsn)
+
+
+async def upgrade_all_async(dsns: list[str]) -> None:
+    """`upgrade_all` in a worker thread."""
+    await asyncio.to_thread(upgrade_all, dsns)

@@ -1,8 +1,9 @@
-"""The store's data access: plain async functions over an asyncpg pool, returning plain dataclasses.
+"""The store's data access: plain async functions over sharded asyncpg pools, returning plain dataclasses.
 
 Every query is scoped by `user_id` (it leads every key), so a conversation id alone never reaches another
-user's rows, and each query stays on one shard when the tables are distributed by user. Writes that a chat
-turn makes are one statement, one round trip.
+user's rows, and each query runs on the one shard that holds the user (`store_svc.sharding`). Writes that a
+chat turn makes are one statement, one round trip. List and history reads go to the shard's read replica
+when there is one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from store_svc.errors import InvalidInput, NotFound
+from store_svc.partitions import ensure_partitions, is_missing_partition
+from store_svc.sharding import ShardRouter
 
 DEFAULT_PAGE_SIZE = 50
 MAX_CONVERSATION_PAGE_SIZE = 200
@@ -191,18 +194,29 @@ ORDER BY m.message_id DESC
 
 # One round trip for a whole turn. Data-modifying CTEs run once each, on one snapshot, and foreign keys are
 # checked at the end of the statement, so the user and conversation may be created by this very statement.
-# A request id stored before inserts no message, so the conversation is neither created nor touched and the
-# final SELECT is empty: the caller then reads the stored exchange.
+# The request id is claimed in exchange_requests first (a concurrent duplicate waits there for the first to
+# commit, then claims nothing); a request id stored before inserts no message, so the conversation is neither
+# created nor touched and the final SELECT is empty: the caller then reads the stored exchange. A NULL request
+# id claims nothing and always inserts. The VALUES rows are inserted in order: the user message gets the
+# smaller id.
 _APPEND_EXCHANGE = f"""
 WITH new_user AS (
     INSERT INTO users (user_id) VALUES ($1::text) ON CONFLICT (user_id) DO NOTHING
 ),
+request AS (
+    INSERT INTO exchange_requests (user_id, request_id, conversation_id)
+    SELECT $1::text, $3::text, $2::text WHERE $3::text IS NOT NULL
+    ON CONFLICT (user_id, request_id) DO NOTHING
+    RETURNING 1
+),
 new_messages AS (
     INSERT INTO messages (user_id, conversation_id, role, content, token_count, processing_time, model,
                           request_id)
-    VALUES ($1::text, $2::text, 'user', $4::text, $5::integer, NULL, NULL, $3::text),
-           ($1::text, $2::text, 'assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
-    ON CONFLICT (user_id, request_id, role) DO NOTHING
+    SELECT * FROM (
+        VALUES ($1::text, $2::text, 'user', $4::text, $5::integer, NULL::double precision, NULL::text, $3::text),
+               ($1::text, $2::text, 'assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
+    ) AS exchange
+    WHERE $3::text IS NULL OR EXISTS (SELECT FROM request)
     RETURNING {_MESSAGE_COLUMNS}
 ),
 conversation AS (
@@ -217,14 +231,17 @@ SELECT m.*, c.title, c.created_at AS conversation_created_at, c.updated_at AS co
 FROM new_messages m CROSS JOIN conversation c
 ORDER BY m.message_id
 """
+# The request's created_at is its messages' (one transaction, one now()): the join reaches one partition.
 _STORED_EXCHANGE = """
 SELECT m.user_id, m.message_id, m.conversation_id, m.role, m.content, m.token_count, m.processing_time,
        m.model, m.request_id, m.created_at,
        c.title, c.created_at AS conversation_created_at, c.updated_at AS conversation_updated_at,
        c.message_count
-FROM messages m
-JOIN conversations c ON c.user_id = m.user_id AND c.conversation_id = m.conversation_id
-WHERE m.user_id = $1 AND m.request_id = $2 AND m.role IN ('user', 'assistant')
+FROM exchange_requests r
+JOIN conversations c ON c.user_id = r.user_id AND c.conversation_id = r.conversation_id
+JOIN messages m ON m.user_id = r.user_id AND m.conversation_id = r.conversation_id
+                AND m.created_at = r.created_at AND m.request_id = r.request_id
+WHERE r.user_id = $1 AND r.request_id = $2 AND m.role IN ('user', 'assistant')
 ORDER BY m.message_id
 """
 
@@ -264,18 +281,29 @@ WHERE j.user_id = d.user_id AND j.correlation_id = d.correlation_id
 
 
 class StoreRepository:
-    """Users, conversations, messages and job results of one PostgreSQL database (one shard)."""
+    """Users, conversations, messages and job results, each user's on the shard that holds them.
 
-    def __init__(self, pool: asyncpg.Pool, *, default_job_ttl_seconds: int = DEFAULT_JOB_TTL_SECONDS) -> None:
-        self.pool = pool
+    Takes a `ShardRouter`, or one asyncpg pool for an unsharded store.
+    """
+
+    def __init__(
+        self,
+        shards: ShardRouter | asyncpg.Pool,
+        *,
+        default_job_ttl_seconds: int = DEFAULT_JOB_TTL_SECONDS,
+        partitions_ahead_months: int = 3,
+    ) -> None:
+        self.shards = shards if isinstance(shards, ShardRouter) else ShardRouter([shards])
         self.default_job_ttl_seconds = default_job_ttl_seconds
+        self.partitions_ahead_months = partitions_ahead_months
 
     # --- users ---
 
     async def ensure_user(self, user_id: str) -> tuple[User, bool]:
         """The user, created if missing; the flag is True when this call created it."""
         _check_user_id(user_id)
-        row = await self.pool.fetchrow(_ENSURE_USER, user_id)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_ENSURE_USER, user_id)
         if row is not None:
             return User(**row), True
         # A fresh statement: the insert's snapshot may predate a concurrent creator's commit.
@@ -284,7 +312,8 @@ class StoreRepository:
     async def get_user(self, user_id: str) -> User:
         """The user; `NotFound` if it was never stored."""
         _check_user_id(user_id)
-        row = await self.pool.fetchrow(_GET_USER, user_id)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_GET_USER, user_id)
         if row is None:
             raise NotFound(f"user {user_id!r} not found")
         return User(**row)
@@ -302,7 +331,8 @@ class StoreRepository:
         conversation_id = conversation_id or uuid.uuid4().hex
         _check_conversation_id(conversation_id)
         title = _check_title(title) or DEFAULT_TITLE
-        row = await self.pool.fetchrow(_CREATE_CONVERSATION, user_id, conversation_id, title)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_CREATE_CONVERSATION, user_id, conversation_id, title)
         if row is None:
             return await self.get_conversation(user_id, conversation_id)
         return Conversation(**row)
@@ -311,7 +341,8 @@ class StoreRepository:
         """The conversation; `NotFound` if this user has none with that id."""
         _check_user_id(user_id)
         _check_conversation_id(conversation_id)
-        row = await self.pool.fetchrow(_GET_CONVERSATION, user_id, conversation_id)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_GET_CONVERSATION, user_id, conversation_id)
         if row is None:
             raise _conversation_not_found(conversation_id)
         return Conversation(**row)
@@ -322,11 +353,12 @@ class StoreRepository:
         """The user's conversations, most recently updated first, `page_size` (0 means 50) at a time."""
         _check_user_id(user_id)
         size = _page_size(page_size, MAX_CONVERSATION_PAGE_SIZE)
-        if page_token:
-            updated_at, after_id = _decode_page_token(page_token)
-            rows = await self.pool.fetch(_LIST_CONVERSATIONS_AFTER, user_id, updated_at, after_id, size + 1)
-        else:
-            rows = await self.pool.fetch(_LIST_CONVERSATIONS_FIRST, user_id, size + 1)
+        cursor = _decode_page_token(page_token) if page_token else None
+        async with self.shards.reader(user_id) as db:
+            if cursor is not None:
+                rows = await db.fetch(_LIST_CONVERSATIONS_AFTER, user_id, *cursor, size + 1)
+            else:
+                rows = await db.fetch(_LIST_CONVERSATIONS_FIRST, user_id, size + 1)
         conversations = [Conversation(**row) for row in rows[:size]]
         next_token = ""
         if len(rows) > size:
@@ -341,7 +373,8 @@ class StoreRepository:
         title = _check_title(title)
         if not title:
             raise InvalidInput("title must not be empty")
-        row = await self.pool.fetchrow(_RENAME_CONVERSATION, user_id, conversation_id, title)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_RENAME_CONVERSATION, user_id, conversation_id, title)
         if row is None:
             raise _conversation_not_found(conversation_id)
         return Conversation(**row)
@@ -350,7 +383,8 @@ class StoreRepository:
         """Delete the conversation and its messages; return how many messages went. `NotFound` if not there."""
         _check_user_id(user_id)
         _check_conversation_id(conversation_id)
-        row = await self.pool.fetchrow(_DELETE_CONVERSATION, user_id, conversation_id)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_DELETE_CONVERSATION, user_id, conversation_id)
         if row["conversations"] == 0:
             raise _conversation_not_found(conversation_id)
         return row["messages"]
@@ -367,9 +401,8 @@ class StoreRepository:
         if before_message_id < 0:
             raise InvalidInput("before_message_id must not be negative")
         size = _page_size(page_size, MAX_MESSAGE_PAGE_SIZE)
-        rows = await self.pool.fetch(
-            _LIST_MESSAGES, user_id, conversation_id, before_message_id or _NO_CURSOR, size + 1
-        )
+        async with self.shards.reader(user_id) as db:
+            rows = await db.fetch(_LIST_MESSAGES, user_id, conversation_id, before_message_id or _NO_CURSOR, size + 1)
         if not rows:
             raise _conversation_not_found(conversation_id)
         if rows[0]["message_id"] is None:
@@ -407,8 +440,7 @@ class StoreRepository:
         _check_token_count(user_token_count)
         _check_token_count(assistant_token_count)
         title = _check_title(title) or derive_title(user_content)
-        rows = await self.pool.fetch(
-            _APPEND_EXCHANGE,
+        args = (
             user_id,
             conversation_id,
             request_id or None,
@@ -420,10 +452,21 @@ class StoreRepository:
             model or None,
             title,
         )
+        try:
+            async with self.shards.writer(user_id) as db:
+                rows = await db.fetch(_APPEND_EXCHANGE, *args)
+        except asyncpg.exceptions.CheckViolationError as exc:
+            if not is_missing_partition(exc):
+                raise
+            # This month's partition is missing (the maintenance task has not run yet): make it, once.
+            await self.ensure_partitions()
+            async with self.shards.writer(user_id) as db:
+                rows = await db.fetch(_APPEND_EXCHANGE, *args)
         if len(rows) == 2:
             return _exchange(user_id, rows, created=True)
-        # A replay (no rows), or a half-stored exchange from outside this service (one row).
-        stored = await self.pool.fetch(_STORED_EXCHANGE, user_id, request_id)
+        # A replay: no rows.
+        async with self.shards.writer(user_id) as db:
+            stored = await db.fetch(_STORED_EXCHANGE, user_id, request_id)
         return _exchange(user_id, stored, created=bool(rows))
 
     # --- job results ---
@@ -441,8 +484,9 @@ class StoreRepository:
         ttl = ttl_seconds or self.default_job_ttl_seconds
         if ttl < 0:
             raise InvalidInput("ttl_seconds must not be negative")
-        row = await self.pool.fetchrow(
-            _PUT_JOB_RESULT,
+        async with self.shards.writer(result.user_id) as db:
+            row = await db.fetchrow(
+                _PUT_JOB_RESULT,
             result.user_id,
             result.correlation_id,
             result.status,
@@ -452,9 +496,9 @@ class StoreRepository:
             result.error,
             result.finish_reason,
             result.prompt_tokens,
-            result.completion_tokens,
-            float(ttl),
-        )
+                result.completion_tokens,
+                float(ttl),
+            )
         return JobResult(**row)
 
     async def get_job_result(self, user_id: str, correlation_id: str) -> JobResult:
@@ -463,15 +507,29 @@ class StoreRepository:
         if not correlation_id:
             raise InvalidInput("correlation_id is required")
         _check_length("correlation_id", correlation_id, MAX_CORRELATION_ID)
-        row = await self.pool.fetchrow(_GET_JOB_RESULT, user_id, correlation_id)
+        async with self.shards.writer(user_id) as db:
+            row = await db.fetchrow(_GET_JOB_RESULT, user_id, correlation_id)
         if row is None:
             raise NotFound(f"job result {correlation_id!r} not found")
         return JobResult(**row)
 
     async def purge_expired_job_results(self, limit: int = 1000) -> int:
-        """Delete up to `limit` expired job results; return how many went."""
-        status = await self.pool.execute(_PURGE_EXPIRED_JOB_RESULTS, limit)
-        return int(status.rsplit(" ", 1)[1])
+        """Delete up to `limit` expired job results per shard; return how many went."""
+        purged = 0
+        for pool in self.shards.primaries:
+            status = await pool.execute(_PURGE_EXPIRED_JOB_RESULTS, limit)
+            purged += int(status.rsplit(" ", 1)[1])
+        return purged
+
+    # --- maintenance ---
+
+    async def ensure_partitions(self, shard: int | None = None) -> int:
+        """Create the monthly message partitions due (on one shard, or all); return how many were made."""
+        pools = self.shards.primaries if shard is None else [self.shards.primaries[shard]]
+        created = 0
+        for pool in pools:
+            created += await ensure_partitions(pool, self.partitions_ahead_months)
+        return created
 
 
 # --- rows to dataclasses ----------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from store_svc.migrate import upgrade, upgrade_async
 from store_svc.repository import JobResult, StoreRepository, derive_title
 from store_svc.servicer import StoreServicer
 
-TABLES = {"users", "conversations", "messages", "job_results"}
+TABLES = {"users", "conversations", "messages", "job_results", "exchange_requests", "shard_moves"}
+HEAD = "0002"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,7 +82,7 @@ async def test_migrations_apply_to_an_empty_database_and_rerun_as_a_no_op(postgr
     await upgrade_async(dsn)
     tables, versions = await tables_and_version(dsn)
     assert tables >= TABLES
-    assert versions == ["0001"]
+    assert versions == [HEAD]
 
     conn = await asyncpg.connect(dsn)
     try:
@@ -93,7 +94,7 @@ async def test_migrations_apply_to_an_empty_database_and_rerun_as_a_no_op(postgr
     await upgrade_async(dsn)
     tables, versions = await tables_and_version(dsn)
     assert tables >= TABLES
-    assert versions == ["0001"]
+    assert versions == [HEAD]
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM users") == 1
@@ -114,7 +115,7 @@ async def test_replicas_migrating_at_once_take_turns(postgres):
     assert await asyncio.gather(replica(), replica(), replica()) == [0, 0, 0]
     tables, versions = await tables_and_version(dsn)
     assert tables >= TABLES
-    assert versions == ["0001"]
+    assert versions == [HEAD]
 
 
 # --- exchanges ---
@@ -499,7 +500,7 @@ async def test_the_service_migrates_on_start_and_probes_postgres(postgres):
         assert grpc_app.service_names == ["chatterbot.v1.StoreService"]
         assert await grpc_app.probes["postgres"]()
     tables, versions = await tables_and_version(postgres.dsn("app_test"))
-    assert tables >= TABLES and versions == ["0001"]
+    assert tables >= TABLES and versions == [HEAD]
 
 
 async def test_the_service_refuses_to_start_without_a_dsn():

@@ -1,0 +1,160 @@
+"""The history half of the public API through the whole mesh (edge → chat_svc → store_svc on two shards),
+and context that survives a Redis flush."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import httpx
+
+from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, context_pb2_grpc
+from context_svc.turns import context_key
+from tests.conftest import API_KEY
+
+
+def new_user() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}"
+
+
+def chat(edge: httpx.Client, user: str, message: str, conversation_id: str | None = None) -> dict:
+    body = {"message": message, "user_id": user, "max_tokens": 20}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    r = edge.post("/chat", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_create_list_rename_and_delete_a_conversation(edge):
+    user = new_user()
+    created = edge.post("/conversations", json={"user_id": user, "title": "Trip to Lisbon"})
+    assert created.status_code == 201, created.text
+    conversation = created.json()
+    assert conversation["title"] == "Trip to Lisbon" and conversation["message_count"] == 0
+    cid = conversation["conversation_id"]
+
+    other = chat(edge, user, "A second conversation")["conversation_id"]
+    listed = edge.get(f"/conversations/{user}").json()
+    assert [c["conversation_id"] for c in listed["conversations"]] == [other, cid]
+    assert listed["next_page_token"] is None
+    first_page = edge.get(f"/conversations/{user}", params={"limit": 1}).json()
+    assert [c["conversation_id"] for c in first_page["conversations"]] == [other]
+    second_page = edge.get(
+        f"/conversations/{user}", params={"limit": 1, "page_token": first_page["next_page_token"]}
+    )
+    assert [c["conversation_id"] for c in second_page.json()["conversations"]] == [cid]
+
+    renamed = edge.put(f"/conversations/{cid}/title", json={"user_id": user, "title": "Lisbon, May"})
+    assert renamed.status_code == 200 and renamed.json()["title"] == "Lisbon, May"
+    assert edge.get(f"/conversations/{user}").json()["conversations"][0]["conversation_id"] == cid
+
+    deleted = edge.delete(f"/conversations/{cid}", params={"user_id": user})
+    assert deleted.status_code == 200 and deleted.json() == {"conversation_id": cid, "deleted_messages": 0}
+    assert [c["conversation_id"] for c in edge.get(f"/conversations/{user}").json()["conversations"]] == [
+        other
+    ]
+    assert edge.delete(f"/conversations/{cid}", params={"user_id": user}).status_code == 404
+
+
+def test_history_pages_backwards_with_the_before_cursor(edge):
+    user = new_user()
+    cid = chat(edge, user, "one")["conversation_id"]
+    chat(edge, user, "two", cid)
+    chat(edge, user, "three", cid)
+
+    newest = edge.get(f"/history/{user}", params={"conversation_id": cid, "limit": 4}).json()
+    assert [m["role"] for m in newest["messages"]] == ["user", "assistant"] * 2
+    assert [m["content"] for m in newest["messages"] if m["role"] == "user"] == ["two", "three"]
+    assert all(m["token_count"] > 0 and m["created_at"].endswith("Z") for m in newest["messages"])
+    assert newest["messages"][1]["processing_time"] > 0 and newest["messages"][0]["processing_time"] is None
+    older = edge.get(
+        f"/history/{user}", params={"conversation_id": cid, "limit": 4, "before": newest["next_before"]}
+    )
+    assert [m["content"] for m in older.json()["messages"] if m["role"] == "user"] == ["one"]
+    assert older.json()["next_before"] is None
+    ids = [m["message_id"] for m in older.json()["messages"] + newest["messages"]]
+    assert ids == sorted(ids)
+
+
+def test_a_user_cannot_read_rename_or_delete_another_users_conversation(edge):
+    alice, bob = new_user(), new_user()
+    cid = chat(edge, alice, "alice's secret")["conversation_id"]
+
+    assert edge.get(f"/history/{bob}", params={"conversation_id": cid}).status_code == 404
+    r = edge.put(f"/conversations/{cid}/title", json={"user_id": bob, "title": "mine now"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+    assert edge.delete(f"/conversations/{cid}", params={"user_id": bob}).status_code == 404
+    assert edge.get(f"/conversations/{bob}").json()["conversations"] == []
+
+    history = edge.get(f"/history/{alice}", params={"conversation_id": cid}).json()
+    assert history["messages"][0]["content"] == "alice's secret"
+    assert edge.get(f"/conversations/{alice}").json()["conversations"][0]["title"] == "alice's secret"
+
+
+def test_deleting_a_conversation_removes_its_messages_and_its_cached_context(edge, pg, valkey):
+    user = new_user()
+    cid = chat(edge, user, "forget me")["conversation_id"]
+    assert valkey.exists(context_key(user, cid))
+
+    r = edge.delete(f"/conversations/{cid}", params={"user_id": user})
+    assert r.status_code == 200 and r.json()["deleted_messages"] == 2
+    assert not valkey.exists(context_key(user, cid))
+    assert (
+        pg.user(user).execute("SELECT count(*) FROM messages WHERE user_id = %s", (user,)).fetchone()[0] == 0
+    )
+    assert edge.get(f"/history/{user}", params={"conversation_id": cid}).status_code == 404
+    # The conversation id starts afresh: nothing of the deleted turns comes back as context.
+    assert "2 messages" in chat(edge, user, "new start", cid)["response"]
+
+
+def test_context_survives_a_redis_flush(edge, mesh, valkey):
+    user = new_user()
+    first = chat(edge, user, "My name is Ada.")
+    valkey.flushall()
+    second = chat(edge, user, "What is my name?", first["conversation_id"])
+    # System prompt, the first question and answer (rebuilt from PostgreSQL), and the new question.
+    assert "4 messages" in second["response"]
+
+    with grpc.insecure_channel(mesh.services["context"].url) as channel:
+        stub = context_pb2_grpc.ContextServiceStub(channel)
+        request = context_pb2.GetContextRequest(user_id=user, conversation_id=first["conversation_id"])
+        assert len(stub.GetContext(request, timeout=10).turns) == 4
+        valkey.flushall()
+        rebuilt = stub.GetContext(request, timeout=10)
+    assert rebuilt.source == context_pb2.CONTEXT_SOURCE_STORE
+    assert [t.content for t in rebuilt.turns][::2] == ["My name is Ada.", "What is my name?"]
+
+
+def test_history_routes_validate_and_authenticate(mesh, edge):
+    assert edge.get(f"/history/{new_user()}").status_code == 422  # conversation_id is required
+    assert edge.get("/conversations/ab").status_code == 422
+    assert edge.post("/conversations", json={"user_id": "ab"}).status_code == 422
+    assert edge.put("/conversations/c1/title", json={"user_id": new_user(), "title": ""}).status_code == 422
+    assert httpx.get(f"{mesh.edge_url}/conversations/{new_user()}").status_code == 401
+    assert (
+        httpx.get(f"{mesh.edge_url}/conversations/{new_user()}", headers={"X-API-Key": "nope"}).status_code
+        == 403
+    )
+
+
+def test_the_matching_chat_service_rpcs_over_grpc(mesh):
+    user = new_user()
+    metadata = (("x-api-key", API_KEY),)
+    with grpc.insecure_channel(mesh.services["chat"].url) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        created = stub.CreateConversation(
+            chat_pb2.CreateConversationRequest(user_id=user, title="over gRPC"), metadata=metadata, timeout=10
+        )
+        listed = stub.ListConversations(
+            chat_pb2.ListConversationsRequest(user_id=user), metadata=metadata, timeout=10
+        )
+        assert [c.title for c in listed.conversations] == ["over gRPC"]
+        deleted = stub.DeleteConversation(
+            chat_pb2.DeleteConversationRequest(
+                user_id=user, conversation_id=created.conversation.conversation_id
+            ),
+            metadata=metadata,
+            timeout=10,
+        )
+        assert deleted.message_count == 0
