@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 
 import grpc
+import nats.errors
 
+from chat_svc.jobs import BadCorrelationId, JobDeps, cancel, get_result, submit, user_of
 from chat_svc.turn import TurnDeps, TurnInput, TurnResult, run_turn, stream_turn
+from chatterbot.events import EventFanout
 from chatterbot.breaker import CircuitOpenError
-from chatterbot.guarded_client import GuardedClient, dependency_unavailable_metadata, retry_after_of
-from chatterbot.v1 import chat_pb2, chat_pb2_grpc, store_pb2
+from chatterbot.guarded_client import dependency_unavailable_metadata, retry_after_of
+from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, store_pb2, types_pb2
 
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PASSTHROUGH = {
@@ -79,6 +82,27 @@ async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, depen
     raise exc
 
 
+_FINISH_VALUES = {"stop": types_pb2.FINISH_REASON_STOP, "length": types_pb2.FINISH_REASON_LENGTH,
+                  "abort": types_pb2.FINISH_REASON_ABORT}
+
+
+def watch_response(event: dict) -> chat_pb2.WatchChatResponse:
+    """A job event (as published by workers) on the wire."""
+    response = chat_pb2.WatchChatResponse(
+        sequence=event["seq"], text=event.get("token", ""), done=bool(event.get("done")),
+        error=event.get("error", ""), restart=bool(event.get("restart")),
+    )
+    if response.done:
+        response.conversation_id = event.get("conversation_id", "")
+        response.finish_reason = _FINISH_VALUES.get(event.get("finish_reason", ""), types_pb2.FINISH_REASON_STOP)
+        response.processing_time = event.get("processing_time", 0.0)
+        usage = event.get("usage") or {}
+        response.usage.prompt_tokens = usage.get("prompt_tokens", 0)
+        response.usage.completion_tokens = usage.get("completion_tokens", 0)
+        response.usage.total_tokens = usage.get("total_tokens", 0)
+    return response
+
+
 def _chat_response(result: TurnResult) -> chat_pb2.ChatResponse:
     return chat_pb2.ChatResponse(
         response=result.response,
@@ -92,9 +116,11 @@ def _chat_response(result: TurnResult) -> chat_pb2.ChatResponse:
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, deps: TurnDeps, store: GuardedClient, max_message_chars: int) -> None:
+    def __init__(self, deps: TurnDeps, jobs: JobDeps, fanout: EventFanout, max_message_chars: int) -> None:
         self.deps = deps
-        self.store = store
+        self.store = deps.store
+        self.jobs = jobs
+        self.fanout = fanout
         self.max_message_chars = max_message_chars
 
     async def _turn(self, request, context) -> TurnInput:
@@ -130,6 +156,57 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             await abort_for(context, exc)
 
+    # --- queued chats on JetStream ---
+
+    async def SubmitChat(self, request, context):
+        turn = await self._turn(request, context)
+        try:
+            correlation_id = await submit(self.jobs, turn, request.priority)
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            await abort_for(context, exc, "store")
+        except nats.errors.Error as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {type(exc).__name__}",
+                                trailing_metadata=dependency_unavailable_metadata("nats", 1.0))
+        return chat_pb2.SubmitChatResponse(correlation_id=correlation_id, status=types_pb2.JOB_STATUS_PENDING)
+
+    async def _job_user(self, request, context) -> str:
+        try:
+            owner = user_of(request.correlation_id)
+        except BadCorrelationId:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown correlation id")
+        if request.user_id and request.user_id != owner:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown correlation id")
+        return owner
+
+    async def GetChatResult(self, request, context):
+        user_id = await self._job_user(request, context)
+        try:
+            r = await get_result(self.jobs, request.correlation_id, user_id)
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            await abort_for(context, exc, "store")
+        return chat_pb2.GetChatResultResponse(
+            correlation_id=r.correlation_id, status=r.status, response=r.response,
+            conversation_id=r.conversation_id, processing_time=r.processing_time, error=r.error,
+            finish_reason=r.finish_reason, usage=r.usage,
+        )
+
+    async def WatchChat(self, request, context):
+        user_id = await self._job_user(request, context)
+        try:
+            await get_result(self.jobs, request.correlation_id, user_id)
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            await abort_for(context, exc, "store")
+        async for event in self.fanout.watch(request.correlation_id, request.after_sequence):
+            yield watch_response(event)
+
+    async def CancelChat(self, request, context):
+        user_id = await self._job_user(request, context)
+        try:
+            status = await cancel(self.jobs, request.correlation_id, user_id)
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            await abort_for(context, exc, "store")
+        return chat_pb2.CancelChatResponse(status=status)
+
     # --- conversation history: scoped by user id, served by store_svc ---
 
     async def _store(self, context, method: str, request):
@@ -154,9 +231,22 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.RenameConversationResponse(conversation=r.conversation)
 
     async def DeleteConversation(self, request, context):
-        r = await self._store(context, "DeleteConversation", store_pb2.StoreServiceDeleteConversationRequest(
-            user_id=request.user_id, conversation_id=request.conversation_id))
-        return chat_pb2.DeleteConversationResponse(message_count=r.message_count)
+        deleted = None
+        try:
+            deleted = await self.store.unary("DeleteConversation", store_pb2.StoreServiceDeleteConversationRequest(
+                user_id=request.user_id, conversation_id=request.conversation_id))
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            if not (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND):
+                await abort_for(context, exc, "store")
+        # The cached context goes too; also when the rows are gone already, so a retried delete finishes it.
+        try:
+            await self.deps.context.unary("ClearContext", context_pb2.ClearContextRequest(
+                user_id=request.user_id, conversation_id=request.conversation_id))
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            await abort_for(context, exc, "context")
+        if deleted is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"conversation {request.conversation_id!r} not found")
+        return chat_pb2.DeleteConversationResponse(message_count=deleted.message_count)
 
     async def ListMessages(self, request, context):
         r = await self._store(context, "ListMessages", store_pb2.StoreServiceListMessagesRequest(

@@ -131,7 +131,7 @@ async def _finish(deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.G
         processing_time = stored.assistant_message.processing_time
     return TurnResult(
         response=text,
-        conversation_id=p.conversation_id,
+        conversation_id=stored.conversation.conversation_id or p.conversation_id,
         request_id=p.request_id,
         processing_time=processing_time,
         finish_reason=last.finish_reason,

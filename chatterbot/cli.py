@@ -19,6 +19,7 @@ SERVICE_ENTRY_POINTS = {
     "context": "context_svc.main",
     "inference": "inference_svc.main",
     "store": "store_svc.main",
+    "worker": "chat_svc.worker_main",
 }
 
 
@@ -62,17 +63,111 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_dsns(args: argparse.Namespace) -> list[str]:
+    """Shard DSNs from --shards, else from the settings (CHATTERBOT_POSTGRES_SHARDS, or the one DSN)."""
+    from store_svc.sharding import shard_specs
+
+    if getattr(args, "shards", None):
+        return [dsn.strip() for dsn in args.shards.split(",") if dsn.strip()]
+    settings = get_settings()
+    return [spec.dsn for spec in shard_specs(settings.postgres_shards, (), settings.postgres_dsn)]
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from store_svc.migrate import upgrade
 
-    settings = get_settings()
-    dsn = args.dsn or settings.postgres_dsn
-    if not dsn:
-        print("set CHATTERBOT_POSTGRES_DSN or pass --dsn", file=sys.stderr)
+    dsns = [args.dsn] if args.dsn else _shard_dsns(args)
+    if not dsns:
+        print("set CHATTERBOT_POSTGRES_SHARDS or CHATTERBOT_POSTGRES_DSN, or pass --dsn", file=sys.stderr)
         return 2
-    upgrade(dsn)
-    print("migrations applied", flush=True)
+    for index, dsn in enumerate(dsns):
+        upgrade(dsn)
+        print(f"shard {index}: migrations applied", flush=True)
     return 0
+
+
+def cmd_shards_rebalance(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from store_svc.rebalance import rebalance
+
+    dsns = _shard_dsns(args)
+    if len(dsns) < 2:
+        print("rebalancing needs two or more shards (CHATTERBOT_POSTGRES_SHARDS or --shards)", file=sys.stderr)
+        return 2
+    report = asyncio.run(rebalance(dsns, concurrency=args.concurrency, max_users=args.max_users))
+    print(f"scanned {report.scanned_users} users on {len(dsns)} shards, moved {report.moved_users}", flush=True)
+    for (source, target), users in sorted(report.moves.items()):
+        print(f"  shard {source} -> shard {target}: {users} users")
+    if report.moved_rows:
+        print("  rows moved: " + ", ".join(f"{t} {n}" for t, n in sorted(report.moved_rows.items())))
+    if report.stranded_users:
+        print(f"{len(report.stranded_users)} users have rows on an old shard after their move (left in place): "
+              + ", ".join(report.stranded_users[:20]), file=sys.stderr)
+        return 1
+    print("complete" if report.complete else "stopped at --max-users; run again to continue", flush=True)
+    return 0
+
+
+def cmd_shards_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from store_svc.rebalance import shard_counts
+
+    dsns = _shard_dsns(args)
+    if not dsns:
+        print("set CHATTERBOT_POSTGRES_SHARDS or CHATTERBOT_POSTGRES_DSN, or pass --shards", file=sys.stderr)
+        return 2
+    print(f"{'shard':>5} {'users':>9} {'conversations':>13} {'messages':>10} {'job_results':>11} {'misplaced':>9}")
+    for c in asyncio.run(shard_counts(dsns)):
+        print(f"{c.index:>5} {c.users:>9} {c.conversations:>13} {c.messages:>10} {c.job_results:>11} "
+              f"{c.misplaced_users:>9}")
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(_dlq(args))
+
+
+async def _dlq(args: argparse.Namespace) -> int:
+    from chat_svc.dlq import list_dead_letters, replay
+    from chat_svc.jobs import JobDeps, put_result
+    from chatterbot.guarded_client import GuardedClient
+    from chatterbot.jetstream import connect, disconnect, ensure_streams
+    from chatterbot.v1 import store_pb2_grpc, types_pb2
+
+    settings = get_settings()
+    nc = await connect(settings, "chatterbot-cli")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        if args.dlq_command == "list":
+            letters = await list_dead_letters(js)
+            for d in letters:
+                print(f"{d.correlation_id}  {d.priority:<11} {d.time:%Y-%m-%d %H:%M:%S}  {d.error}")
+            print(f"{len(letters)} dead-lettered job(s)", file=sys.stderr)
+            return 0
+        store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)
+        try:
+            deps = JobDeps(js, nc, store, settings.job_result_ttl_seconds)
+
+            async def pending_again(job) -> None:
+                await put_result(deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_PENDING,
+                                 conversation_id=job.conversation_id)
+
+            try:
+                job = await replay(js, args.correlation_id, pending_again)
+            except LookupError:
+                print(f"{args.correlation_id} is not in the dead-letter stream", file=sys.stderr)
+                return 1
+        finally:
+            await store.close()
+        print(f"{job.correlation_id} queued again ({job.priority})")
+        return 0
+    finally:
+        await disconnect(nc)
 
 
 def cmd_env_example(args: argparse.Namespace) -> int:
@@ -94,9 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=sorted(SERVICE_ENTRY_POINTS))
     serve.set_defaults(func=cmd_serve)
 
-    migrate = sub.add_parser("migrate", help="apply database migrations")
-    migrate.add_argument("--dsn", help="PostgreSQL DSN (default: CHATTERBOT_POSTGRES_DSN)")
+    migrate = sub.add_parser("migrate", help="apply database migrations to every shard")
+    migrate.add_argument("--dsn", help="one database only (default: every shard of the settings)")
+    migrate.add_argument("--shards", help="comma-separated shard DSNs (default: CHATTERBOT_POSTGRES_SHARDS)")
     migrate.set_defaults(func=cmd_migrate)
+
+    shards = sub.add_parser("shards", help="the PostgreSQL shards of store_svc").add_subparsers(
+        dest="shards_command", required=True
+    )
+    rebalance = shards.add_parser(
+        "rebalance", help="after the shard list grew, move the users whose shard changed (resumable)"
+    )
+    rebalance.add_argument("--shards", help="comma-separated shard DSNs (default: CHATTERBOT_POSTGRES_SHARDS)")
+    rebalance.add_argument("--concurrency", type=int, default=4, help="users moved at once")
+    rebalance.add_argument("--max-users", type=int, default=None, help="stop after moving this many")
+    rebalance.set_defaults(func=cmd_shards_rebalance)
+    status = shards.add_parser("status", help="row counts per shard and users not yet on their shard")
+    status.add_argument("--shards", help="comma-separated shard DSNs (default: CHATTERBOT_POSTGRES_SHARDS)")
+    status.set_defaults(func=cmd_shards_status)
+
+    dlq = sub.add_parser("dlq", help="jobs that failed their last try").add_subparsers(dest="dlq_command",
+                                                                                       required=True)
+    dlq.add_parser("list", help="list dead-lettered jobs").set_defaults(func=cmd_dlq)
+    dlq_replay = dlq.add_parser("replay", help="queue a dead-lettered job again")
+    dlq_replay.add_argument("correlation_id")
+    dlq_replay.set_defaults(func=cmd_dlq)
 
     example = sub.add_parser("env-example", help="print every setting with its default (the .env.example text)")
     example.set_defaults(func=cmd_env_example)

@@ -57,8 +57,10 @@ class GrpcApp:
     servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]]
     # Full names of the services, for health and reflection ("chatterbot.v1.ChatService").
     service_names: list[str]
-    # Dependency probes; the service reports NOT_SERVING while any of them fails.
+    # Dependency probes; the service reports NOT_SERVING while any of them fails, except the optional ones,
+    # which are only reported under their own health name (the service still works without them).
     probes: dict[str, Probe] = field(default_factory=dict)
+    optional_probes: frozenset[str] = frozenset()
     probe_interval: float = 2.0
     # Run after the metrics interceptor (authentication, for example).
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
@@ -137,7 +139,7 @@ class _Health:
                 DEPENDENCY_PREFIX + dep,
                 health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
-        ready = all(results)
+        ready = all(ok for dep, ok in zip(self.app.probes, results, strict=True) if dep not in self.app.optional_probes)
         await self.set_all(ready)
         return ready
 

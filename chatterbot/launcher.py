@@ -26,8 +26,10 @@ from chatterbot.settings import Settings
 log = logging.getLogger(__name__)
 
 DATABASE = "chatterbot"
+# The embedded PostgreSQL holds two shard databases, so sharded routing is exercised on every machine.
+SHARD_DATABASES = ("chatterbot_shard0", "chatterbot_shard1")
 # Start order: dependencies first. The edge comes last so that a ready edge means a ready mesh.
-START_ORDER = ("store", "context", "inference", "chat", "edge")
+START_ORDER = ("store", "context", "inference", "chat", "worker", "edge")
 
 
 class ServiceProcess(EmbeddedServer):
@@ -112,7 +114,7 @@ class Mesh:
         urls = {"nats": s.nats_url, "redis": s.redis_url, "postgres": s.postgres_dsn}
         if not s.nats_url:
             self.servers["nats"] = NatsServer(self.data_dir / "nats")
-        if not s.postgres_dsn:
+        if not s.postgres_dsn and not s.postgres_shards:
             self.servers["postgres"] = PostgresServer(self.data_dir / "postgres")
         if not s.redis_url:
             self.servers["redis"] = ValkeyServer(self.data_dir / "valkey")
@@ -125,10 +127,14 @@ class Mesh:
             assert isinstance(pg, PostgresServer)
             pg.ensure_database(DATABASE)
             urls["postgres"] = pg.dsn(DATABASE)
+            for name in SHARD_DATABASES:
+                pg.ensure_database(name)
+            urls["postgres_shards"] = ",".join(pg.dsn(name) for name in SHARD_DATABASES)
         return {
             "CHATTERBOT_NATS_URL": urls["nats"],
             "CHATTERBOT_REDIS_URL": urls["redis"],
             "CHATTERBOT_POSTGRES_DSN": urls["postgres"],
+            "CHATTERBOT_POSTGRES_SHARDS": urls.get("postgres_shards", ",".join(s.postgres_shards)),
         }
 
     def _port(self, configured: int) -> int:
@@ -184,7 +190,7 @@ class Mesh:
             "edge_url": self.edge_url,
             "api_key": self.keys.api_key,
             "admin_key": self.keys.admin_key,
-            "grpc": {name: svc.url for name, svc in self.services.items() if name != "edge"},
+            "grpc": {name: svc.url for name, svc in self.services.items() if name not in ("edge", "worker")},
             "metrics": {name: f"http://127.0.0.1:{svc.env['CHATTERBOT_METRICS_PORT']}/metrics"
                         for name, svc in self.services.items()},
             "servers": {

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
 
 SERVICES = ("chat", "context", "inference", "store")
+# Processes that serve gRPC health on an address of their own (services, plus job workers).
+GRPC_PROCESSES = (*SERVICES, "worker")
 
 
 def _split_csv(value: object) -> object:
@@ -37,12 +39,24 @@ class Settings(BaseSettings):
     context_addr: str = "127.0.0.1:50052"
     inference_addr: str = "127.0.0.1:50053"
     store_addr: str = "127.0.0.1:50054"
+    worker_addr: str = Field("127.0.0.1:50055", description="a job worker's gRPC health endpoint")
     edge_port: int = 8000
 
     # --- servers; empty means "not configured" (`chatterbot up` fills them with embedded ones) ---
     nats_url: str = ""
     redis_url: str = ""
-    postgres_dsn: str = ""
+    postgres_dsn: str = Field("", description="the one database of an unsharded store (used when postgres_shards is empty)")
+    postgres_shards: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated shard DSNs, in shard order; only ever append to it (then run `chatterbot shards rebalance`)",
+    )
+    postgres_replicas: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated read-replica DSNs in shard order, empty entries for shards without one",
+    )
+    postgres_previous_shard_count: int = Field(
+        0, description="while a rebalance runs: how many shards there were before the list grew (0: none runs)"
+    )
 
     # --- keys: comma-separated; service keys may act for any user_id, admin keys also reach /debug ---
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -62,9 +76,26 @@ class Settings(BaseSettings):
     max_message_chars: int = 2000
     system_prompt: str = "You are ChatterBot, a helpful assistant."
 
+    # --- queued chats on NATS JetStream ---
+    worker_concurrency: int = Field(8, description="jobs one worker process runs at once")
+    jobs_ack_wait_seconds: float = Field(30.0, description="a job not acknowledged or touched in this time is redelivered")
+    jobs_heartbeat_seconds: float = Field(10.0, description="how often a worker tells JetStream a long job is alive")
+    jobs_max_deliver: int = Field(5, description="tries of a job before it goes to the dead-letter stream")
+    jobs_backoff_seconds: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.0, 5.0, 15.0, 30.0], description="delay before each retry of a failed job"
+    )
+    events_max_age_seconds: int = Field(900, description="how long token events of a job are kept for replay")
+    job_result_ttl_seconds: int = Field(86400, description="how long /check-response keeps a result")
+
     # --- context_svc ---
     context_max_turns: int = Field(64, description="turns kept per conversation in Redis")
     context_ttl_seconds: int = Field(86400, description="idle time after which a conversation's context expires")
+    context_lock_timeout_seconds: float = Field(
+        10.0, description="a conversation's context lock frees itself after this long if its holder died"
+    )
+    context_tokenizer: str = Field(
+        "", description="tokenizer.json counting tokens of turns (needs `tokenizers`); empty: ~4 chars per token"
+    )
 
     # --- inference_svc ---
     inference_engine: str = Field("sim", description="engine of the primary model: sim | vllm | openai")
@@ -106,18 +137,34 @@ class Settings(BaseSettings):
     # --- store_svc ---
     postgres_pool_min: int = 1
     postgres_pool_max: int = 10
+    postgres_partitions_ahead_months: int = Field(
+        3, description="monthly partitions of messages kept created ahead of the current month"
+    )
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "jobs_backoff_seconds", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("postgres_shards", mode="before")
+    @classmethod
+    def _shards_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("postgres_replicas", mode="before")
+    @classmethod
+    def _replicas_csv(cls, value: object) -> object:
+        # Positional: "dsn0,,dsn2" means shard 1 has no replica, so empty entries are kept.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",")] if value.strip() else []
+        return value
 
     def to_env(self) -> dict[str, str]:
         """These settings as `CHATTERBOT_*` variables, to hand to a child process."""
         env = {}
         for name, value in self.model_dump().items():
             if isinstance(value, list):
-                value = ",".join(value)
+                value = ",".join(str(v) for v in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             env[f"CHATTERBOT_{name.upper()}"] = str(value)

@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
+from chatterbot.events import EventFanout
 from chatterbot.guarded_client import GuardedClient
+from chatterbot.jetstream import connect, disconnect
 from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2_grpc
 from edge.health import MeshHealth
 from edge.problems import install_problem_handlers
-from edge.routes import chat, health
+from edge.routes import chat, health, history, jobs
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -24,9 +26,15 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.chat = GuardedClient("chat", settings.chat_addr, chat_pb2_grpc.ChatServiceStub, settings)
         app.state.health = MeshHealth(settings)
+        # One NATS connection and one event subscription per edge process, shared by every SSE stream.
+        app.state.nc = await connect(settings, "chatterbot-edge")
+        app.state.fanout = EventFanout(app.state.nc)
+        await app.state.fanout.start()
         try:
             yield
         finally:
+            await app.state.fanout.stop()
+            await disconnect(app.state.nc)
             await app.state.chat.close()
             await app.state.health.close()
 
@@ -40,4 +48,6 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(jobs.router)
+    app.include_router(history.router)
     return app

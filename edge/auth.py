@@ -30,3 +30,11 @@ async def require_key(request: Request) -> Caller:
     if key_matches(key, settings.api_keys):
         return Caller(key, admin=False)
     raise ProblemError(403, "invalid API key")
+
+
+async def require_admin(request: Request) -> Caller:
+    """FastAPI dependency: an admin key (403 for any other key)."""
+    caller = await require_key(request)
+    if not caller.admin:
+        raise ProblemError(403, "this route needs an admin key")
+    return caller

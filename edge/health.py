@@ -11,7 +11,7 @@ import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.grpc_server import DEPENDENCY_PREFIX
-from chatterbot.settings import SERVICES, Settings
+from chatterbot.settings import GRPC_PROCESSES, Settings
 
 CHECK_TIMEOUT = 1.0
 
@@ -22,7 +22,7 @@ class MeshHealth:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Health has its own channels: the breaker-guarded data path must not be disturbed by probes.
-        self.channels = {s: grpc.aio.insecure_channel(settings.service_addr(s)) for s in SERVICES}
+        self.channels = {s: grpc.aio.insecure_channel(settings.service_addr(s)) for s in GRPC_PROCESSES}
         self.stubs = {s: health_pb2_grpc.HealthStub(c) for s, c in self.channels.items()}
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=CHECK_TIMEOUT) if settings.redis_url else None
 
@@ -45,7 +45,7 @@ class MeshHealth:
             await nc.close()
 
     async def components(self) -> dict[str, str]:
-        checks: dict[str, Callable[[], Awaitable[bool]]] = {s: (lambda s=s: self._serving(s)) for s in SERVICES}
+        checks: dict[str, Callable[[], Awaitable[bool]]] = {s: (lambda s=s: self._serving(s)) for s in GRPC_PROCESSES}
         checks["postgres"] = lambda: self._serving("store", DEPENDENCY_PREFIX + "postgres")
         checks["redis"] = self._redis
         checks["nats"] = self._nats

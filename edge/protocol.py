@@ -54,3 +54,102 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[dict] | None = None
+
+
+class AsyncChatAccepted(BaseModel):
+    status: Literal["processing"]
+    message: str
+    correlation_id: str
+    check_endpoint: str
+
+
+class StreamChatAccepted(BaseModel):
+    status: Literal["streaming"]
+    message: str
+    correlation_id: str
+    stream_endpoint: str
+
+
+class CheckResponseDone(BaseModel):
+    response: str
+    conversation_id: str
+    processing_time: float
+
+
+class CheckResponsePending(BaseModel):
+    status: Literal["pending"]
+    correlation_id: str
+    message: str
+
+
+class CheckResponseFailed(BaseModel):
+    status: Literal["failed"]
+    correlation_id: str
+    error: str
+
+
+class QueueCounts(BaseModel):
+    message_count: int
+    consumer_count: int
+
+
+class QueueStats(BaseModel):
+    """The seed's queue view; `jetstream` has the figures it is derived from."""
+
+    chat_queue: QueueCounts
+    response_queue: QueueCounts
+    batch_queue: QueueCounts
+    jetstream: dict
+
+
+# --- conversations and history ---
+
+
+class ConversationCreate(BaseModel):
+    """Body of `POST /conversations`."""
+
+    user_id: str = Field(min_length=3, max_length=50)
+    title: str = Field("", max_length=200, description="Empty gives the default title")
+
+
+class ConversationTitle(BaseModel):
+    """Body of `PUT /conversations/{conversation_id}/title`."""
+
+    user_id: str = Field(min_length=3, max_length=50)
+    title: str = Field(min_length=1, max_length=200)
+
+
+class Conversation(BaseModel):
+    conversation_id: str
+    title: str
+    created_at: str = Field(description="RFC 3339")
+    updated_at: str = Field(description="RFC 3339; activity moves a conversation to the top of the list")
+    message_count: int
+
+
+class ConversationList(BaseModel):
+    user_id: str
+    conversations: list[Conversation] = Field(description="Most recently updated first")
+    next_page_token: str | None = Field(None, description="Pass as page_token for the next page; null on the last")
+
+
+class HistoryMessage(BaseModel):
+    message_id: int = Field(description="Increasing within a user; the `before` cursor")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    token_count: int
+    created_at: str = Field(description="RFC 3339")
+    processing_time: float | None = Field(None, description="Seconds the answer took, on assistant messages")
+    model: str | None = None
+
+
+class History(BaseModel):
+    user_id: str
+    conversation_id: str
+    messages: list[HistoryMessage] = Field(description="Oldest first: the newest `limit` before the cursor")
+    next_before: int | None = Field(None, description="Pass as `before` for the older page; null when none")
+
+
+class ConversationDeleted(BaseModel):
+    conversation_id: str
+    deleted_messages: int

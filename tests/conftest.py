@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from chatterbot.embedded import NatsServer, PostgresServer, ValkeyServer
-from chatterbot.launcher import DATABASE, Mesh
+from chatterbot.launcher import DATABASE, SHARD_DATABASES, Mesh
 from chatterbot.settings import Settings
+from store_svc.sharding import shard_of
 
 API_KEY = "test-service-key"
 ADMIN_KEY = "test-admin-key"
@@ -28,6 +29,15 @@ class Servers:
     def postgres_dsn(self) -> str:
         return self.postgres.dsn(DATABASE)
 
+    @property
+    def shard_dsns(self) -> list[str]:
+        """The store's shards: two databases on the one server, as `chatterbot up` runs them."""
+        return [self.postgres.dsn(name) for name in SHARD_DATABASES]
+
+    def shard_dsn_for(self, user_id: str) -> str:
+        """The DSN of the shard that holds `user_id`'s rows."""
+        return self.shard_dsns[shard_of(user_id, len(self.shard_dsns))]
+
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
@@ -37,7 +47,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     try:
         for server in (s.nats, s.postgres, s.valkey):
             server.start(timeout=60)
-        s.postgres.ensure_database(DATABASE)
+        for name in (DATABASE, *SHARD_DATABASES):
+            s.postgres.ensure_database(name)
         yield s
     finally:
         for server in (s.valkey, s.postgres, s.nats):
@@ -50,6 +61,7 @@ def mesh_settings(servers: Servers, **overrides) -> Settings:
         "nats_url": servers.nats.url,
         "redis_url": servers.valkey.url,
         "postgres_dsn": servers.postgres_dsn,
+        "postgres_shards": servers.shard_dsns,
         "api_keys": [API_KEY],
         "admin_keys": [ADMIN_KEY],
         "sim_ttft_ms": 5,
@@ -82,10 +94,33 @@ def edge(mesh: Mesh) -> Iterator[httpx.Client]:
         yield client
 
 
+class ShardConnections:
+    """Autocommit connections to every shard of the session's store."""
+
+    def __init__(self, servers: Servers) -> None:
+        self.servers = servers
+        self.connections = [psycopg.connect(dsn, autocommit=True) for dsn in servers.shard_dsns]
+
+    def user(self, user_id: str) -> psycopg.Connection:
+        """The connection to the shard that holds `user_id`."""
+        return self.connections[shard_of(user_id, len(self.connections))]
+
+    def count(self, sql: str, params: tuple = ()) -> int:
+        """A `SELECT count(*) ...` summed over every shard."""
+        return sum(conn.execute(sql, params).fetchone()[0] for conn in self.connections)
+
+    def close(self) -> None:
+        for conn in self.connections:
+            conn.close()
+
+
 @pytest.fixture
-def pg(servers: Servers) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(servers.postgres_dsn, autocommit=True) as conn:
-        yield conn
+def pg(servers: Servers) -> Iterator[ShardConnections]:
+    shards = ShardConnections(servers)
+    try:
+        yield shards
+    finally:
+        shards.close()
 
 
 @pytest.fixture
@@ -95,5 +130,3 @@ def valkey(servers: Servers) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
-
-

@@ -6,24 +6,28 @@ import time
 
 import grpc
 import orjson
-import psycopg
 import pytest
 import redis
 
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc
-from tests.conftest import API_KEY
+from context_svc.turns import context_key, decode_turn
+from tests.conftest import API_KEY, ShardConnections
 
 
-def stored_messages(pg: psycopg.Connection, user_id: str, conversation_id: str) -> list[tuple[str, str]]:
-    rows = pg.execute(
-        "SELECT role, content FROM messages WHERE user_id = %s AND conversation_id = %s ORDER BY message_id",
-        (user_id, conversation_id),
-    ).fetchall()
+def stored_messages(pg: ShardConnections, user_id: str, conversation_id: str) -> list[tuple[str, str]]:
+    rows = (
+        pg.user(user_id)
+        .execute(
+            "SELECT role, content FROM messages WHERE user_id = %s AND conversation_id = %s ORDER BY message_id",
+            (user_id, conversation_id),
+        )
+        .fetchall()
+    )
     return [(r[0], r[1]) for r in rows]
 
 
 def context_turns(valkey: redis.Redis, user_id: str, conversation_id: str) -> list[dict]:
-    return [orjson.loads(item) for item in valkey.lrange(f"ctx:{{{user_id}:{conversation_id}}}", 0, -1)]
+    return [decode_turn(item) for item in valkey.lrange(context_key(user_id, conversation_id), 0, -1)]
 
 
 def test_chat_answers_through_the_whole_mesh(edge, pg, valkey):
@@ -39,7 +43,10 @@ def test_chat_answers_through_the_whole_mesh(edge, pg, valkey):
         ("assistant", body["response"]),
     ]
     turns = context_turns(valkey, "user-mesh-1", body["conversation_id"])
-    assert [(t["role"], t["content"]) for t in turns] == [("user", "Hello, mesh!"), ("assistant", body["response"])]
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("user", "Hello, mesh!"),
+        ("assistant", body["response"]),
+    ]
     assert all(t["tokens"] > 0 for t in turns)
 
 
@@ -49,7 +56,11 @@ def test_second_chat_sees_the_first_turn_in_its_context(edge):
     assert "2 messages" in first["response"]
     second = edge.post(
         "/chat",
-        json={"message": "What is my name?", "user_id": "user-mesh-2", "conversation_id": first["conversation_id"]},
+        json={
+            "message": "What is my name?",
+            "user_id": "user-mesh-2",
+            "conversation_id": first["conversation_id"],
+        },
     ).json()
     assert second["conversation_id"] == first["conversation_id"]
     # System prompt, the first question, the first answer and the new question.
@@ -57,9 +68,14 @@ def test_second_chat_sees_the_first_turn_in_its_context(edge):
 
 
 def test_context_strings_reach_the_model_but_not_the_history(edge, pg):
-    r = edge.post("/chat", json={"message": "Hi", "user_id": "user-mesh-3", "context": ["The user likes tea."]})
+    r = edge.post(
+        "/chat", json={"message": "Hi", "user_id": "user-mesh-3", "context": ["The user likes tea."]}
+    )
     assert "3 messages" in r.json()["response"]
-    assert [role for role, _ in stored_messages(pg, "user-mesh-3", r.json()["conversation_id"])] == ["user", "assistant"]
+    assert [role for role, _ in stored_messages(pg, "user-mesh-3", r.json()["conversation_id"])] == [
+        "user",
+        "assistant",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -77,13 +93,13 @@ def test_context_strings_reach_the_model_but_not_the_history(edge, pg):
     ],
 )
 def test_malformed_body_gets_422_and_touches_no_store(edge, pg, body):
-    before = pg.execute("SELECT count(*) FROM messages").fetchone()[0]
+    before = pg.count("SELECT count(*) FROM messages")
     r = edge.post("/chat", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["status"] == 422
-    assert pg.execute("SELECT count(*) FROM messages").fetchone()[0] == before
-    assert pg.execute("SELECT count(*) FROM users WHERE user_id = 'user-bad'").fetchone()[0] == 0
+    assert pg.count("SELECT count(*) FROM messages") == before
+    assert pg.count("SELECT count(*) FROM users WHERE user_id = 'user-bad'") == 0
 
 
 def test_api_key_missing_is_401_and_wrong_is_403(mesh):
@@ -100,17 +116,21 @@ def test_api_key_missing_is_401_and_wrong_is_403(mesh):
 def test_health_covers_every_service_and_server(edge):
     body = edge.get("/health").json()
     assert body["status"] == "healthy", body
-    assert body["components"] == dict.fromkeys(("chat", "context", "inference", "store", "postgres", "redis", "nats"), "up")
+    assert body["components"] == dict.fromkeys(
+        ("chat", "context", "inference", "store", "worker", "postgres", "redis", "nats"), "up"
+    )
     assert body["timestamp"]
     assert edge.get("/livez").status_code == 200
     assert edge.get("/readyz").status_code == 200
 
 
 def test_streamed_chat_sends_tokens_then_done(edge, pg):
-    with edge.stream("POST", "/chat", json={"message": "Stream it", "user_id": "user-mesh-4", "stream": True}) as r:
+    with edge.stream(
+        "POST", "/chat", json={"message": "Stream it", "user_id": "user-mesh-4", "stream": True}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        data = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     events = [orjson.loads(d) for d in data[:-1]]
     assert events[-1]["done"] is True and events[-1]["finish_reason"] in ("stop", "length")
@@ -141,8 +161,9 @@ def test_grpc_chat_with_key_metadata(mesh):
 def test_repeated_request_id_stores_one_exchange(mesh, pg):
     with grpc.insecure_channel(mesh.services["chat"].url) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        turn = chat_pb2.ChatTurn(user_id="user-idem", message="Once only", request_id="req-idem-1",
-                                 conversation_id="conv-idem")
+        turn = chat_pb2.ChatTurn(
+            user_id="user-idem", message="Once only", request_id="req-idem-1", conversation_id="conv-idem"
+        )
         first = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", API_KEY),), timeout=10)
         again = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", API_KEY),), timeout=10)
     assert again.response == first.response

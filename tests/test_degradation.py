@@ -20,13 +20,19 @@ def test_chat_answers_without_context_while_redis_is_down(servers, edge, pg):
     first = edge.post("/chat", json={"message": "first", "user_id": "user-redis-down"}).json()
     servers.valkey.kill()
     try:
-        r = edge.post("/chat", json={"message": "second", "user_id": "user-redis-down",
-                                     "conversation_id": first["conversation_id"]})
+        r = edge.post(
+            "/chat",
+            json={
+                "message": "second",
+                "user_id": "user-redis-down",
+                "conversation_id": first["conversation_id"],
+            },
+        )
         assert r.status_code == 200, r.text
         # Earlier turns are not available: only the system prompt and the new message reach the model.
         assert "2 messages" in r.json()["response"]
         # The exchange is still stored: history does not depend on the cache.
-        count = pg.execute("SELECT count(*) FROM messages WHERE user_id = 'user-redis-down'").fetchone()[0]
+        count = pg.count("SELECT count(*) FROM messages WHERE user_id = 'user-redis-down'")
         assert count == 4
         health = edge.get("/health").json()
         assert health["status"] == "degraded"
@@ -55,6 +61,10 @@ def test_store_down_is_503_and_recovers(servers, edge):
             break
         time.sleep(0.3)
     assert r.status_code == 200, r.text
-    with psycopg.connect(servers.postgres_dsn) as conn:  # the killed server dropped earlier connections
-        rows = conn.execute("SELECT content FROM messages WHERE user_id = 'user-pg-down' AND role = 'user'").fetchall()
+    with psycopg.connect(
+        servers.shard_dsn_for("user-pg-down")
+    ) as conn:  # the killed server dropped earlier connections
+        rows = conn.execute(
+            "SELECT content FROM messages WHERE user_id = 'user-pg-down' AND role = 'user'"
+        ).fetchall()
     assert rows == [("are you there now?",)]

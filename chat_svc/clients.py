@@ -1,0 +1,29 @@
+"""The guarded clients a chat turn needs, opened and closed together."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from chat_svc.turn import TurnDeps
+from chatterbot.guarded_client import GuardedClient
+from chatterbot.settings import Settings
+from chatterbot.v1 import context_pb2_grpc, inference_pb2_grpc, store_pb2_grpc
+
+
+@asynccontextmanager
+async def downstream_clients(settings: Settings) -> AsyncIterator[TurnDeps]:
+    context = GuardedClient("context", settings.context_addr, context_pb2_grpc.ContextServiceStub, settings)
+    inference = GuardedClient("inference", settings.inference_addr, inference_pb2_grpc.InferenceServiceStub, settings)
+    store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)
+    try:
+        yield TurnDeps(
+            context=context,
+            inference=inference,
+            store=store,
+            system_prompt=settings.system_prompt,
+            context_token_budget=settings.context_token_budget,
+        )
+    finally:
+        for client in (context, inference, store):
+            await client.close()

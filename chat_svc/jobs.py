@@ -1,0 +1,146 @@
+"""Queued chats: submit a turn to JetStream, read its result, cancel it.
+
+A correlation id routes itself: it carries the user id (base64url) after a random part, so
+`/check-response/{id}` finds the user's shard without any other lookup, and a repeated client request id
+maps to the same correlation id (JetStream drops the duplicate publish).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext
+
+from chat_svc.turn import TurnInput
+from chatterbot.guarded_client import GuardedClient
+from chatterbot.jetstream import PRIORITIES, Job, cancel_subject, events_subject
+from chatterbot.v1 import store_pb2, types_pb2
+
+PRIORITY_NAMES = {
+    types_pb2.JOB_PRIORITY_UNSPECIFIED: "interactive",
+    types_pb2.JOB_PRIORITY_STREAMING: "streaming",
+    types_pb2.JOB_PRIORITY_INTERACTIVE: "interactive",
+    types_pb2.JOB_PRIORITY_BATCH: "batch",
+}
+TERMINAL = (types_pb2.JOB_STATUS_SUCCEEDED, types_pb2.JOB_STATUS_FAILED, types_pb2.JOB_STATUS_CANCELLED)
+
+
+class BadCorrelationId(ValueError):
+    """Not a correlation id this service issued."""
+
+
+def new_correlation_id(user_id: str, request_id: str = "") -> str:
+    head = hashlib.sha256(f"{user_id}\0{request_id}".encode()).hexdigest()[:32] if request_id else uuid.uuid4().hex
+    return f"{head}.{base64.urlsafe_b64encode(user_id.encode()).decode().rstrip('=')}"
+
+
+def user_of(correlation_id: str) -> str:
+    """The user id a correlation id was issued for."""
+    head, _, tail = correlation_id.partition(".")
+    if len(head) != 32 or not tail:
+        raise BadCorrelationId(correlation_id)
+    try:
+        return base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise BadCorrelationId(correlation_id) from exc
+
+
+@dataclass
+class JobDeps:
+    js: JetStreamContext
+    nc: object
+    store: GuardedClient
+    result_ttl_seconds: int
+
+
+def result_message(correlation_id: str, user_id: str, status: int, **fields) -> store_pb2.PutJobResultRequest:
+    return store_pb2.PutJobResultRequest(
+        result=store_pb2.JobResult(correlation_id=correlation_id, user_id=user_id, status=status, **fields)
+    )
+
+
+async def put_result(deps: JobDeps, correlation_id: str, user_id: str, status: int, **fields) -> None:
+    request = result_message(correlation_id, user_id, status, **fields)
+    request.ttl_seconds = deps.result_ttl_seconds
+    await deps.store.unary("PutJobResult", request)
+
+
+async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
+    """Record the job as pending, then publish it; returns the correlation id."""
+    correlation_id = new_correlation_id(turn.user_id, turn.request_id)
+    job = Job(
+        correlation_id=correlation_id,
+        priority=PRIORITY_NAMES.get(priority, "interactive"),
+        user_id=turn.user_id,
+        message=turn.message,
+        context=turn.context,
+        max_tokens=turn.max_tokens,
+        temperature=turn.temperature,
+        # Fixed now, so a retried job stays in one conversation.
+        conversation_id=turn.conversation_id or uuid.uuid4().hex,
+        model=turn.model,
+        top_p=turn.top_p,
+        seed=turn.seed,
+        stop=turn.stop,
+    )
+    existing = await get_result(deps, correlation_id, turn.user_id, missing_ok=True)
+    if existing is None:
+        await put_result(deps, correlation_id, turn.user_id, types_pb2.JOB_STATUS_PENDING,
+                         conversation_id=job.conversation_id)
+    subject = PRIORITIES[job.priority][0]
+    await deps.js.publish(subject, job.encode(), headers={"Nats-Msg-Id": correlation_id})
+    return correlation_id
+
+
+async def get_result(deps: JobDeps, correlation_id: str, user_id: str = "", *, missing_ok: bool = False):
+    """The job's result row (store_pb2.JobResult); NOT_FOUND raises unless missing_ok."""
+    try:
+        response = await deps.store.unary(
+            "GetJobResult", store_pb2.GetJobResultRequest(user_id=user_id or user_of(correlation_id),
+                                                          correlation_id=correlation_id)
+        )
+    except grpc.aio.AioRpcError as exc:
+        if missing_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return response.result
+
+
+async def publish_event(js: JetStreamContext, correlation_id: str, event: dict) -> None:
+    """Publish one event of a job; deduplicated on (job, seq) so a retried publish is stored once."""
+    await js.publish(
+        events_subject(correlation_id),
+        orjson.dumps(event),
+        headers={"Nats-Msg-Id": f"{correlation_id}:{event['seq']}"},
+    )
+
+
+async def cancel(deps: JobDeps, correlation_id: str, user_id: str) -> int:
+    """Cancel a job: its worker stops generating, watchers get a final error event. Returns the status."""
+    from chatterbot.events import last_event_seq
+
+    result = await get_result(deps, correlation_id, user_id)
+    if result.status in TERMINAL:
+        return result.status
+    await put_result(deps, correlation_id, result.user_id, types_pb2.JOB_STATUS_CANCELLED,
+                     conversation_id=result.conversation_id, error="cancelled")
+    await deps.nc.publish(cancel_subject(correlation_id), b"")
+    if result.status == types_pb2.JOB_STATUS_PENDING:
+        # No worker has it yet: end the event stream here; the worker that dequeues it will skip it.
+        seq = await last_event_seq(deps.js, correlation_id) + 1
+        await publish_event(deps.js, correlation_id, {"seq": seq, "token": "", "done": False, "error": "cancelled"})
+    return types_pb2.JOB_STATUS_CANCELLED
+
+
+def timestamp_now() -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts

@@ -1,0 +1,301 @@
+"""Job workers: pull queued chats from JetStream by priority, run each turn, publish its token events.
+
+Nothing lost, nothing doubled:
+- a job is acknowledged only after its answer is stored and its result recorded; a worker that dies
+  mid-job leaves it unacknowledged, and JetStream redelivers it after `ack_wait` (kept alive meanwhile
+  by in-progress heartbeats while the worker lives);
+- the exchange is stored idempotently on the correlation id, so a redelivered job stores nothing twice;
+- a retry that finds events of an earlier try publishes a restart marker first, so watchers discard the
+  earlier partial text instead of seeing tokens twice;
+- a job that fails its last try goes to the dead-letter stream and its result becomes `failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+import nats.errors
+import orjson
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from chat_svc.jobs import TERMINAL, JobDeps, get_result, publish_event, put_result
+from chat_svc.turn import TurnDeps, TurnInput, stream_turn
+from chatterbot.events import last_event_seq
+from chatterbot.jetstream import (
+    CANCEL_SUBJECT_PREFIX,
+    DLQ_SUBJECT_PREFIX,
+    JOBS_STREAM,
+    PRIORITIES,
+    Job,
+)
+from chatterbot.logs import correlation_id as log_correlation_id
+from chatterbot.settings import Settings
+from chatterbot.v1 import types_pb2
+
+log = logging.getLogger(__name__)
+
+FINISH_NAMES = {types_pb2.FINISH_REASON_STOP: "stop", types_pb2.FINISH_REASON_LENGTH: "length",
+                types_pb2.FINISH_REASON_ABORT: "abort"}
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
+# An idle worker asks each priority in turn; short waits keep a new streaming job's pickup fast.
+IDLE_FETCH_TIMEOUT = 0.1
+
+
+def _permanent(exc: Exception) -> bool:
+    """Failures another try cannot mend (a bad request, an unknown model)."""
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+
+class EventPublisher:
+    """Publishes one job's events in order; tokens that pile up while a publish is in flight go out as one."""
+
+    def __init__(self, js: JetStreamContext, correlation_id: str, last_seq: int) -> None:
+        self.js = js
+        self.correlation_id = correlation_id
+        self.seq = last_seq
+        self._pending: list[str] = []
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.create_task(self._run())
+
+    def token(self, text: str) -> None:
+        self._pending.append(text)
+        self._idle.clear()
+        self._ready.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            text, self._pending = "".join(self._pending), []
+            if text:
+                await self._publish({"token": text, "done": False})
+            if not self._pending:
+                self._idle.set()
+
+    async def _publish(self, event: dict) -> None:
+        self.seq += 1
+        await publish_event(self.js, self.correlation_id, {"seq": self.seq, **event})
+
+    async def event(self, **event) -> None:
+        """Publish an event after every token before it."""
+        await self.flush()
+        await self._publish(event)
+
+    async def flush(self) -> None:
+        waiter = asyncio.ensure_future(self._idle.wait())
+        done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            waiter.cancel()
+            self._task.result()  # re-raise a failed publish
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class Worker:
+    """Runs up to `settings.worker_concurrency` jobs at once."""
+
+    def __init__(self, nc, turn_deps: TurnDeps, job_deps: JobDeps, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.turn_deps = turn_deps
+        self.job_deps = job_deps
+        self.settings = settings
+        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._running: dict[str, asyncio.Task] = {}
+        self._cancel_requested: set[str] = set()
+        self._stopping = asyncio.Event()
+        self._subs: list = []
+        self._core_subs: list = []
+        self._dispatcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        for _, durable in PRIORITIES.values():
+            self._subs.append(await self.js.pull_subscribe_bind(durable, stream=JOBS_STREAM))
+        self._core_subs.append(await self.nc.subscribe(CANCEL_SUBJECT_PREFIX + ">", cb=self._on_cancel))
+        # One worker of the group takes each advisory: a job whose last try died with its worker.
+        self._core_subs.append(
+            await self.nc.subscribe(MAX_DELIVERIES_ADVISORY, queue="chat-workers", cb=self._on_max_deliveries)
+        )
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    async def stop(self, grace: float) -> None:
+        """Stop pulling; let running jobs finish within `grace`; hand the rest back for redelivery."""
+        self._stopping.set()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        for sub in self._core_subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        running = list(self._running.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    async def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            try:
+                msg = await self._next_job()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._run(msg))
+            task.add_done_callback(lambda _: self._slots.release())
+
+    async def _next_job(self) -> Msg:
+        """The next job, streaming before interactive before batch."""
+        while True:
+            for sub in self._subs:
+                try:
+                    msgs = await sub.fetch(1, timeout=IDLE_FETCH_TIMEOUT)
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.Error:
+                    # Disconnected: the client reconnects on its own; try again shortly.
+                    await asyncio.sleep(0.5)
+                    continue
+                if msgs:
+                    return msgs[0]
+
+    async def _on_cancel(self, msg) -> None:
+        correlation_id = msg.subject[len(CANCEL_SUBJECT_PREFIX):]
+        task = self._running.get(correlation_id)
+        if task is not None:
+            self._cancel_requested.add(correlation_id)
+            task.cancel()
+
+    async def _run(self, msg: Msg) -> None:
+        job = Job.decode(msg.data)
+        attempt = msg.metadata.num_delivered
+        log_correlation_id.set(job.correlation_id)
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        self._running[job.correlation_id] = asyncio.current_task()
+        try:
+            await self._process(job, attempt)
+            await msg.ack()
+        except asyncio.CancelledError:
+            if job.correlation_id in self._cancel_requested:
+                await self._finish_cancelled(job)
+                await msg.ack()
+            else:
+                # Shutting down: hand the job back at once rather than after ack_wait.
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                raise
+        except Exception as exc:
+            log.warning("job failed", extra={"attempt": attempt, "error": repr(exc)})
+            if attempt >= self.settings.jobs_max_deliver or _permanent(exc):
+                await self._dead_letter(job, repr(exc))
+                await msg.term()
+            else:
+                backoff = self.settings.jobs_backoff_seconds
+                await msg.nak(delay=backoff[min(attempt - 1, len(backoff) - 1)] if backoff else None)
+        finally:
+            heartbeat.cancel()
+            self._running.pop(job.correlation_id, None)
+            self._cancel_requested.discard(job.correlation_id)
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.settings.jobs_heartbeat_seconds)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _process(self, job: Job, attempt: int) -> None:
+        result = await get_result(self.job_deps, job.correlation_id, job.user_id, missing_ok=True)
+        if result is not None and result.status in TERMINAL:
+            return  # finished (or cancelled) by an earlier try: nothing to do but acknowledge
+        started = time.perf_counter()
+        publisher = EventPublisher(self.js, job.correlation_id, await last_event_seq(self.js, job.correlation_id))
+        try:
+            if publisher.seq:
+                await publisher.event(token="", done=False, restart=True)
+            await put_result(self.job_deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_RUNNING,
+                             conversation_id=job.conversation_id)
+            turn = TurnInput(
+                user_id=job.user_id, message=job.message, context=job.context, max_tokens=job.max_tokens,
+                temperature=job.temperature, conversation_id=job.conversation_id, request_id=job.correlation_id,
+                model=job.model, top_p=job.top_p, seed=job.seed, stop=job.stop,
+            )
+            streamed: list[str] = []
+            final = None
+            async for text, outcome in stream_turn(self.turn_deps, turn):
+                if outcome is None:
+                    streamed.append(text)
+                    publisher.token(text)
+                else:
+                    final = outcome
+            assert final is not None
+            if "".join(streamed) != final.response:
+                # An earlier try stored its answer before dying: that answer is the answer.
+                await publisher.event(token="", done=False, restart=True)
+                await publisher.event(token=final.response, done=False)
+            processing_time = time.perf_counter() - started
+            await put_result(
+                self.job_deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_SUCCEEDED,
+                response=final.response, conversation_id=final.conversation_id, processing_time=processing_time,
+                finish_reason=final.finish_reason, usage=final.usage,
+            )
+            await publisher.event(
+                token="", done=True, conversation_id=final.conversation_id,
+                finish_reason=FINISH_NAMES.get(final.finish_reason, "stop"),
+                usage={"prompt_tokens": final.usage.prompt_tokens,
+                       "completion_tokens": final.usage.completion_tokens,
+                       "total_tokens": final.usage.total_tokens},
+                processing_time=processing_time,
+            )
+        finally:
+            await publisher.close()
+
+    async def _finish_cancelled(self, job: Job) -> None:
+        with contextlib.suppress(Exception):
+            seq = await last_event_seq(self.js, job.correlation_id)
+            await publish_event(self.js, job.correlation_id,
+                                {"seq": seq + 1, "token": "", "done": False, "error": "cancelled"})
+
+    async def _dead_letter(self, job: Job, error: str) -> None:
+        """Park the job in the dead-letter stream, mark it failed, and end its event stream."""
+        await self.js.publish(
+            DLQ_SUBJECT_PREFIX + job.correlation_id,
+            job.encode(),
+            headers={"Chatterbot-Error": error[:500].replace("\n", " ")},
+        )
+        await put_result(self.job_deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_FAILED,
+                         conversation_id=job.conversation_id, error=error[:500])
+        seq = await last_event_seq(self.js, job.correlation_id)
+        await publish_event(self.js, job.correlation_id,
+                            {"seq": seq + 1, "token": "", "done": False, "error": "failed: " + error[:200]})
+
+    async def _on_max_deliveries(self, msg) -> None:
+        """The last try of a job died with its worker: dead-letter the job from here."""
+        try:
+            advisory = orjson.loads(msg.data)
+            stored = await self.js.get_msg(JOBS_STREAM, advisory["stream_seq"])
+            job = Job.decode(stored.data)
+            result = await get_result(self.job_deps, job.correlation_id, job.user_id, missing_ok=True)
+            if result is None or result.status not in TERMINAL:
+                await self._dead_letter(job, "worker lost on the last try")
+            await self.js.delete_msg(JOBS_STREAM, advisory["stream_seq"])
+        except Exception:
+            log.exception("could not dead-letter a job after its last delivery")

@@ -1,0 +1,194 @@
+"""Queued chats on JetStream: /async-chat + /check-response, /stream-chat + /stream with resume, cancel."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import orjson
+
+from tests.conftest import ADMIN_KEY, API_KEY
+
+
+def wait_done(edge: httpx.Client, correlation_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = edge.get(f"/check-response/{correlation_id}")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body.get("status") != "pending" or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)
+
+
+def read_stream(
+    edge: httpx.Client, correlation_id: str, last_event_id: str | None = None, stop_after: int | None = None
+) -> list[tuple[str, str, str]]:
+    """(id, event, data) of each SSE event, up to stop_after events (then the connection is dropped)."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events, current = [], {"id": "", "event": "message", "data": ""}
+    with edge.stream("GET", f"/stream/{correlation_id}", headers=headers, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("id:"):
+                current["id"] = line[3:].strip()
+            elif line.startswith("event:"):
+                current["event"] = line[6:].strip()
+            elif line.startswith("data:"):
+                current["data"] = line[5:].strip()
+            elif line == "" and current["data"]:
+                events.append((current["id"], current["event"], current["data"]))
+                current = {"id": "", "event": "message", "data": ""}
+                if stop_after is not None and len(events) >= stop_after:
+                    break
+    return events
+
+
+def tokens_after_last_restart(events: list[tuple[str, str, str]]) -> str:
+    text: list[str] = []
+    for _, kind, data in events:
+        if kind != "message" or data == "[DONE]":
+            continue
+        body = orjson.loads(data)
+        if body.get("restart"):
+            text = []
+        text.append(body["token"])
+    return "".join(text)
+
+
+def test_async_chat_answers_through_check_response(edge, pg):
+    r = edge.post(
+        "/async-chat", json={"message": "queued hello", "user_id": "user-async-1", "max_tokens": 30}
+    )
+    assert r.status_code == 200, r.text
+    accepted = r.json()
+    assert accepted["status"] == "processing" and accepted["message"]
+    cid = accepted["correlation_id"]
+    assert accepted["check_endpoint"] == f"/check-response/{cid}"
+    done = wait_done(edge, cid)
+    assert set(done) == {"response", "conversation_id", "processing_time"}
+    assert done["response"].startswith("[simulated")
+    # Reading a result does not delete it.
+    assert edge.get(f"/check-response/{cid}").json() == done
+    stored = (
+        pg.user("user-async-1")
+        .execute(
+            "SELECT content FROM messages WHERE user_id = %s AND request_id = %s AND role = 'assistant'",
+            ("user-async-1", cid),
+        )
+        .fetchall()
+    )
+    assert stored == [(done["response"],)]
+
+
+def test_check_response_of_an_unknown_id_is_404(edge):
+    assert edge.get("/check-response/not-a-correlation-id").status_code == 404
+    assert edge.get("/check-response/" + "0" * 32 + ".dXNlci1ub2JvZHk").status_code == 404
+    assert edge.get("/stream/not-a-correlation-id").status_code == 404
+
+
+def test_stream_chat_streams_tokens_then_done(edge, pg):
+    accepted = edge.post("/stream-chat", json={"message": "stream me", "user_id": "user-stream-1"}).json()
+    assert accepted["status"] == "streaming"
+    cid = accepted["correlation_id"]
+    assert accepted["stream_endpoint"] == f"/stream/{cid}"
+    events = read_stream(edge, cid)
+    ids = [int(i) for i, _, _ in events]
+    assert ids == list(range(1, len(events) + 1))
+    assert events[-1][2] == "[DONE]"
+    final = orjson.loads(events[-2][2])
+    assert final["done"] is True and final["finish_reason"] in ("stop", "length")
+    assert final["usage"]["completion_tokens"] > 0
+    text = tokens_after_last_restart(events)
+    assert text == wait_done(edge, cid)["response"]
+
+
+def test_dropped_stream_resumes_from_last_event_id(edge):
+    cid = edge.post(
+        "/stream-chat", json={"message": "resume me", "user_id": "user-stream-2", "max_tokens": 200}
+    ).json()["correlation_id"]
+    first = read_stream(edge, cid, stop_after=3)
+    rest = read_stream(edge, cid, last_event_id=first[-1][0])
+    assert int(rest[0][0]) == int(first[-1][0]) + 1  # nothing lost, nothing repeated
+    everything = first + rest
+    assert [int(i) for i, _, _ in everything] == list(range(1, len(everything) + 1))
+    assert tokens_after_last_restart(everything) == wait_done(edge, cid)["response"]
+
+
+def test_finished_stream_replays_whole(edge):
+    cid = edge.post("/stream-chat", json={"message": "replay me", "user_id": "user-stream-3"}).json()[
+        "correlation_id"
+    ]
+    done = wait_done(edge, cid)
+    events = read_stream(edge, cid)
+    assert events[-1][2] == "[DONE]"
+    assert tokens_after_last_restart(events) == done["response"]
+
+
+def test_queue_stats_need_an_admin_key(edge, mesh):
+    assert edge.get("/debug/queue-stats").status_code == 403
+    r = edge.get("/debug/queue-stats", headers={"X-API-Key": ADMIN_KEY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for queue in ("chat_queue", "response_queue", "batch_queue"):
+        assert set(body[queue]) == {"message_count", "consumer_count"}
+    assert set(body["jetstream"]["consumers"]) == {"streaming", "interactive", "batch"}
+    assert "dlq_size" in body["jetstream"]
+
+
+def test_500_async_chats_at_once_all_complete_with_their_own_answers(mesh, pg):
+    import asyncio
+
+    async def run() -> list[tuple[str, dict]]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(
+            base_url=mesh.edge_url, headers={"X-API-Key": API_KEY}, timeout=60, limits=limits
+        ) as client:
+
+            async def submit(i: int) -> str:
+                r = await client.post(
+                    "/async-chat",
+                    json={
+                        "message": f"question number {i}",
+                        "user_id": f"user-many-{i % 25}",
+                        "max_tokens": 12,
+                    },
+                )
+                assert r.status_code == 200, r.text
+                return r.json()["correlation_id"]
+
+            cids = await asyncio.gather(*(submit(i) for i in range(500)))
+            assert len(set(cids)) == 500
+
+            async def result(cid: str) -> dict:
+                while True:
+                    body = (await client.get(f"/check-response/{cid}")).json()
+                    if body.get("status") != "pending":
+                        return body
+                    await asyncio.sleep(0.5)
+
+            results = await asyncio.wait_for(asyncio.gather(*(result(c) for c in cids)), timeout=180)
+            return list(zip(cids, results, strict=True))
+
+    for cid, body in asyncio.run(run()):
+        assert "response" in body, body
+        user_id = cid_user(cid)
+        stored = (
+            pg.user(user_id)
+            .execute(
+                "SELECT m.content, u.content FROM messages m JOIN messages u ON u.user_id = m.user_id "
+                "AND u.request_id = m.request_id AND u.role = 'user' "
+                "WHERE m.user_id = %s AND m.request_id = %s AND m.role = 'assistant'",
+                (user_id, cid),
+            )
+            .fetchall()
+        )
+        assert len(stored) == 1 and stored[0][0] == body["response"]
+        assert stored[0][1].startswith("question number ")
+
+
+def cid_user(correlation_id: str) -> str:
+    from chat_svc.jobs import user_of
+
+    return user_of(correlation_id)
