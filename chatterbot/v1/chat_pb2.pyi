@@ -1,11 +1,27 @@
 from chatterbot.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DegradationRung(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEGRADATION_RUNG_UNSPECIFIED: _ClassVar[DegradationRung]
+    DEGRADATION_RUNG_NONE: _ClassVar[DegradationRung]
+    DEGRADATION_RUNG_REDUCED_CONTEXT: _ClassVar[DegradationRung]
+    DEGRADATION_RUNG_LIGHT_MODEL: _ClassVar[DegradationRung]
+    DEGRADATION_RUNG_CACHE_ONLY: _ClassVar[DegradationRung]
+    DEGRADATION_RUNG_SHED: _ClassVar[DegradationRung]
+DEGRADATION_RUNG_UNSPECIFIED: DegradationRung
+DEGRADATION_RUNG_NONE: DegradationRung
+DEGRADATION_RUNG_REDUCED_CONTEXT: DegradationRung
+DEGRADATION_RUNG_LIGHT_MODEL: DegradationRung
+DEGRADATION_RUNG_CACHE_ONLY: DegradationRung
+DEGRADATION_RUNG_SHED: DegradationRung
 
 class ChatTurn(_message.Message):
     __slots__ = ("user_id", "message", "context", "max_tokens", "temperature", "conversation_id", "request_id", "model", "top_p", "seed", "stop")
@@ -252,3 +268,26 @@ class ListMessagesResponse(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.HistoryMessage]
     next_before_message_id: int
     def __init__(self, messages: _Optional[_Iterable[_Union[_types_pb2.HistoryMessage, _Mapping]]] = ..., next_before_message_id: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("rung", "reason", "inference_waiting", "breakers")
+    class BreakersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RUNG_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    BREAKERS_FIELD_NUMBER: _ClassVar[int]
+    rung: DegradationRung
+    reason: str
+    inference_waiting: int
+    breakers: _containers.ScalarMap[str, str]
+    def __init__(self, rung: _Optional[_Union[DegradationRung, str]] = ..., reason: _Optional[str] = ..., inference_waiting: _Optional[int] = ..., breakers: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -91,6 +91,11 @@ class ChatServiceStub:
                 request_serializer=chatterbot_dot_v1_dot_chat__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=chatterbot_dot_v1_dot_chat__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/chatterbot.v1.ChatService/GetStatus',
+                request_serializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -171,6 +176,13 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """GetStatus reports how this chat service is degrading under load, for health pages and dashboards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +240,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=chatterbot_dot_v1_dot_chat__pb2.ListMessagesRequest.FromString,
                     response_serializer=chatterbot_dot_v1_dot_chat__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +546,33 @@ class ChatService:
             '/chatterbot.v1.ChatService/ListMessages',
             chatterbot_dot_v1_dot_chat__pb2.ListMessagesRequest.SerializeToString,
             chatterbot_dot_v1_dot_chat__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.ChatService/GetStatus',
+            chatterbot_dot_v1_dot_chat__pb2.GetStatusRequest.SerializeToString,
+            chatterbot_dot_v1_dot_chat__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,8 @@ class ChatServiceStub:
     RenameConversation: _grpc.UnaryUnaryMultiCallable[_chat_pb2.RenameConversationRequest, _chat_pb2.RenameConversationResponse]
     DeleteConversation: _grpc.UnaryUnaryMultiCallable[_chat_pb2.DeleteConversationRequest, _chat_pb2.DeleteConversationResponse]
     ListMessages: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetStatusRequest, _chat_pb2.GetStatusResponse]
+    """GetStatus reports how this chat service is degrading under load, for health pages and dashboards."""
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -81,6 +83,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     RenameConversation: _aio.UnaryUnaryMultiCallable[_chat_pb2.RenameConversationRequest, _chat_pb2.RenameConversationResponse]  # type: ignore[assignment]
     DeleteConversation: _aio.UnaryUnaryMultiCallable[_chat_pb2.DeleteConversationRequest, _chat_pb2.DeleteConversationResponse]  # type: ignore[assignment]
     ListMessages: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    GetStatus: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetStatusRequest, _chat_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """GetStatus reports how this chat service is degrading under load, for health pages and dashboards."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """ChatService is the public gRPC face of ChatterBot: it runs chat turns (directly or queued on JetStream)
@@ -171,5 +175,13 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_pb2.ListMessagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.ListMessagesResponse, _abc.Awaitable[_chat_pb2.ListMessagesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _chat_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.GetStatusResponse, _abc.Awaitable[_chat_pb2.GetStatusResponse]]:
+        """GetStatus reports how this chat service is degrading under load, for health pages and dashboards."""
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
