@@ -3,14 +3,18 @@
 - every YAML file parses;
 - docker-compose.yml: every service is there, validated against the Compose specification
   (`compose-spec`), every CHATTERBOT_* variable is a field of `chatterbot.settings.Settings`,
-  addresses and URLs name services of the file, depends_on conditions are satisfiable, and the
-  gRPC healthcheck snippet really checks a grpc.health.v1 server; `docker compose config` too
-  where the compose plugin is installed;
-- Dockerfile: stages, base image, non-root user, entrypoint and default command; hadolint where installed;
-- nginx.conf: balanced braces, SSE and proxy directives; `nginx -t` where nginx is installed;
+  addresses and URLs name services of the file, the PostgreSQL shards exist (init script) and reach
+  store and migrate only, depends_on conditions are satisfiable, and the gRPC healthcheck snippet
+  really checks a grpc.health.v1 server; `docker compose config` too where the compose plugin is
+  installed;
+- Dockerfile: stages, base image, non-root user, entrypoint, default command and exposed ports;
+  hadolint where installed;
+- nginx.conf: balanced braces, SSE and proxy directives, body limit equal to the edge's; `nginx -t`
+  where nginx is installed;
+- the edge's FORWARDED_ALLOW_IPS, run through uvicorn's proxy-headers middleware;
 - k8s/: Kubernetes OpenAPI schemas (`kubernetes-validate`, strict) plus the cross-object checks a
-  schema cannot make (selectors, probe ports, Settings names, HPA/KEDA targets, GPU request);
-  `kubectl kustomize` where kubectl is installed.
+  schema cannot make (selectors, probe ports and health service names, Settings names, HPA/KEDA
+  targets and JetStream consumers, GPU request); `kubectl kustomize` where kubectl is installed.
 """
 
 from __future__ import annotations
@@ -28,19 +32,29 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from chatterbot.settings import Settings
+from chatterbot.jetstream import JOBS_STREAM, PRIORITIES
+from chatterbot.settings import GRPC_PROCESSES, Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 NGINX_CONF = DEPLOY / "nginx.conf"
 DOCKERFILE = DEPLOY / "Dockerfile"
+PG_INIT = DEPLOY / "postgres-init"
 
 SETTINGS_ENV = {f"CHATTERBOT_{name.upper()}" for name in Settings.model_fields}
-GRPC_PORTS = {"chat": 50051, "context": 50052, "inference": 50053, "store": 50054}
+# Environment variables the deployment may set that are not ChatterBot settings: uvicorn's trusted proxies.
+OTHER_ENV = {"FORWARDED_ALLOW_IPS"}
+# Every process with a gRPC health endpoint (services and job workers), on its default port (50051-50055).
+GRPC_PORTS = {name: int(Settings.model_fields[f"{name}_addr"].default.rsplit(":", 1)[1]) for name in GRPC_PROCESSES}
 MESH = ("edge", "chat", "context", "inference", "store", "worker")
+# Processes that reach PostgreSQL themselves (everything else goes through store_svc).
+POSTGRES_CLIENTS = ("store", "migrate")
+# Durable pull consumers on CHAT_JOBS, one per priority.
+JOB_CONSUMERS = [durable for _, durable in PRIORITIES.values()]
 EDGE_PORT = 8000
 METRICS_PORT = 9100
+HEALTH_LIVENESS = "liveness"
 # Kubernetes releases whose schemas the manifests must satisfy: an older supported one and the newest bundled.
 K8S_VERSIONS = ("1.30.0", "latest")
 
@@ -62,7 +76,7 @@ YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 
 def test_expected_files_exist():
     for name in ("Dockerfile", "Dockerfile.dockerignore", "docker-compose.yml", "nginx.conf", "README.md",
-                 "k8s/kustomization.yaml"):
+                 "k8s/kustomization.yaml", "postgres-init/10-shards.sql"):
         assert (DEPLOY / name).is_file(), name
 
 
@@ -112,11 +126,16 @@ def test_compose_matches_the_compose_specification(compose):
     assert set(parsed.service_names()) == set(compose["services"])
 
 
+def _unknown_env(names) -> set[str]:
+    return {n for n in names if n.startswith("CHATTERBOT_") and n not in SETTINGS_ENV} | (
+        {n for n in names if not n.startswith("CHATTERBOT_")} - OTHER_ENV)
+
+
 def test_compose_env_names_are_settings(compose):
     for name in (*MESH, "migrate"):
         env = _env(compose["services"][name])
         assert env, name
-        unknown = set(env) - SETTINGS_ENV
+        unknown = _unknown_env(env)
         assert not unknown, f"{name}: not fields of Settings: {sorted(unknown)}"
 
 
@@ -137,13 +156,56 @@ def test_compose_addresses_and_urls_name_services(compose):
         assert env["CHATTERBOT_METRICS_PORT"] == str(METRICS_PORT)
         for svc, port in GRPC_PORTS.items():
             assert env[f"CHATTERBOT_{svc.upper()}_ADDR"] == f"{svc}:{port}"
-        for key, scheme in (("NATS_URL", "nats"), ("REDIS_URL", "redis"), ("POSTGRES_DSN", "postgresql")):
+        for key, scheme in (("NATS_URL", "nats"), ("REDIS_URL", "redis")):
             url = urlsplit(env[f"CHATTERBOT_{key}"])
             assert url.scheme == scheme and url.hostname in services, key
+
+
+def _init_databases() -> list[str]:
+    """Databases the postgres container's init scripts create."""
+    text = "\n".join(p.read_text() for p in sorted(PG_INIT.glob("*.sql")))
+    return re.findall(r"^\s*CREATE DATABASE\s+(\w+)\s*;", text, re.MULTILINE | re.IGNORECASE)
+
+
+def test_compose_postgres_shards(compose):
+    """Two shard databases on the one postgres container, listed for store and migrate only."""
+    services = compose["services"]
     db = services["postgres"]["environment"]
-    dsn = urlsplit(_env(services["store"])["CHATTERBOT_POSTGRES_DSN"])
-    assert (dsn.username, dsn.password, dsn.path.lstrip("/")) == (
-        db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"])
+    created = _init_databases()
+    assert len(created) >= 2
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in services["postgres"]["volumes"]}
+    assert (COMPOSE_FILE.parent / mounts["/docker-entrypoint-initdb.d"]).resolve() == PG_INIT
+    # Ready only over TCP, which the image opens after its init scripts ran.
+    assert "-h" in services["postgres"]["healthcheck"]["test"]
+    lists = set()
+    for name in POSTGRES_CLIENTS:
+        env = _env(services[name])
+        shards = env["CHATTERBOT_POSTGRES_SHARDS"]
+        lists.add(shards)
+        dsns = [urlsplit(dsn.strip()) for dsn in shards.split(",")]
+        assert len(dsns) >= 2, name
+        for dsn in dsns:
+            assert dsn.scheme == "postgresql" and dsn.hostname in services, name
+            assert (dsn.username, dsn.password) == (db["POSTGRES_USER"], db["POSTGRES_PASSWORD"]), name
+        databases = [dsn.path.lstrip("/") for dsn in dsns]
+        assert len(set(databases)) == len(databases) and set(databases) <= set(created), name
+    assert len(lists) == 1, "store and migrate must see the same shard list"
+    for name in set(MESH) - set(POSTGRES_CLIENTS):
+        env = _env(services[name])
+        assert not {k for k in env if k.startswith("CHATTERBOT_POSTGRES_")}, f"{name} needs no database credentials"
+
+
+def test_compose_edge_dependencies_and_limits(compose):
+    services = compose["services"]
+    edge = _env(services["edge"])
+    # API keys through store_svc, rate limits in Redis, SSE fan-out over NATS, /health checks the workers.
+    assert edge["CHATTERBOT_STORE_ADDR"] == f"store:{GRPC_PORTS['store']}"
+    assert urlsplit(edge["CHATTERBOT_REDIS_URL"]).hostname == "valkey"
+    assert urlsplit(edge["CHATTERBOT_NATS_URL"]).hostname == "nats"
+    assert edge["CHATTERBOT_WORKER_ADDR"] == f"worker:{GRPC_PORTS['worker']}"
+    assert {"chat", "store", "valkey", "nats"} <= set(services["edge"]["depends_on"])
+    assert int(edge["CHATTERBOT_EDGE_MAX_IN_FLIGHT"]) > 0
+    assert int(edge["CHATTERBOT_MAX_BODY_BYTES"]) == _nginx_body_limit()
 
 
 def test_compose_healthchecks_and_dependencies(compose):
@@ -163,6 +225,21 @@ def test_compose_healthchecks_and_dependencies(compose):
                 assert services[dep].get("restart") == "no", dep
     assert services["store"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "edge" in services["nginx"]["depends_on"]
+    # The worker's healthcheck is the same grpc.health.v1 snippet as the services'.
+    assert services["worker"]["healthcheck"]["test"][:4] == services["chat"]["healthcheck"]["test"][:4]
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration))
+
+
+def test_compose_stop_grace_covers_the_drain(compose):
+    """Docker's SIGKILL must not cut short CHATTERBOT_SHUTDOWN_GRACE_SECONDS."""
+    for name in MESH:
+        service = compose["services"][name]
+        grace = float(_env(service)["CHATTERBOT_SHUTDOWN_GRACE_SECONDS"])
+        assert _seconds(service.get("stop_grace_period", "10s")) > grace, name
 
 
 def test_compose_state_services(compose):
@@ -178,7 +255,11 @@ def test_compose_state_services(compose):
     volumes = set(compose["volumes"])
     for name in ("nats", "postgres", "valkey"):
         for mount in services[name]["volumes"]:
-            assert mount.split(":")[0] in volumes
+            source = mount.split(":")[0]
+            if source.startswith("."):  # a bind mount of a file in deploy/
+                assert (COMPOSE_FILE.parent / source).exists(), mount
+            else:
+                assert source in volumes, mount
 
 
 def _free_port() -> int:
@@ -270,6 +351,8 @@ def test_dockerfile_stages_and_runtime():
         assert copied and all(src in stages for src in copied)
     assert stages["runtime"][-1] == 'CMD ["serve", "edge"]'
     assert stages["vllm"][-1] == 'CMD ["serve", "inference"]'
+    exposed = {int(port) for line in stages["runtime"] if line.startswith("EXPOSE ") for port in line.split()[1:]}
+    assert {EDGE_PORT, METRICS_PORT, *GRPC_PORTS.values()} <= exposed
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out():
@@ -282,6 +365,42 @@ def test_hadolint():
     result = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)],
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------- client address behind the proxy (uvicorn)
+
+def _forwarded_allow_ips(compose) -> dict[str, str]:
+    k8s_env = {e["name"]: e["value"] for e in _containers(_by_kind("Deployment")["edge"])[0].get("env", [])}
+    return {"compose": _env(compose["services"]["edge"])["FORWARDED_ALLOW_IPS"],
+            "k8s": k8s_env["FORWARDED_ALLOW_IPS"]}
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_edge_sees_the_client_behind_the_proxy(compose, where):
+    """uvicorn's proxy-headers middleware, with the edge's FORWARDED_ALLOW_IPS, finds the address nginx
+    appended to X-Forwarded-For (the per-address auth-failure limit counts it), whatever the client sent."""
+    import asyncio
+
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    trusted = _forwarded_allow_ips(compose)[where]
+    assert "*" not in trusted, "'*' takes the leftmost X-Forwarded-For entry, which the client controls"
+
+    def client_of(peer: str, x_forwarded_for: str | None) -> str:
+        seen = {}
+
+        async def app(scope, receive, send):
+            seen["client"] = scope["client"][0]
+
+        headers = [(b"x-forwarded-for", x_forwarded_for.encode())] if x_forwarded_for else []
+        scope = {"type": "http", "client": (peer, 40000), "headers": headers, "scheme": "http"}
+        asyncio.run(ProxyHeadersMiddleware(app, trusted_hosts=trusted)(scope, None, None))
+        return seen["client"]
+
+    proxy = "172.18.0.7"  # nginx / the ingress on a private network
+    assert client_of(proxy, "203.0.113.9") == "203.0.113.9"
+    assert client_of(proxy, "198.51.100.1, 203.0.113.9") == "203.0.113.9"  # a spoofed entry is ignored
+    assert client_of("203.0.113.50", "198.51.100.1") == "203.0.113.50"  # untrusted peers are not believed
 
 
 # ------------------------------------------------------------------------------------------ nginx
@@ -308,6 +427,16 @@ def _nginx_block(code: str, header: str) -> str:
         if depth == 0:
             return code[i:j]
     raise AssertionError(f"unclosed block {header}")
+
+
+def _nginx_body_limit() -> int:
+    """client_max_body_size in bytes."""
+    size, unit = re.search(r"client_max_body_size\s+(\d+)([kKmMgG]?)\s*;", _nginx_code()).groups()
+    return int(size) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit.lower()]
+
+
+def test_nginx_body_limit_matches_the_edge():
+    assert _nginx_body_limit() == Settings.model_fields["max_body_bytes"].default
 
 
 def test_nginx_proxies_sse_to_the_edge():
@@ -440,8 +569,25 @@ def test_probes_per_service():
     assert edge["livenessProbe"]["httpGet"]["path"] == "/livez"
     for svc, port in GRPC_PORTS.items():
         container = _containers(deployments[svc])[0]
-        assert container["readinessProbe"]["grpc"]["port"] == port, svc
-        assert container["livenessProbe"]["grpc"]["port"] == port, svc
+        readiness, liveness = container["readinessProbe"]["grpc"], container["livenessProbe"]["grpc"]
+        assert readiness["port"] == port, svc
+        assert liveness["port"] == port, svc
+        # Readiness follows the dependencies (health service ""). Liveness asks "liveness", which is
+        # SERVING while the process runs, so an outage elsewhere does not restart pods; inference's
+        # follows its model on purpose, so a failed engine is restarted.
+        assert readiness.get("service", "") == "", svc
+        assert liveness.get("service", "") == ("" if svc == "inference" else HEALTH_LIVENESS), svc
+
+
+def test_worker_serves_grpc_health():
+    worker = _containers(_by_kind("Deployment")["worker"])[0]
+    port = GRPC_PORTS["worker"]
+    assert {"name": "grpc", "containerPort": port} in worker["ports"]
+    assert worker["readinessProbe"]["grpc"] == {"port": port}
+    assert worker["livenessProbe"]["grpc"] == {"port": port, "service": HEALTH_LIVENESS}
+    service = _by_kind("Service")["worker"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert [p["port"] for p in service["spec"]["ports"]] == [port]
 
 
 def test_containers_run_the_cli_with_settings_and_resources():
@@ -455,7 +601,7 @@ def test_containers_run_the_cli_with_settings_and_resources():
             assert container["image"] in ("chatterbot", "chatterbot-vllm"), name
             sources = {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]}
             assert sources == {configmap["metadata"]["name"], secret["metadata"]["name"]}, name
-            unknown = {e["name"] for e in container.get("env", [])} - SETTINGS_ENV
+            unknown = _unknown_env(e["name"] for e in container.get("env", []))
             assert not unknown, f"{name}: not fields of Settings: {sorted(unknown)}"
             assert {"requests", "limits"} <= set(container["resources"]), name
             assert "cpu" in container["resources"]["requests"], name
@@ -470,7 +616,7 @@ def test_configmap_and_secret_keys_are_settings():
         unknown = set(keys) - SETTINGS_ENV
         assert not unknown, sorted(unknown)
     assert not set(configmap) & set(secret)
-    assert {"CHATTERBOT_API_KEYS", "CHATTERBOT_ADMIN_KEYS", "CHATTERBOT_POSTGRES_DSN"} <= set(secret)
+    assert {"CHATTERBOT_API_KEYS", "CHATTERBOT_ADMIN_KEYS", "CHATTERBOT_POSTGRES_SHARDS"} <= set(secret)
     assert configmap["CHATTERBOT_BIND_HOST"] == "0.0.0.0"
     assert configmap["CHATTERBOT_METRICS_PORT"] == str(METRICS_PORT)
     assert configmap["CHATTERBOT_EDGE_PORT"] == str(EDGE_PORT)
@@ -479,6 +625,29 @@ def test_configmap_and_secret_keys_are_settings():
         assert configmap[f"CHATTERBOT_{svc.upper()}_ADDR"] == f"{svc}:{port}"
         assert port in {p["port"] for p in services[svc]["spec"]["ports"]}, svc
     assert EDGE_PORT in {p["port"] for p in services["edge"]["spec"]["ports"]}
+    # Every process reads both (envFrom), the edge included: it dials store (API keys), worker
+    # (/health), Redis (rate limits) and NATS (SSE fan-out).
+    assert urlsplit(configmap["CHATTERBOT_NATS_URL"]).scheme == "nats"
+    assert urlsplit(configmap["CHATTERBOT_REDIS_URL"]).scheme == "redis"
+    assert int(configmap["CHATTERBOT_EDGE_MAX_IN_FLIGHT"]) > 0
+    assert int(configmap["CHATTERBOT_MAX_BODY_BYTES"]) == _nginx_body_limit()
+    otlp = configmap["CHATTERBOT_OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert otlp == "" or urlsplit(otlp).scheme in ("http", "https")
+
+
+def test_k8s_postgres_shards():
+    secret = _by_kind("Secret")["chatterbot-secrets"]["stringData"]
+    dsns = [urlsplit(dsn.strip()) for dsn in secret["CHATTERBOT_POSTGRES_SHARDS"].split(",")]
+    assert dsns and all(dsn.scheme == "postgresql" and dsn.hostname for dsn in dsns)
+    databases = [dsn.path.lstrip("/") for dsn in dsns]
+    assert len(set(databases)) == len(databases)
+    # How to grow the list is written next to it.
+    assert "chatterbot shards rebalance" in (K8S / "secret.yaml").read_text()
+    # store and the migrate Job read the Secret.
+    workloads = {**_by_kind("Deployment"), **_by_kind("Job")}
+    for name in POSTGRES_CLIENTS:
+        refs = [ref.get("secretRef", {}).get("name") for ref in _containers(workloads[name])[0]["envFrom"]]
+        assert "chatterbot-secrets" in refs, name
 
 
 def test_prometheus_scrape_annotations():
@@ -502,12 +671,17 @@ def test_autoscaling():
     (scaled,) = _by_kind("ScaledObject").values()
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"]["name"] == "worker"
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "nats-jetstream"
-    meta = trigger["metadata"]
-    assert (meta["stream"], meta["consumer"]) == ("CHAT_JOBS", "chat-workers")
-    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
-    assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
+    triggers = scaled["spec"]["triggers"]
+    assert sorted(t["metadata"]["consumer"] for t in triggers) == sorted(JOB_CONSUMERS)
+    names = [t.get("name") for t in triggers]
+    assert len(set(names)) == len(names)
+    for trigger in triggers:
+        assert trigger["type"] == "nats-jetstream"
+        meta = trigger["metadata"]
+        assert meta["stream"] == JOBS_STREAM
+        assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
+        assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
+        assert int(meta["lagThreshold"]) > 0
     assert "replicas" not in deployments["worker"]["spec"]
 
 
