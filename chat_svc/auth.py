@@ -1,34 +1,114 @@
-"""API keys on the gRPC surface: the same keys the edge accepts, in `x-api-key` metadata."""
+"""API keys on the gRPC surface: the keys the edge accepts, in `x-api-key` metadata, with the same rules.
+
+`ApiKeyInterceptor` resolves the key with the shared `KeyResolver` (static keys, else store_svc by hash,
+cached briefly): missing → UNAUTHENTICATED, unknown or revoked → PERMISSION_DENIED, store_svc unreachable →
+UNAVAILABLE. Health and reflection stay open. The caller is then available to the servicer, which cannot see
+a request's `user_id` before it is deserialized: `require_user` ends a call whose user key acts for another
+user with PERMISSION_DENIED, and `may_act_for` lets the queued-chat methods answer NOT_FOUND for another
+user's correlation id, exactly as for one that does not exist.
+
+The edge passes its caller's key on, so chat_svc applies these rules to edge traffic too. Rate limits are
+the edge's (chat_svc does not count gRPC calls).
+"""
 
 from __future__ import annotations
 
+import inspect
+from contextvars import ContextVar
+
 import grpc
 
-from chatterbot.api_keys import API_KEY_METADATA, key_matches
+from chatterbot.api_keys import API_KEY_METADATA, KeyLookupUnavailable, KeyResolver, Principal
+from chatterbot.guarded_client import dependency_unavailable_metadata
 
 _GUARDED_PREFIX = "/chatterbot.v1.ChatService/"
+# Open like health: the degradation status carries no user data, and health pages poll it.
+_OPEN_METHODS = frozenset({"/chatterbot.v1.ChatService/GetStatus"})
+
+# The caller of the call being served; set for ChatService methods only.
+_caller: ContextVar[Principal | None] = ContextVar("chatterbot_caller", default=None)
+
+
+def current_caller() -> Principal | None:
+    return _caller.get()
+
+
+def may_act_for(user_id: str) -> bool:
+    """Whether the current caller may act for `user_id` (True outside an authenticated call)."""
+    caller = _caller.get()
+    return caller is None or caller.may_act_for(user_id)
+
+
+async def require_user(context: grpc.aio.ServicerContext, user_id: str) -> None:
+    """End the call with PERMISSION_DENIED unless the caller may act for `user_id`."""
+    caller = _caller.get()
+    if caller is not None and not caller.may_act_for(user_id):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"this key may act only for user_id {caller.user_id!r}")
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects ChatService calls without a known key; health and reflection stay open."""
+    """Rejects ChatService calls without a valid key and hands the caller to the servicer."""
 
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = keys
+    def __init__(self, resolver: KeyResolver) -> None:
+        self.resolver = resolver
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
-        if not handler_call_details.method.startswith(_GUARDED_PREFIX):
+        method = handler_call_details.method
+        if not method.startswith(_GUARDED_PREFIX) or method in _OPEN_METHODS:
             return await continuation(handler_call_details)
         key = dict(handler_call_details.invocation_metadata or ()).get(API_KEY_METADATA, "")
         if not key:
             return _deny(grpc.StatusCode.UNAUTHENTICATED, "missing API key (x-api-key metadata)")
-        if not key_matches(key, self.keys):
+        try:
+            caller = await self.resolver.resolve(key)
+        except KeyLookupUnavailable:
+            return _deny(grpc.StatusCode.UNAVAILABLE, "cannot check API keys right now",
+                         dependency_unavailable_metadata("store", 1.0))
+        if caller is None:
             return _deny(grpc.StatusCode.PERMISSION_DENIED, "invalid API key")
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _as_caller(handler, caller) if handler is not None else None
 
 
-def _deny(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMethodHandler:
+    """The handler, run with `caller` as the current caller (each call runs in a task of its own)."""
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            _caller.set(caller)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        stream = handler.unary_stream
+
+        if inspect.isasyncgenfunction(stream):
+            async def unary_stream(request, context):
+                _caller.set(caller)
+                async for response in stream(request, context):
+                    yield response
+        else:
+            # A handler that writes with context.write() and returns nothing.
+            async def unary_stream(request, context):
+                _caller.set(caller)
+                return await stream(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    # ChatService has no client-streaming methods; should one appear, it must be taught here first.
+    return _deny(grpc.StatusCode.UNIMPLEMENTED, "this method is not available with API keys")
+
+
+def _deny(code: grpc.StatusCode, details: str, trailing_metadata=()) -> grpc.RpcMethodHandler:
     async def abort(request, context):
-        await context.abort(code, details)
+        await context.abort(code, details, trailing_metadata=trailing_metadata)
 
     # Every guarded method takes a single request, so a unary-unary denial fits unary and streaming calls.
     return grpc.unary_unary_rpc_method_handler(abort)

@@ -23,6 +23,7 @@ async def downstream_clients(settings: Settings) -> AsyncIterator[TurnDeps]:
             store=store,
             system_prompt=settings.system_prompt,
             context_token_budget=settings.context_token_budget,
+            reduced_context_token_budget=settings.reduced_context_token_budget,
         )
     finally:
         for client in (context, inference, store):

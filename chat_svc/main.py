@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 from chat_svc.auth import ApiKeyInterceptor
 from chat_svc.clients import downstream_clients
+from chat_svc.degradation import DegradationLadder
 from chat_svc.jobs import JobDeps
 from chat_svc.servicer import ChatServicer
+from chatterbot.api_keys import KeyResolver, store_lookup
 from chatterbot.events import EventFanout
 from chatterbot.grpc_server import GrpcApp, run_service
 from chatterbot.jetstream import connect, disconnect, ensure_streams
@@ -23,6 +25,8 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     fanout = EventFanout(nc)
     await fanout.start()
     async with downstream_clients(settings) as deps:
+        deps.ladder = DegradationLadder(deps.inference, settings)
+        await deps.ladder.start()
         jobs = JobDeps(nc.jetstream(), nc, deps.store, settings.job_result_ttl_seconds)
 
         async def nats_up() -> bool:
@@ -36,12 +40,13 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
                      ChatServicer(deps, jobs, fanout, settings.max_message_chars)),
                 ],
                 service_names=[chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name],
-                interceptors=[ApiKeyInterceptor([*settings.api_keys, *settings.admin_keys])],
+                interceptors=[ApiKeyInterceptor(KeyResolver.from_settings(settings, store_lookup(deps.store)))],
                 # Direct chats work without NATS; only queued ones need it.
                 probes={"nats": nats_up},
                 optional_probes=frozenset({"nats"}),
             )
         finally:
+            await deps.ladder.stop()
             await fanout.stop()
             await disconnect(nc)
 

@@ -7,12 +7,15 @@ import re
 import grpc
 import nats.errors
 
+from chat_svc.auth import may_act_for, require_user
+from chat_svc.degradation import Shed
 from chat_svc.jobs import BadCorrelationId, JobDeps, cancel, get_result, submit, user_of
 from chat_svc.turn import TurnDeps, TurnInput, TurnResult, run_turn, stream_turn
 from chatterbot.events import EventFanout
+from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import dependency_unavailable_metadata, retry_after_of
-from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, store_pb2, types_pb2
+from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, inference_pb2, store_pb2, types_pb2
 
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PASSTHROUGH = {
@@ -23,6 +26,27 @@ _PASSTHROUGH = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ALREADY_EXISTS,
 }
+_PROMPT_ROLES = frozenset({types_pb2.ROLE_SYSTEM, types_pb2.ROLE_USER, types_pb2.ROLE_ASSISTANT})
+# Bounds of a whole-prompt turn (ChatTurn.messages); the engine still refuses a prompt longer than its model's.
+MAX_PROMPT_MESSAGES = 256
+MAX_PROMPT_CHARS = 400_000
+
+
+def _check_messages(turn: chat_pb2.ChatTurn) -> None:
+    """The rules of a whole-prompt turn; raises ValueError for INVALID_ARGUMENT."""
+    if len(turn.messages) > MAX_PROMPT_MESSAGES:
+        raise ValueError(f"turn.messages holds at most {MAX_PROMPT_MESSAGES} messages")
+    for i, m in enumerate(turn.messages):
+        if m.role not in _PROMPT_ROLES:
+            raise ValueError(f"turn.messages[{i}].role must be system, user or assistant")
+    if sum(len(m.content) for m in turn.messages) > MAX_PROMPT_CHARS:
+        raise ValueError(f"turn.messages hold at most {MAX_PROMPT_CHARS} characters in all")
+    if turn.messages[-1].role != types_pb2.ROLE_USER:
+        raise ValueError("the last of turn.messages must be a user message")
+    if turn.messages[-1].content != turn.message:
+        raise ValueError("turn.message must equal the content of the last of turn.messages")
+    if turn.context:
+        raise ValueError("turn.context must be empty when turn.messages is set")
 
 
 def to_turn_input(turn: chat_pb2.ChatTurn, max_message_chars: int) -> TurnInput:
@@ -33,12 +57,18 @@ def to_turn_input(turn: chat_pb2.ChatTurn, max_message_chars: int) -> TurnInput:
         raise ValueError(f"turn.message must be 1 to {max_message_chars} characters")
     if len(turn.context) > 10:
         raise ValueError("turn.context holds at most 10 strings")
+    if turn.messages:
+        _check_messages(turn)
     max_tokens = turn.max_tokens or 256
-    if not 10 <= max_tokens <= 1024:
-        raise ValueError("turn.max_tokens must be 10 to 1024")
+    # OpenAI-style clients may ask for very short answers.
+    min_tokens = 1 if turn.messages else 10
+    if not min_tokens <= max_tokens <= 1024:
+        raise ValueError(f"turn.max_tokens must be {min_tokens} to 1024")
     temperature = turn.temperature or 0.7
     if not 0.0 < temperature <= 2.0:
         raise ValueError("turn.temperature must be above 0 and at most 2")
+    if turn.greedy:
+        temperature = 0.0
     top_p = turn.top_p or 1.0
     if not 0.0 < top_p <= 1.0:
         raise ValueError("turn.top_p must be above 0 and at most 1")
@@ -58,11 +88,18 @@ def to_turn_input(turn: chat_pb2.ChatTurn, max_message_chars: int) -> TurnInput:
         top_p=top_p,
         seed=turn.seed if turn.HasField("seed") else None,
         stop=list(turn.stop),
+        messages=list(turn.messages),
     )
 
 
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, dependency: str = "") -> None:
     """End the call with the status a downstream failure deserves."""
+    if isinstance(exc, Shed):
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"shedding load: {exc}",
+            trailing_metadata=dependency_unavailable_metadata("inference", exc.retry_after),
+        )
     if isinstance(exc, CircuitOpenError):
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
@@ -124,17 +161,20 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.max_message_chars = max_message_chars
 
     async def _turn(self, request, context) -> TurnInput:
+        log_correlation_id.set(request.turn.request_id)
         try:
-            return to_turn_input(request.turn, self.max_message_chars)
+            turn = to_turn_input(request.turn, self.max_message_chars)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # unreachable: abort raises
+        await require_user(context, turn.user_id)
+        return turn
 
     async def Chat(self, request, context):
         turn = await self._turn(request, context)
         try:
             result = await run_turn(self.deps, turn)
-        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+        except (CircuitOpenError, grpc.aio.AioRpcError, Shed) as exc:
             await abort_for(context, exc)
         return _chat_response(result)
 
@@ -153,13 +193,34 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                         model=result.model,
                         request_id=result.request_id,
                     )
-        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+        except (CircuitOpenError, grpc.aio.AioRpcError, Shed) as exc:
             await abort_for(context, exc)
+
+    async def GetStatus(self, request, context):
+        response = chat_pb2.GetStatusResponse(
+            breakers={c.target: c.breaker.state for c in (self.deps.context, self.deps.inference, self.deps.store)}
+        )
+        if self.deps.ladder is None:
+            response.rung = chat_pb2.DEGRADATION_RUNG_NONE
+            return response
+        rung, reason = self.deps.ladder.status()
+        response.rung, response.reason = rung.to_proto(), reason
+        response.inference_waiting = self.deps.ladder.waiting
+        return response
+
+    async def ListModels(self, request, context):
+        try:
+            r = await self.deps.inference.unary("ListModels", inference_pb2.ListModelsRequest())
+        except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+            await abort_for(context, exc, "inference")
+        return chat_pb2.ChatServiceListModelsResponse(models=r.models)
 
     # --- queued chats on JetStream ---
 
     async def SubmitChat(self, request, context):
         turn = await self._turn(request, context)
+        if turn.messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "queued turns take no turn.messages")
         try:
             correlation_id = await submit(self.jobs, turn, request.priority)
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
@@ -174,7 +235,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             owner = user_of(request.correlation_id)
         except BadCorrelationId:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown correlation id")
-        if request.user_id and request.user_id != owner:
+        # Another user's job answers like one that does not exist, for a user key as for a wrong user_id.
+        if (request.user_id and request.user_id != owner) or not may_act_for(owner):
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown correlation id")
         return owner
 
@@ -216,21 +278,25 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await abort_for(context, exc, "store")
 
     async def ListConversations(self, request, context):
+        await require_user(context, request.user_id)
         r = await self._store(context, "ListConversations", store_pb2.StoreServiceListConversationsRequest(
             user_id=request.user_id, page_size=request.page_size, page_token=request.page_token))
         return chat_pb2.ListConversationsResponse(conversations=r.conversations, next_page_token=r.next_page_token)
 
     async def CreateConversation(self, request, context):
+        await require_user(context, request.user_id)
         r = await self._store(context, "CreateConversation", store_pb2.StoreServiceCreateConversationRequest(
             user_id=request.user_id, title=request.title))
         return chat_pb2.CreateConversationResponse(conversation=r.conversation)
 
     async def RenameConversation(self, request, context):
+        await require_user(context, request.user_id)
         r = await self._store(context, "RenameConversation", store_pb2.StoreServiceRenameConversationRequest(
             user_id=request.user_id, conversation_id=request.conversation_id, title=request.title))
         return chat_pb2.RenameConversationResponse(conversation=r.conversation)
 
     async def DeleteConversation(self, request, context):
+        await require_user(context, request.user_id)
         deleted = None
         try:
             deleted = await self.store.unary("DeleteConversation", store_pb2.StoreServiceDeleteConversationRequest(
@@ -249,6 +315,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.DeleteConversationResponse(message_count=deleted.message_count)
 
     async def ListMessages(self, request, context):
+        await require_user(context, request.user_id)
         r = await self._store(context, "ListMessages", store_pb2.StoreServiceListMessagesRequest(
             user_id=request.user_id, conversation_id=request.conversation_id, page_size=request.page_size,
             before_message_id=request.before_message_id))

@@ -5,6 +5,7 @@ Plain async functions over the guarded clients; the servicer only translates the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from chat_svc.degradation import DegradationLadder, Rung, Shed
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import GuardedClient
 from chatterbot.tokens import approx_token_count
@@ -36,6 +38,8 @@ class TurnInput:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # The whole prompt, as an OpenAI-style request sends it; empty: built from stored context and `message`.
+    messages: list[types_pb2.ChatMessage] = field(default_factory=list)
 
 
 @dataclass
@@ -58,6 +62,9 @@ class TurnDeps:
     store: GuardedClient
     system_prompt: str
     context_token_budget: int
+    # Direct turns follow the degradation ladder; queued ones (workers) have none: the queue absorbs load.
+    ladder: DegradationLadder | None = None
+    reduced_context_token_budget: int = 768
 
 
 @dataclass
@@ -71,31 +78,55 @@ class _Prepared:
 
 async def _prepare(deps: TurnDeps, turn: TurnInput) -> _Prepared:
     started = time.perf_counter()
-    conversation_id = turn.conversation_id or uuid.uuid4().hex
+    rung = deps.ladder.rung if deps.ladder is not None else Rung.NONE
+    if rung >= Rung.SHED:
+        raise Shed(deps.ladder.status()[1], deps.ladder.retry_after)
+    budget = deps.reduced_context_token_budget if rung >= Rung.REDUCED_CONTEXT else deps.context_token_budget
+    model = turn.model or (deps.ladder.light_model if rung >= Rung.LIGHT_MODEL else "")
+    conversation_id = turn.conversation_id or conversation_id_for(turn)
     request_id = turn.request_id or uuid.uuid4().hex
-    messages = [types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=deps.system_prompt)]
-    messages += [types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=c) for c in turn.context]
-    if turn.conversation_id:
-        history = await _recent_turns(deps, turn.user_id, conversation_id)
-        messages += [types_pb2.ChatMessage(role=t.role, content=t.content) for t in history]
-    messages.append(types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=turn.message))
+    if turn.messages:
+        # The request carries its whole prompt; stored context would only repeat it.
+        messages = list(turn.messages)
+        if all(m.role != types_pb2.ROLE_SYSTEM for m in messages):
+            messages.insert(0, types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=deps.system_prompt))
+    else:
+        messages = [types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=deps.system_prompt)]
+        messages += [types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=c) for c in turn.context]
+        if turn.conversation_id:
+            history = await _recent_turns(deps, turn.user_id, conversation_id, budget)
+            messages += [types_pb2.ChatMessage(role=t.role, content=t.content) for t in history]
+        messages.append(types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=turn.message))
     sampling = types_pb2.SamplingParams(
         max_tokens=turn.max_tokens, temperature=turn.temperature, top_p=turn.top_p, stop=turn.stop
     )
     if turn.seed is not None:
         sampling.seed = turn.seed
     generate = inference_pb2.GenerateRequest(
-        request_id=request_id, model=turn.model, messages=messages, sampling=sampling
+        request_id=request_id, model=model, messages=messages, sampling=sampling,
+        cache_only=rung >= Rung.CACHE_ONLY,
     )
     return _Prepared(turn, conversation_id, request_id, generate, started)
 
 
-async def _recent_turns(deps: TurnDeps, user_id: str, conversation_id: str) -> list[context_pb2.Turn]:
+def conversation_id_for(turn: TurnInput) -> str:
+    """The conversation of a turn that names none: new, or for a whole-prompt turn, one derived from it.
+
+    A whole-prompt client (the OpenAI API) resends the conversation so far with every request; hashing the
+    user and the first user message puts every request of that conversation into the same stored one.
+    """
+    if not turn.messages:
+        return uuid.uuid4().hex
+    first = next(m.content for m in turn.messages if m.role == types_pb2.ROLE_USER)
+    return "oai-" + hashlib.sha256(f"{turn.user_id}\0{first}".encode()).hexdigest()[:32]
+
+
+async def _recent_turns(deps: TurnDeps, user_id: str, conversation_id: str, budget: int) -> list[context_pb2.Turn]:
     try:
         response = await deps.context.unary(
             "GetContext",
             context_pb2.GetContextRequest(
-                user_id=user_id, conversation_id=conversation_id, token_budget=deps.context_token_budget
+                user_id=user_id, conversation_id=conversation_id, token_budget=budget
             ),
         )
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:

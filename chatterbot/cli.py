@@ -170,6 +170,105 @@ async def _dlq(args: argparse.Namespace) -> int:
         await disconnect(nc)
 
 
+def _store_addr(args: argparse.Namespace) -> str:
+    """store_svc's address: --store, else CHATTERBOT_STORE_ADDR, else the running `chatterbot up`'s (its
+    up.json in the data dir), else the configured default."""
+    import json
+    import os
+
+    if args.store:
+        return args.store
+    settings = get_settings()
+    if "CHATTERBOT_STORE_ADDR" not in os.environ:
+        try:
+            return json.loads((Path(settings.data_dir) / "up.json").read_text())["grpc"]["store"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return settings.store_addr
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(_keys(args))
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    import grpc
+
+    from chatterbot import api_keys
+    from chatterbot.breaker import CircuitOpenError
+    from chatterbot.guarded_client import GuardedClient
+    from chatterbot.v1 import store_pb2, store_pb2_grpc
+
+    addr = _store_addr(args)
+    store = GuardedClient("store", addr, store_pb2_grpc.StoreServiceStub, get_settings())
+    try:
+        if args.keys_command == "create":
+            kind = api_keys.USER if args.user else api_keys.ADMIN if args.admin else api_keys.SERVICE
+            if args.user is not None and not 3 <= len(args.user) <= 50:
+                print("--user must be 3 to 50 characters (as user_id is everywhere)", file=sys.stderr)
+                return 2
+            key = api_keys.generate_key()
+            reply = await store.unary("CreateApiKey", store_pb2.CreateApiKeyRequest(
+                key_hash=api_keys.hash_key(key), prefix=api_keys.display_prefix(key), kind=api_keys.kind_to_pb(kind),
+                user_id=args.user or "", name=args.name, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
+            ), retry=False)
+            record = api_keys.record_from_pb(reply.api_key)
+            # The key alone on stdout (KEY=$(chatterbot keys create ...)); the rest on stderr.
+            print(key, flush=True)
+            print(f"key {record.key_id}: {_describe(record)}. This is the only time the key is shown.",
+                  file=sys.stderr)
+            return 0
+        if args.keys_command == "list":
+            reply = await store.unary("ListApiKeys", store_pb2.ListApiKeysRequest(user_id=args.user or ""))
+            records = [api_keys.record_from_pb(pb) for pb in reply.api_keys]
+            print(f"{'id':<16} {'prefix':<11} {'kind':<7} {'user':<20} {'rpm':>6} {'tpm':>8} "
+                  f"{'created':<19} {'revoked':<19} name")
+            for r in records:
+                print(f"{r.key_id:<16} {r.prefix:<11} {r.kind:<7} {r.user_id or '-':<20} "
+                      f"{r.requests_per_minute or '-':>6} {r.tokens_per_minute or '-':>8} {_when(r.created_at):<19} "
+                      f"{_when(r.revoked_at):<19} {r.name}")
+            print(f"{len(records)} key(s), {sum(r.revoked for r in records)} revoked", file=sys.stderr)
+            return 0
+        target = args.key
+        if target.startswith(api_keys.KEY_PREFIX) and len(target) > api_keys.DISPLAY_PREFIX_CHARS:
+            # The whole key: find its id by its hash.
+            found = await store.unary("GetApiKey", store_pb2.GetApiKeyRequest(key_hash=api_keys.hash_key(target)))
+            target = found.api_key.key_id
+        reply = await store.unary("RevokeApiKey", store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target))
+        record = api_keys.record_from_pb(reply.api_key)
+        print(f"revoked {record.key_id} ({record.prefix}, {_describe(record)}) at {_when(record.revoked_at)} UTC; "
+              f"edges and chat services stop accepting it within {get_settings().api_key_cache_seconds:g} s")
+        return 0
+    except grpc.aio.AioRpcError as exc:
+        print(f"store_svc at {addr}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except CircuitOpenError:
+        print(f"store_svc at {addr} is unavailable", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is not a count from 0 to {2**31 - 1}")
+    return value
+
+
+def _describe(record) -> str:
+    who = f"user key for {record.user_id!r}" if record.kind == "user" else f"{record.kind} key"
+    limits = [f"{record.requests_per_minute} requests/min" if record.requests_per_minute else "",
+              f"{record.tokens_per_minute} tokens/min" if record.tokens_per_minute else ""]
+    return ", ".join([who, *filter(None, limits)] + ([f"name {record.name!r}"] if record.name else []))
+
+
+def _when(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
 def cmd_env_example(args: argparse.Namespace) -> int:
     from chatterbot.settings import env_example
 
@@ -214,6 +313,29 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_replay = dlq.add_parser("replay", help="queue a dead-lettered job again")
     dlq_replay.add_argument("correlation_id")
     dlq_replay.set_defaults(func=cmd_dlq)
+
+    keys = sub.add_parser("keys", help="API keys kept by store_svc (hashed)").add_subparsers(
+        dest="keys_command", required=True
+    )
+    store_help = "store_svc address (default: CHATTERBOT_STORE_ADDR, else the running `chatterbot up`'s)"
+    create = keys.add_parser("create", help="make a key and print it, once")
+    who = create.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="USER_ID", help="a user key: acts only for this user_id")
+    who.add_argument("--service", action="store_true", help="a service key: acts for any user_id")
+    who.add_argument("--admin", action="store_true", help="an admin key: any user_id, and /debug routes")
+    create.add_argument("--rpm", type=_count, default=0, help="requests per minute across every route (0: none)")
+    create.add_argument("--tpm", type=_count, default=0, help="tokens (max_tokens asked for) per minute (0: none)")
+    create.add_argument("--name", default="", help="a note on who or what uses it")
+    create.add_argument("--store", help=store_help)
+    create.set_defaults(func=cmd_keys)
+    listing = keys.add_parser("list", help="every key: prefix, kind, user, limits, created, revoked")
+    listing.add_argument("--user", metavar="USER_ID", help="only this user's keys")
+    listing.add_argument("--store", help=store_help)
+    listing.set_defaults(func=cmd_keys)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id, its prefix, or the key itself")
+    revoke.add_argument("key", metavar="ID_OR_PREFIX")
+    revoke.add_argument("--store", help=store_help)
+    revoke.set_defaults(func=cmd_keys)
 
     example = sub.add_parser("env-example", help="print every setting with its default (the .env.example text)")
     example.set_defaults(func=cmd_env_example)

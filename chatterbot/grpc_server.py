@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -25,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatterbot.guarded_client import SERVER_KEEPALIVE_OPTIONS
 from chatterbot.logs import configure_logging
+from chatterbot.tracing import setup_tracing, shutdown_tracing
 from chatterbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,11 +207,25 @@ async def serve_grpc_app(
             await stop.wait()
         finally:
             log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.shutdown_grace_seconds})
+            _exit_if_shutdown_hangs(2 * settings.shutdown_grace_seconds + 10)
             prober.cancel()
             # NOT_SERVING first so load balancers and the edge stop sending new calls.
             await health.servicer.enter_graceful_shutdown()
             await server.stop(settings.shutdown_grace_seconds)
             log.info("stopped")
+
+
+def _exit_if_shutdown_hangs(seconds: float) -> None:
+    """A process asked to stop must stop, even if a client library hangs in its close (nobody may be left to
+    send SIGKILL when the parent itself is gone)."""
+
+    def force_exit() -> None:
+        log.error("shutdown did not finish in time; exiting", extra={"seconds": seconds})
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]]) -> None:
@@ -217,6 +234,10 @@ def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextMan
 
     settings = get_settings()
     configure_logging(name, settings.log_level, settings.log_json)
+    setup_tracing(name, settings)
     start_metrics_server(settings.metrics_port)
-    asyncio.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
+    try:
+        asyncio.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
+    finally:
+        shutdown_tracing()
 

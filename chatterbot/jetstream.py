@@ -145,6 +145,10 @@ async def disconnect(nc) -> None:
 
     import nats.errors
 
+    import asyncio
+
     with contextlib.suppress(nats.errors.Error, TimeoutError):
         await nc.flush(timeout=2)
-    await nc.close()
+    # close() can wait on a reconnect loop when the server is gone for good; do not let it hold shutdown.
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        await asyncio.wait_for(nc.close(), timeout=5)

@@ -55,8 +55,9 @@ class ServiceProcess(EmbeddedServer):
         if self.name == "edge":
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
-                    return response.status == 200
-            except OSError:
+                    # The body too: any HTTP server that took the port by mistake would also answer 200.
+                    return response.status == 200 and json.loads(response.read()) == {"status": "ready"}
+            except (OSError, ValueError):
                 return False
         with grpc.insecure_channel(self.url) as channel:
             try:
@@ -137,10 +138,13 @@ class Mesh:
             "CHATTERBOT_POSTGRES_SHARDS": urls.get("postgres_shards", ",".join(s.postgres_shards)),
         }
 
-    def _port(self, configured: int) -> int:
-        if self.prefer_configured_ports and _port_free(configured):
-            return configured
-        return free_port()
+    def _port(self, configured: int, taken: set[int]) -> int:
+        """The configured port when free (and wanted), else a free one; never one handed out already."""
+        port = configured if configured and self.prefer_configured_ports and _port_free(configured) else free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        return port
 
     def _start_services(self, server_env: dict[str, str]) -> None:
         s = self.settings
@@ -150,8 +154,10 @@ class Mesh:
         else:
             self.keys = DevKeys.load_or_create(self.data_dir / "keys.json")
             api_keys, admin_keys = [self.keys.api_key, *s.api_keys], [self.keys.admin_key, *s.admin_keys]
-        ports = {name: self._port(s.service_port(name)) for name in START_ORDER if name != "edge"}
-        ports["edge"] = self._port(s.edge_port)
+        taken: set[int] = set()
+        ports = {name: self._port(s.service_port(name), taken) for name in START_ORDER if name != "edge"}
+        ports["edge"] = self._port(s.edge_port, taken)
+        metrics_ports = {name: self._port(0, taken) for name in START_ORDER}
         env = {
             **os.environ,
             **s.to_env(),
@@ -165,7 +171,7 @@ class Mesh:
         }
         log_dir = self.data_dir / "logs"
         for name in START_ORDER:
-            service_env = {**env, "CHATTERBOT_METRICS_PORT": str(free_port())}
+            service_env = {**env, "CHATTERBOT_METRICS_PORT": str(metrics_ports[name])}
             service = ServiceProcess(name, log_dir, ports[name], service_env)
             self.services[name] = service
             log.info("starting %s", name)

@@ -6,6 +6,7 @@ import contextvars
 import logging
 import sys
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 # Set by whoever starts work on behalf of a request (edge route, gRPC servicer, job worker).
@@ -22,6 +23,9 @@ class _ContextFilter(logging.Filter):
         cid = correlation_id.get()
         if cid:
             record.correlation_id = cid
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            record.trace_id = format(span.trace_id, "032x")
         return True
 
 

@@ -61,6 +61,22 @@ class Settings(BaseSettings):
     # --- keys: comma-separated; service keys may act for any user_id, admin keys also reach /debug ---
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_key_cache_seconds: float = Field(
+        5.0, description="how long the edge and chat_svc cache a key looked up in the store; revocation bites within it"
+    )
+
+    # --- rate limits at the edge (counters in Redis, shared by every edge replica) ---
+    rate_limits: str = Field(
+        "/chat=20/minute,/async-chat=20/minute,/stream-chat=20/minute,/v1/chat/completions=20/minute",
+        description="requests per key and route: route=limit, comma-separated; several limits of a route joined "
+        "by ';' (e.g. /chat=20/minute;500/hour)",
+    )
+    rate_limit_static_keys: bool = Field(
+        False, description="rate-limit the static keys of CHATTERBOT_API_KEYS and CHATTERBOT_ADMIN_KEYS too (dev, tests and load tests use them)"
+    )
+    auth_failures_per_ip: str = Field(
+        "10/minute", description="failed authentications allowed per client IP before answering 429; empty: no limit"
+    )
 
     # --- guarded client ---
     deadline_seconds: float = Field(10.0, description="deadline of a unary call between services")
@@ -71,10 +87,25 @@ class Settings(BaseSettings):
     retry_initial_backoff: float = 0.05
     retry_max_backoff: float = 0.5
 
+    # --- edge ---
+    edge_max_in_flight: int = Field(
+        20000, description="requests (streams included) one edge process serves at once; past it: 503"
+    )
+    max_body_bytes: int = Field(1_048_576, description="largest request body the edge accepts (413 beyond)")
+    edge_keepalive_seconds: float = Field(
+        75.0, description="idle keep-alive of client connections; keep it above the proxy's upstream idle timeout"
+    )
+
+    # --- tracing: W3C trace context always flows; spans are exported over OTLP/HTTP when this is set ---
+    otel_exporter_otlp_endpoint: str = Field("", description="e.g. http://otel-collector:4318")
+
     # --- chat turn ---
     context_token_budget: int = Field(3072, description="tokens of earlier turns sent with a prompt")
     max_message_chars: int = 2000
     system_prompt: str = "You are ChatterBot, a helpful assistant."
+    openai_default_user: str = Field(
+        "openai-client", description="user_id of /v1/chat/completions requests that name no `user` (3-50 characters)"
+    )
 
     # --- queued chats on NATS JetStream ---
     worker_concurrency: int = Field(8, description="jobs one worker process runs at once")
@@ -86,6 +117,16 @@ class Settings(BaseSettings):
     )
     events_max_age_seconds: int = Field(900, description="how long token events of a job are kept for replay")
     job_result_ttl_seconds: int = Field(86400, description="how long /check-response keeps a result")
+
+    # --- degradation ladder (chat_svc), driven by the primary model's waiting queue and the breakers ---
+    degrade_poll_seconds: float = Field(0.5, description="how often chat_svc reads the inference queue depth")
+    degrade_reduced_context_waiting: int = Field(8, description="waiting sequences from which context shrinks")
+    degrade_light_model_waiting: int = Field(32, description="waiting sequences from which turns go to the light model")
+    degrade_cache_only_waiting: int = Field(
+        128, description="waiting sequences from which only cached deterministic repeats are answered"
+    )
+    degrade_shed_waiting: int = Field(224, description="waiting sequences from which new turns get 503")
+    reduced_context_token_budget: int = Field(768, description="context budget on the reduced-context rung")
 
     # --- context_svc ---
     context_max_turns: int = Field(64, description="turns kept per conversation in Redis")

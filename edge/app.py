@@ -6,16 +6,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
+from chatterbot.api_keys import KeyResolver, store_lookup
 from chatterbot.events import EventFanout
 from chatterbot.guarded_client import GuardedClient
 from chatterbot.jetstream import connect, disconnect
 from chatterbot.settings import Settings
-from chatterbot.v1 import chat_pb2_grpc
+from chatterbot.v1 import chat_pb2_grpc, store_pb2_grpc
 from edge.health import MeshHealth
+from edge.middleware import EdgeGuard
 from edge.problems import install_problem_handlers
-from edge.routes import chat, health, history, jobs
+from edge.rate_limits import RateLimitHeaders, RateLimits
+from edge.routes import chat, health, history, jobs, openai
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -25,6 +28,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.chat = GuardedClient("chat", settings.chat_addr, chat_pb2_grpc.ChatServiceStub, settings)
+        # API keys made by `chatterbot keys` are looked up in store_svc (cached briefly); limits count in Redis.
+        app.state.store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)
+        app.state.keys = KeyResolver.from_settings(settings, store_lookup(app.state.store))
+        app.state.rate_limits = RateLimits(settings)
         app.state.health = MeshHealth(settings)
         # One NATS connection and one event subscription per edge process, shared by every SSE stream.
         app.state.nc = await connect(settings, "chatterbot-edge")
@@ -36,6 +43,8 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.fanout.stop()
             await disconnect(app.state.nc)
             await app.state.chat.close()
+            await app.state.store.close()
+            await app.state.rate_limits.close()
             await app.state.health.close()
 
     app = FastAPI(
@@ -43,11 +52,15 @@ def create_app(settings: Settings) -> FastAPI:
         version="1.0.0",
         description="Chat backend for large language models.",
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
+    app.add_middleware(EdgeGuard, max_in_flight=settings.edge_max_in_flight, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimitHeaders)
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(jobs.router)
     app.include_router(history.router)
+    app.include_router(openai.router)
+    # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="livez,readyz,metrics")
     return app

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.grpc_server import DEPENDENCY_PREFIX
 from chatterbot.settings import GRPC_PROCESSES, Settings
+from chatterbot.v1 import chat_pb2, chat_pb2_grpc
 
 CHECK_TIMEOUT = 1.0
 
@@ -51,6 +52,17 @@ class MeshHealth:
         checks["nats"] = self._nats
         results = await asyncio.gather(*(_bounded(check()) for check in checks.values()))
         return {name: "up" if ok else "down" for name, ok in zip(checks, results, strict=False)}
+
+    async def degradation(self) -> tuple[str, str]:
+        """chat_svc's rung of the degradation ladder and why; ("unknown", …) when it does not answer."""
+        try:
+            status = await chat_pb2_grpc.ChatServiceStub(self.channels["chat"]).GetStatus(
+                chat_pb2.GetStatusRequest(), timeout=CHECK_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            return "unknown", f"chat_svc did not answer: {exc.code().name}"
+        rung = chat_pb2.DegradationRung.Name(status.rung).removeprefix("DEGRADATION_RUNG_").lower()
+        return rung, status.reason
 
     async def chat_ready(self) -> bool:
         return await _bounded(self._serving("chat"))

@@ -8,7 +8,7 @@ from http import HTTPStatus
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from edge.responses import JSONBytesResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatterbot.breaker import CircuitOpenError
@@ -28,13 +28,13 @@ class ProblemError(Exception):
 
 
 def problem_response(status: int, detail: str | None = None, headers: dict[str, str] | None = None,
-                     errors: list[dict] | None = None) -> ORJSONResponse:
+                     errors: list[dict] | None = None) -> JSONBytesResponse:
     body: dict = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
     if detail:
         body["detail"] = detail
     if errors is not None:
         body["errors"] = errors
-    return ORJSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+    return JSONBytesResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def _retry_after_header(seconds: float | None) -> dict[str, str]:

@@ -40,10 +40,19 @@ class StreamEvent(BaseModel):
     processing_time: float | None = None
 
 
+class Degradation(BaseModel):
+    """chat_svc's rung of the degradation ladder: none, reduced_context, light_model, cache_only or shed."""
+
+    rung: str
+    reason: str = ""
+
+
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded"]
     components: dict[str, Literal["up", "down"]]
     timestamp: str
+    degradation: Degradation | None = None
+    reasons: list[str] = Field(default_factory=list, description="Why the status is degraded")
 
 
 class Problem(BaseModel):

@@ -20,8 +20,11 @@ class Generator:
     cache: ResultCache
     max_waiting: int
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple[str, Delta]]:
-        """Yield (model id, delta); closing the iterator early aborts the generation in the engine."""
+    async def generate(self, request: GenerationRequest, cache_only: bool = False
+                       ) -> AsyncIterator[tuple[str, Delta]]:
+        """Yield (model id, delta); closing the iterator early aborts the generation in the engine.
+
+        With `cache_only`, only a cached answer is given; anything else is refused as Overloaded."""
         model, engine = self.models.resolve(request.model)
         if engine.state() is not EngineState.READY:
             raise EngineUnavailable(f"model {model} is {engine.state().value}")
@@ -34,6 +37,9 @@ class Generator:
                     yield model, delta
                 return
             metrics.CACHE_MISSES.labels(model).inc()
+        if cache_only:
+            metrics.REJECTED.labels(model).inc()
+            raise Overloaded("shedding load: only cached answers of deterministic requests are served")
         if engine.load().waiting >= self.max_waiting:
             metrics.REJECTED.labels(model).inc()
             raise Overloaded(f"{engine.load().waiting} requests are waiting for {model}; retry later")

@@ -89,7 +89,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             # Cancelling the RPC closes this chain down to the engine: that is the abort.
-            async for model, delta in coalesce(self.generator.generate(gen_request)):
+            deltas = self.generator.generate(gen_request, cache_only=request.cache_only)
+            async for model, delta in coalesce(deltas):
                 response = inference_pb2.GenerateResponse(text=delta.text, token_count=delta.token_count, model=model)
                 if delta.finish_reason:
                     response.finish_reason = _FINISH[delta.finish_reason]
@@ -102,12 +103,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await context.abort(status_for(exc), str(exc) or type(exc).__name__, trailing_metadata=metadata)
 
     async def ListModels(self, request, context):
-        return inference_pb2.ListModelsResponse(
-            models=[
-                inference_pb2.Model(
-                    id=m.id, engine=m.engine, state=_MODEL_STATE[m.state], max_model_len=m.max_model_len,
-                    is_default=m.is_default,
-                )
-                for m in self.generator.models.models()
-            ]
-        )
+        models = []
+        for m in self.generator.models.models():
+            load = self.generator.models.engines[m.id].load()
+            models.append(inference_pb2.Model(
+                id=m.id, engine=m.engine, state=_MODEL_STATE[m.state], max_model_len=m.max_model_len,
+                is_default=m.is_default, running=load.running, waiting=load.waiting,
+            ))
+        return inference_pb2.ListModelsResponse(models=models)

@@ -10,8 +10,10 @@ from typing import Any
 import asyncpg
 import grpc
 
+from chatterbot.api_keys import kind_from_pb, record_to_pb
 from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
 from store_svc.errors import InvalidInput, NotFound
+from store_svc.keys import ApiKeyRepository
 from store_svc.repository import Conversation, JobResult, Message, StoreRepository, User
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,9 @@ def _status_codes(handler: _Handler) -> _Handler:
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     """The gRPC face of `StoreRepository`; all the logic lives there."""
 
-    def __init__(self, repo: StoreRepository) -> None:
+    def __init__(self, repo: StoreRepository, keys: ApiKeyRepository | None = None) -> None:
         self.repo = repo
+        self.keys = keys or ApiKeyRepository.on_control_shard(repo.shards)
 
     @_status_codes
     async def EnsureUser(self, request, context):
@@ -161,6 +164,34 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def GetJobResult(self, request, context):
         result = await self.repo.get_job_result(request.user_id, request.correlation_id)
         return store_pb2.GetJobResultResponse(result=_job_result_pb(result))
+
+    # --- API keys, on the control shard ---
+
+    @_status_codes
+    async def CreateApiKey(self, request, context):
+        try:
+            kind = kind_from_pb(request.kind)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        record = await self.keys.create(
+            request.key_hash, request.prefix, kind, user_id=request.user_id, name=request.name,
+            requests_per_minute=request.requests_per_minute, tokens_per_minute=request.tokens_per_minute,
+        )
+        return store_pb2.CreateApiKeyResponse(api_key=record_to_pb(record))
+
+    @_status_codes
+    async def GetApiKey(self, request, context):
+        return store_pb2.GetApiKeyResponse(api_key=record_to_pb(await self.keys.get_by_hash(request.key_hash)))
+
+    @_status_codes
+    async def ListApiKeys(self, request, context):
+        records = await self.keys.list_keys(request.user_id)
+        return store_pb2.ListApiKeysResponse(api_keys=[record_to_pb(r) for r in records])
+
+    @_status_codes
+    async def RevokeApiKey(self, request, context):
+        record = await self.keys.revoke(request.key_id_or_prefix)
+        return store_pb2.RevokeApiKeyResponse(api_key=record_to_pb(record))
 
 
 # --- dataclasses to protobuf ------------------------------------------------------------------------------

@@ -130,3 +130,5 @@ def valkey(servers: Servers) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+

@@ -43,10 +43,7 @@ def test_chat_answers_through_the_whole_mesh(edge, pg, valkey):
         ("assistant", body["response"]),
     ]
     turns = context_turns(valkey, "user-mesh-1", body["conversation_id"])
-    assert [(t["role"], t["content"]) for t in turns] == [
-        ("user", "Hello, mesh!"),
-        ("assistant", body["response"]),
-    ]
+    assert [(t["role"], t["content"]) for t in turns] == [("user", "Hello, mesh!"), ("assistant", body["response"])]
     assert all(t["tokens"] > 0 for t in turns)
 
 
@@ -56,11 +53,7 @@ def test_second_chat_sees_the_first_turn_in_its_context(edge):
     assert "2 messages" in first["response"]
     second = edge.post(
         "/chat",
-        json={
-            "message": "What is my name?",
-            "user_id": "user-mesh-2",
-            "conversation_id": first["conversation_id"],
-        },
+        json={"message": "What is my name?", "user_id": "user-mesh-2", "conversation_id": first["conversation_id"]},
     ).json()
     assert second["conversation_id"] == first["conversation_id"]
     # System prompt, the first question, the first answer and the new question.
@@ -68,14 +61,9 @@ def test_second_chat_sees_the_first_turn_in_its_context(edge):
 
 
 def test_context_strings_reach_the_model_but_not_the_history(edge, pg):
-    r = edge.post(
-        "/chat", json={"message": "Hi", "user_id": "user-mesh-3", "context": ["The user likes tea."]}
-    )
+    r = edge.post("/chat", json={"message": "Hi", "user_id": "user-mesh-3", "context": ["The user likes tea."]})
     assert "3 messages" in r.json()["response"]
-    assert [role for role, _ in stored_messages(pg, "user-mesh-3", r.json()["conversation_id"])] == [
-        "user",
-        "assistant",
-    ]
+    assert [role for role, _ in stored_messages(pg, "user-mesh-3", r.json()["conversation_id"])] == ["user", "assistant"]
 
 
 @pytest.mark.parametrize(
@@ -125,12 +113,10 @@ def test_health_covers_every_service_and_server(edge):
 
 
 def test_streamed_chat_sends_tokens_then_done(edge, pg):
-    with edge.stream(
-        "POST", "/chat", json={"message": "Stream it", "user_id": "user-mesh-4", "stream": True}
-    ) as r:
+    with edge.stream("POST", "/chat", json={"message": "Stream it", "user_id": "user-mesh-4", "stream": True}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        data = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     events = [orjson.loads(d) for d in data[:-1]]
     assert events[-1]["done"] is True and events[-1]["finish_reason"] in ("stop", "length")
@@ -161,9 +147,8 @@ def test_grpc_chat_with_key_metadata(mesh):
 def test_repeated_request_id_stores_one_exchange(mesh, pg):
     with grpc.insecure_channel(mesh.services["chat"].url) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        turn = chat_pb2.ChatTurn(
-            user_id="user-idem", message="Once only", request_id="req-idem-1", conversation_id="conv-idem"
-        )
+        turn = chat_pb2.ChatTurn(user_id="user-idem", message="Once only", request_id="req-idem-1",
+                                 conversation_id="conv-idem")
         first = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", API_KEY),), timeout=10)
         again = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", API_KEY),), timeout=10)
     assert again.response == first.response
@@ -195,4 +180,5 @@ def test_stopped_inference_opens_the_breaker_and_chat_recovers(mesh, edge):
             break
         time.sleep(0.2)
     assert r.status_code == 200, r.text
-    assert edge.get("/health").json()["status"] == "healthy"
+    health = edge.get("/health").json()
+    assert health["status"] == "healthy", health

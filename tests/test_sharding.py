@@ -289,7 +289,7 @@ def test_migrate_applies_to_every_shard_and_reruns_as_a_no_op(servers):
             await conn.close()
         return found
 
-    assert asyncio.run(versions()) == ["0002", "0002"]
+    assert asyncio.run(versions()) == ["0003", "0003"]
 
 
 def _job(user: str):

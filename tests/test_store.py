@@ -20,8 +20,8 @@ from store_svc.migrate import upgrade, upgrade_async
 from store_svc.repository import JobResult, StoreRepository, derive_title
 from store_svc.servicer import StoreServicer
 
-TABLES = {"users", "conversations", "messages", "job_results", "exchange_requests", "shard_moves"}
-HEAD = "0002"
+TABLES = {"users", "conversations", "messages", "job_results", "exchange_requests", "shard_moves", "api_keys"}
+HEAD = "0003"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,3 +1,4 @@
+from chatterbot.v1 import inference_pb2 as _inference_pb2
 from chatterbot.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -24,7 +25,7 @@ DEGRADATION_RUNG_CACHE_ONLY: DegradationRung
 DEGRADATION_RUNG_SHED: DegradationRung
 
 class ChatTurn(_message.Message):
-    __slots__ = ("user_id", "message", "context", "max_tokens", "temperature", "conversation_id", "request_id", "model", "top_p", "seed", "stop")
+    __slots__ = ("user_id", "message", "context", "max_tokens", "temperature", "conversation_id", "request_id", "model", "top_p", "seed", "stop", "messages", "greedy")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +37,8 @@ class ChatTurn(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     message: str
     context: _containers.RepeatedScalarFieldContainer[str]
@@ -47,7 +50,9 @@ class ChatTurn(_message.Message):
     top_p: float
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]
+    greedy: bool
+    def __init__(self, user_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ..., greedy: _Optional[bool] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("turn",)
@@ -291,3 +296,13 @@ class GetStatusResponse(_message.Message):
     inference_waiting: int
     breakers: _containers.ScalarMap[str, str]
     def __init__(self, rung: _Optional[_Union[DegradationRung, str]] = ..., reason: _Optional[str] = ..., inference_waiting: _Optional[int] = ..., breakers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ChatServiceListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChatServiceListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[_inference_pb2.Model]
+    def __init__(self, models: _Optional[_Iterable[_Union[_inference_pb2.Model, _Mapping]]] = ...) -> None: ...

@@ -96,6 +96,11 @@ class ChatServiceStub:
                 request_serializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/chatterbot.v1.ChatService/ListModels',
+                request_serializer=chatterbot_dot_v1_dot_chat__pb2.ChatServiceListModelsRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_chat__pb2.ChatServiceListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -183,6 +188,13 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """ListModels lists the models the inference service serves (the OpenAI API's GET /v1/models).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +257,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusRequest.FromString,
                     response_serializer=chatterbot_dot_v1_dot_chat__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=chatterbot_dot_v1_dot_chat__pb2.ChatServiceListModelsRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_chat__pb2.ChatServiceListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -573,6 +590,33 @@ class ChatService:
             '/chatterbot.v1.ChatService/GetStatus',
             chatterbot_dot_v1_dot_chat__pb2.GetStatusRequest.SerializeToString,
             chatterbot_dot_v1_dot_chat__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.ChatService/ListModels',
+            chatterbot_dot_v1_dot_chat__pb2.ChatServiceListModelsRequest.SerializeToString,
+            chatterbot_dot_v1_dot_chat__pb2.ChatServiceListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,8 @@ class ChatServiceStub:
     ListMessages: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetStatusRequest, _chat_pb2.GetStatusResponse]
     """GetStatus reports how this chat service is degrading under load, for health pages and dashboards."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ChatServiceListModelsRequest, _chat_pb2.ChatServiceListModelsResponse]
+    """ListModels lists the models the inference service serves (the OpenAI API's GET /v1/models)."""
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -85,6 +87,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     ListMessages: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetStatusRequest, _chat_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reports how this chat service is degrading under load, for health pages and dashboards."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_chat_pb2.ChatServiceListModelsRequest, _chat_pb2.ChatServiceListModelsResponse]  # type: ignore[assignment]
+    """ListModels lists the models the inference service serves (the OpenAI API's GET /v1/models)."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """ChatService is the public gRPC face of ChatterBot: it runs chat turns (directly or queued on JetStream)
@@ -183,5 +187,13 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.GetStatusResponse, _abc.Awaitable[_chat_pb2.GetStatusResponse]]:
         """GetStatus reports how this chat service is degrading under load, for health pages and dashboards."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _chat_pb2.ChatServiceListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ChatServiceListModelsResponse, _abc.Awaitable[_chat_pb2.ChatServiceListModelsResponse]]:
+        """ListModels lists the models the inference service serves (the OpenAI API's GET /v1/models)."""
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

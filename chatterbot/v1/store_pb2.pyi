@@ -3,12 +3,24 @@ import datetime
 from chatterbot.v1 import types_pb2 as _types_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ApiKeyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    API_KEY_KIND_UNSPECIFIED: _ClassVar[ApiKeyKind]
+    API_KEY_KIND_USER: _ClassVar[ApiKeyKind]
+    API_KEY_KIND_SERVICE: _ClassVar[ApiKeyKind]
+    API_KEY_KIND_ADMIN: _ClassVar[ApiKeyKind]
+API_KEY_KIND_UNSPECIFIED: ApiKeyKind
+API_KEY_KIND_USER: ApiKeyKind
+API_KEY_KIND_SERVICE: ApiKeyKind
+API_KEY_KIND_ADMIN: ApiKeyKind
 
 class User(_message.Message):
     __slots__ = ("user_id", "create_time")
@@ -237,3 +249,85 @@ class GetJobResultResponse(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: JobResult
     def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+
+class ApiKey(_message.Message):
+    __slots__ = ("key_id", "prefix", "kind", "user_id", "name", "requests_per_minute", "tokens_per_minute", "create_time", "revoke_time")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    prefix: str
+    kind: ApiKeyKind
+    user_id: str
+    name: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    create_time: _timestamp_pb2.Timestamp
+    revoke_time: _timestamp_pb2.Timestamp
+    def __init__(self, key_id: _Optional[str] = ..., prefix: _Optional[str] = ..., kind: _Optional[_Union[ApiKeyKind, str]] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateApiKeyRequest(_message.Message):
+    __slots__ = ("key_hash", "prefix", "kind", "user_id", "name", "requests_per_minute", "tokens_per_minute")
+    KEY_HASH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    key_hash: bytes
+    prefix: str
+    kind: ApiKeyKind
+    user_id: str
+    name: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    def __init__(self, key_hash: _Optional[bytes] = ..., prefix: _Optional[str] = ..., kind: _Optional[_Union[ApiKeyKind, str]] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
+
+class CreateApiKeyResponse(_message.Message):
+    __slots__ = ("api_key",)
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    api_key: ApiKey
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+
+class GetApiKeyRequest(_message.Message):
+    __slots__ = ("key_hash",)
+    KEY_HASH_FIELD_NUMBER: _ClassVar[int]
+    key_hash: bytes
+    def __init__(self, key_hash: _Optional[bytes] = ...) -> None: ...
+
+class GetApiKeyResponse(_message.Message):
+    __slots__ = ("api_key",)
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    api_key: ApiKey
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+
+class ListApiKeysRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ListApiKeysResponse(_message.Message):
+    __slots__ = ("api_keys",)
+    API_KEYS_FIELD_NUMBER: _ClassVar[int]
+    api_keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, api_keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class RevokeApiKeyRequest(_message.Message):
+    __slots__ = ("key_id_or_prefix",)
+    KEY_ID_OR_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    key_id_or_prefix: str
+    def __init__(self, key_id_or_prefix: _Optional[str] = ...) -> None: ...
+
+class RevokeApiKeyResponse(_message.Message):
+    __slots__ = ("api_key",)
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    api_key: ApiKey
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...

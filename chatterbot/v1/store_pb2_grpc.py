@@ -91,6 +91,26 @@ class StoreServiceStub:
                 request_serializer=chatterbot_dot_v1_dot_store__pb2.GetJobResultRequest.SerializeToString,
                 response_deserializer=chatterbot_dot_v1_dot_store__pb2.GetJobResultResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/chatterbot.v1.StoreService/CreateApiKey',
+                request_serializer=chatterbot_dot_v1_dot_store__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_store__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetApiKey = channel.unary_unary(
+                '/chatterbot.v1.StoreService/GetApiKey',
+                request_serializer=chatterbot_dot_v1_dot_store__pb2.GetApiKeyRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_store__pb2.GetApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/chatterbot.v1.StoreService/ListApiKeys',
+                request_serializer=chatterbot_dot_v1_dot_store__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_store__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/chatterbot.v1.StoreService/RevokeApiKey',
+                request_serializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -166,6 +186,36 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """API keys live on the control shard (shard 0), not sharded by user: a key is looked up by its hash
+        before anyone knows which user it belongs to. Only SHA-256 hashes cross the wire and reach the
+        database; the key itself is shown once, by whoever created it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApiKey(self, request, context):
+        """GetApiKey finds a key by the SHA-256 of its text; NOT_FOUND when no key has that hash. Revoked keys
+        are returned with revoke_time set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +273,26 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.GetJobResult,
                     request_deserializer=chatterbot_dot_v1_dot_store__pb2.GetJobResultRequest.FromString,
                     response_serializer=chatterbot_dot_v1_dot_store__pb2.GetJobResultResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=chatterbot_dot_v1_dot_store__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_store__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'GetApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApiKey,
+                    request_deserializer=chatterbot_dot_v1_dot_store__pb2.GetApiKeyRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_store__pb2.GetApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=chatterbot_dot_v1_dot_store__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_store__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +594,114 @@ class StoreService:
             '/chatterbot.v1.StoreService/GetJobResult',
             chatterbot_dot_v1_dot_store__pb2.GetJobResultRequest.SerializeToString,
             chatterbot_dot_v1_dot_store__pb2.GetJobResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.StoreService/CreateApiKey',
+            chatterbot_dot_v1_dot_store__pb2.CreateApiKeyRequest.SerializeToString,
+            chatterbot_dot_v1_dot_store__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.StoreService/GetApiKey',
+            chatterbot_dot_v1_dot_store__pb2.GetApiKeyRequest.SerializeToString,
+            chatterbot_dot_v1_dot_store__pb2.GetApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.StoreService/ListApiKeys',
+            chatterbot_dot_v1_dot_store__pb2.ListApiKeysRequest.SerializeToString,
+            chatterbot_dot_v1_dot_store__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.StoreService/RevokeApiKey',
+            chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyRequest.SerializeToString,
+            chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,18 @@ class StoreServiceStub:
     """
     PutJobResult: _grpc.UnaryUnaryMultiCallable[_store_pb2.PutJobResultRequest, _store_pb2.PutJobResultResponse]
     GetJobResult: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetJobResultRequest, _store_pb2.GetJobResultResponse]
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateApiKeyRequest, _store_pb2.CreateApiKeyResponse]
+    """API keys live on the control shard (shard 0), not sharded by user: a key is looked up by its hash
+    before anyone knows which user it belongs to. Only SHA-256 hashes cross the wire and reach the
+    database; the key itself is shown once, by whoever created it.
+    """
+    GetApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetApiKeyRequest, _store_pb2.GetApiKeyResponse]
+    """GetApiKey finds a key by the SHA-256 of its text; NOT_FOUND when no key has that hash. Revoked keys
+    are returned with revoke_time set.
+    """
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListApiKeysRequest, _store_pb2.ListApiKeysResponse]
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.RevokeApiKeyRequest, _store_pb2.RevokeApiKeyResponse]
+    """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged."""
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -71,6 +83,18 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """
     PutJobResult: _aio.UnaryUnaryMultiCallable[_store_pb2.PutJobResultRequest, _store_pb2.PutJobResultResponse]  # type: ignore[assignment]
     GetJobResult: _aio.UnaryUnaryMultiCallable[_store_pb2.GetJobResultRequest, _store_pb2.GetJobResultResponse]  # type: ignore[assignment]
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateApiKeyRequest, _store_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """API keys live on the control shard (shard 0), not sharded by user: a key is looked up by its hash
+    before anyone knows which user it belongs to. Only SHA-256 hashes cross the wire and reach the
+    database; the key itself is shown once, by whoever created it.
+    """
+    GetApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.GetApiKeyRequest, _store_pb2.GetApiKeyResponse]  # type: ignore[assignment]
+    """GetApiKey finds a key by the SHA-256 of its text; NOT_FOUND when no key has that hash. Revoked keys
+    are returned with revoke_time set.
+    """
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_store_pb2.ListApiKeysRequest, _store_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.RevokeApiKeyRequest, _store_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged."""
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """StoreService keeps users, conversations, messages and job results in PostgreSQL, sharded by user id.
@@ -156,5 +180,41 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.GetJobResultRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.GetJobResultResponse, _abc.Awaitable[_store_pb2.GetJobResultResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _store_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.CreateApiKeyResponse, _abc.Awaitable[_store_pb2.CreateApiKeyResponse]]:
+        """API keys live on the control shard (shard 0), not sharded by user: a key is looked up by its hash
+        before anyone knows which user it belongs to. Only SHA-256 hashes cross the wire and reach the
+        database; the key itself is shown once, by whoever created it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetApiKey(
+        self,
+        request: _store_pb2.GetApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.GetApiKeyResponse, _abc.Awaitable[_store_pb2.GetApiKeyResponse]]:
+        """GetApiKey finds a key by the SHA-256 of its text; NOT_FOUND when no key has that hash. Revoked keys
+        are returned with revoke_time set.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _store_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ListApiKeysResponse, _abc.Awaitable[_store_pb2.ListApiKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _store_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.RevokeApiKeyResponse, _abc.Awaitable[_store_pb2.RevokeApiKeyResponse]]:
+        """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged."""
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,9 +12,11 @@ from sse_starlette import EventSourceResponse
 
 from chatterbot.api_keys import API_KEY_METADATA
 from chatterbot.breaker import CircuitOpenError
+from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.v1 import chat_pb2, types_pb2
-from edge.auth import Caller, require_key
+from edge.auth import Caller, authorize_turn, require_key
 from edge.problems import ProblemError, problem_for_downstream
+from edge.rate_limits import RATE_LIMITED_RESPONSE
 from edge.protocol import ChatRequest, ChatResponse, Problem
 
 router = APIRouter(tags=["chat"])
@@ -26,8 +28,9 @@ FINISH_REASONS = {
 }
 _ERRORS = {
     401: {"model": Problem, "description": "Missing API key"},
-    403: {"model": Problem, "description": "Invalid API key"},
+    403: {"model": Problem, "description": "Invalid API key, or a user key acting for another user_id"},
     422: {"model": Problem, "description": "Invalid body"},
+    429: RATE_LIMITED_RESPONSE,
     503: {"model": Problem, "description": "A service is unavailable; see Retry-After"},
     504: {"model": Problem, "description": "The answer took too long"},
 }
@@ -36,6 +39,8 @@ _ERRORS = {
 def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn:
     if len(body.message) > max_message_chars:
         raise ProblemError(422, f"message must be at most {max_message_chars} characters")
+    request_id = uuid.uuid4().hex
+    log_correlation_id.set(request_id)
     return chat_pb2.ChatTurn(
         user_id=body.user_id,
         message=body.message,
@@ -43,7 +48,7 @@ def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         conversation_id=body.conversation_id or "",
-        request_id=uuid.uuid4().hex,
+        request_id=request_id,
     )
 
 
@@ -56,6 +61,7 @@ async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(req
     """Run one chat turn. With `stream: true` the answer arrives as `data: {"token", "done"}` events."""
     state = request.app.state
     turn = to_chat_turn(body, state.settings.max_message_chars)
+    await authorize_turn(request, caller, body.user_id, body.max_tokens)
     metadata = ((API_KEY_METADATA, caller.key),)
     if body.stream:
         return await _stream(state.chat, turn, metadata)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import prometheus_client
 from fastapi import APIRouter, Request, Response
 
 from edge.problems import problem_response
-from edge.protocol import HealthResponse
+from edge.protocol import Degradation, HealthResponse
 
 router = APIRouter(tags=["health"])
 
@@ -16,9 +17,19 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=HealthResponse)
 async def health(request: Request) -> HealthResponse:
     """Every service and server of the mesh, `up` or `down`; `degraded` when any is down."""
-    components = await request.app.state.health.components()
-    status = "healthy" if all(v == "up" for v in components.values()) else "degraded"
-    return HealthResponse(status=status, components=components, timestamp=datetime.now(UTC).isoformat())
+    mesh = request.app.state.health
+    components, (rung, reason) = await asyncio.gather(mesh.components(), mesh.degradation())
+    down = sorted(name for name, state in components.items() if state == "down")
+    reasons = [f"down: {', '.join(down)}"] if down else []
+    if rung not in ("none", "unknown"):
+        reasons.append(f"{rung}: {reason}")
+    return HealthResponse(
+        status="degraded" if reasons else "healthy",
+        components=components,
+        timestamp=datetime.now(UTC).isoformat(),
+        degradation=Degradation(rung=rung, reason=reason),
+        reasons=reasons,
+    )
 
 
 @router.get("/livez", include_in_schema=True)

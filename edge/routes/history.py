@@ -9,8 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chatterbot.api_keys import API_KEY_METADATA
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.v1 import chat_pb2, types_pb2
-from edge.auth import Caller, require_key
+from edge.auth import Caller, check_user, require_key
 from edge.problems import problem_for_downstream
+from edge.rate_limits import RATE_LIMITED_RESPONSE
 from edge.protocol import (
     CONVERSATION_ID_PATTERN,
     Conversation,
@@ -28,9 +29,10 @@ router = APIRouter(tags=["history"])
 _ROLES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
 _ERRORS = {
     401: {"model": Problem, "description": "Missing API key"},
-    403: {"model": Problem, "description": "Invalid API key"},
+    403: {"model": Problem, "description": "Invalid API key, or a user key acting for another user_id"},
     404: {"model": Problem, "description": "No such conversation for this user"},
     422: {"model": Problem, "description": "Invalid request"},
+    429: RATE_LIMITED_RESPONSE,
     503: {"model": Problem, "description": "A service is unavailable; see Retry-After"},
 }
 UserId = Path(min_length=3, max_length=50)
@@ -67,6 +69,7 @@ async def list_conversations(
     caller: Caller = Depends(require_key),
 ) -> ConversationList:
     """The user's conversations, most recently updated first."""
+    check_user(caller, user_id)
     reply = await _call(request, caller, "ListConversations", chat_pb2.ListConversationsRequest(
         user_id=user_id, page_size=limit, page_token=page_token or ""))
     return ConversationList(
@@ -81,6 +84,7 @@ async def create_conversation(
     body: ConversationCreate, request: Request, caller: Caller = Depends(require_key)
 ) -> Conversation:
     """A new, empty conversation; chat in it with its `conversation_id`."""
+    check_user(caller, body.user_id)
     reply = await _call(request, caller, "CreateConversation", chat_pb2.CreateConversationRequest(
         user_id=body.user_id, title=body.title))
     return _conversation(reply.conversation)
@@ -96,6 +100,7 @@ async def history(
     caller: Caller = Depends(require_key),
 ) -> History:
     """A conversation's messages, oldest first; page towards older ones with `before`."""
+    check_user(caller, user_id)
     reply = await _call(request, caller, "ListMessages", chat_pb2.ListMessagesRequest(
         user_id=user_id, conversation_id=conversation_id, page_size=limit, before_message_id=before or 0))
     return History(
@@ -125,6 +130,7 @@ async def rename_conversation(
     caller: Caller = Depends(require_key),
 ) -> Conversation:
     """Rename one of the user's conversations."""
+    check_user(caller, body.user_id)
     reply = await _call(request, caller, "RenameConversation", chat_pb2.RenameConversationRequest(
         user_id=body.user_id, conversation_id=conversation_id, title=body.title))
     return _conversation(reply.conversation)
@@ -138,6 +144,7 @@ async def delete_conversation(
     caller: Caller = Depends(require_key),
 ) -> ConversationDeleted:
     """Delete one of the user's conversations, its messages and its cached context."""
+    check_user(caller, user_id)
     reply = await _call(request, caller, "DeleteConversation", chat_pb2.DeleteConversationRequest(
         user_id=user_id, conversation_id=conversation_id))
     return ConversationDeleted(conversation_id=conversation_id, deleted_messages=reply.message_count)

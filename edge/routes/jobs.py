@@ -15,7 +15,7 @@ from chatterbot.api_keys import API_KEY_METADATA
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.jetstream import JOBS_STREAM, PRIORITIES, DLQ_STREAM, EVENTS_STREAM
 from chatterbot.v1 import chat_pb2, types_pb2
-from edge.auth import Caller, require_admin, require_key
+from edge.auth import Caller, authorize_turn, require_admin, require_key
 from edge.problems import ProblemError, problem_for_downstream
 from edge.protocol import (
     AsyncChatAccepted,
@@ -47,6 +47,7 @@ async def _call(request: Request, method: str, message, caller: Caller):
 
 async def _submit(body: ChatRequest, request: Request, caller: Caller, priority: int) -> str:
     turn = to_chat_turn(body, request.app.state.settings.max_message_chars)
+    await authorize_turn(request, caller, body.user_id, body.max_tokens)
     reply = await _call(request, "SubmitChat", chat_pb2.SubmitChatRequest(turn=turn, priority=priority), caller)
     return reply.correlation_id
 
