@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -80,7 +82,22 @@ def mesh_settings(servers: Servers, **overrides) -> Settings:
 @pytest.fixture(scope="session")
 def mesh(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """All five services as separate processes, on the session's servers."""
-    m = Mesh(mesh_settings(servers), tmp_path_factory.mktemp("mesh"), prefer_configured_ports=False)
+    with own_mesh(servers, tmp_path_factory, "mesh") as m:
+        yield m
+
+
+@contextlib.contextmanager
+def own_mesh(servers: Servers, tmp_path_factory: pytest.TempPathFactory, name: str, *, own_nats: bool = False,
+             **overrides) -> Iterator[Mesh]:
+    """A mesh on the session's PostgreSQL and Valkey with settings of its own; with `own_nats`, on a NATS
+    server of its own too, so its job streams and workers do not mix with other meshes'."""
+    nats_server = NatsServer(tmp_path_factory.mktemp(f"{name}-nats")) if own_nats else None
+    if nats_server is not None:
+        nats_server.start()
+        overrides["nats_url"] = nats_server.url
+    m = Mesh(mesh_settings(servers, **overrides), tmp_path_factory.mktemp(name), prefer_configured_ports=False)
+    if nats_server is not None:
+        m.servers["nats"] = nats_server  # stopped with the mesh; tests may kill and restart it
     m.start()
     try:
         yield m

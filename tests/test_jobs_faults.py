@@ -15,37 +15,23 @@ import httpx
 import orjson
 import pytest
 
-from chatterbot.embedded import NatsServer, free_port
+from chatterbot.embedded import free_port
 from chatterbot.jetstream import JOBS_STREAM, PRIORITIES
 from chatterbot.launcher import Mesh, ServiceProcess
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, types_pb2
-from tests.conftest import API_KEY, mesh_settings
+from tests.conftest import API_KEY, own_mesh
 from tests.test_jobs import read_stream, tokens_after_last_restart, wait_done
 
 
 @pytest.fixture(scope="module")
 def slow_mesh(servers, tmp_path_factory) -> Iterator[Mesh]:
-    nats_server = NatsServer(tmp_path_factory.mktemp("faults-nats"))
-    nats_server.start()
-    settings = mesh_settings(
-        servers,
-        nats_url=nats_server.url,
-        sim_itl_ms=15,
-        sim_itl_at_max_ms=15,
-        sim_mean_output_tokens=10_000,
-        jobs_ack_wait_seconds=2.0,
-        jobs_heartbeat_seconds=0.5,
-        jobs_max_deliver=3,
-        jobs_backoff_seconds=[0.2],
+    with own_mesh(
+        servers, tmp_path_factory, "faults-mesh", own_nats=True,
+        sim_itl_ms=15, sim_itl_at_max_ms=15, sim_mean_output_tokens=10_000,
+        jobs_ack_wait_seconds=2.0, jobs_heartbeat_seconds=0.5, jobs_max_deliver=3, jobs_backoff_seconds=[0.2],
         worker_concurrency=2,
-    )
-    mesh = Mesh(settings, tmp_path_factory.mktemp("faults-mesh"), prefer_configured_ports=False)
-    mesh.servers["nats"] = nats_server  # stopped with the mesh
-    mesh.start()
-    try:
+    ) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 @pytest.fixture

@@ -15,11 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chat_svc.servicer import to_turn_input
 from chat_svc.turn import TurnInput, conversation_id_for
-from chatterbot.embedded import NatsServer
 from chatterbot.launcher import Mesh
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, types_pb2
 from edge.protocol import CONVERSATION_ID_PATTERN
-from tests.conftest import API_KEY, ShardConnections, mesh_settings
+from tests.conftest import API_KEY, ShardConnections, own_mesh
 
 SIM_MODEL = "chatterbot-sim-7b-awq"
 
@@ -335,18 +334,9 @@ def test_grpc_whole_prompt_turn_and_list_models(mesh, pg):
 @pytest.fixture(scope="module")
 def slow_mesh(servers, tmp_path_factory) -> Iterator[Mesh]:
     """A mesh whose simulated engine answers at length and slowly (about 15 s for 1024 tokens)."""
-    nats_server = NatsServer(tmp_path_factory.mktemp("openai-nats"))
-    nats_server.start()
-    settings = mesh_settings(
-        servers, nats_url=nats_server.url, sim_itl_ms=15, sim_itl_at_max_ms=15, sim_mean_output_tokens=10_000
-    )
-    mesh = Mesh(settings, tmp_path_factory.mktemp("openai-slow-mesh"), prefer_configured_ports=False)
-    mesh.servers["nats"] = nats_server  # stopped with the mesh
-    mesh.start()
-    try:
+    with own_mesh(servers, tmp_path_factory, "openai-slow-mesh", own_nats=True,
+                  sim_itl_ms=15, sim_itl_at_max_ms=15, sim_mean_output_tokens=10_000) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def engine_metric(mesh: Mesh, name: str) -> float:

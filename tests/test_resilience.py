@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from chatterbot.embedded import free_port
 from chatterbot.launcher import Mesh, ServiceProcess
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
-from tests.conftest import API_KEY, mesh_settings
+from tests.conftest import API_KEY, own_mesh
 
 LIGHT_MODEL = "chatterbot-sim-1b"
 
@@ -64,28 +64,23 @@ def collector() -> Iterator[Collector]:
 @pytest.fixture(scope="module")
 def loaded_mesh(servers, collector, tmp_path_factory) -> Iterator[Mesh]:
     """One slow primary slot, a light model, a ladder with rungs one waiting sequence apart."""
-    settings = mesh_settings(
-        servers,
-        sim_max_num_seqs=1,
-        sim_itl_ms=20,
-        sim_itl_at_max_ms=20,
-        sim_mean_output_tokens=10_000,
-        light_model_engine="sim",
-        light_model_name=LIGHT_MODEL,
-        degrade_poll_seconds=0.1,
-        degrade_reduced_context_waiting=1,
-        degrade_light_model_waiting=2,
-        degrade_cache_only_waiting=3,
-        degrade_shed_waiting=4,
-        reduced_context_token_budget=1,
-        otel_exporter_otlp_endpoint=collector.url,
-    )
-    mesh = Mesh(settings, tmp_path_factory.mktemp("loaded-mesh"), prefer_configured_ports=False)
-    mesh.start()
-    try:
+    settings = {
+        "sim_max_num_seqs": 1,
+        "sim_itl_ms": 20,
+        "sim_itl_at_max_ms": 20,
+        "sim_mean_output_tokens": 10_000,
+        "light_model_engine": "sim",
+        "light_model_name": LIGHT_MODEL,
+        "degrade_poll_seconds": 0.1,
+        "degrade_reduced_context_waiting": 1,
+        "degrade_light_model_waiting": 2,
+        "degrade_cache_only_waiting": 3,
+        "degrade_shed_waiting": 4,
+        "reduced_context_token_budget": 1,
+        "otel_exporter_otlp_endpoint": collector.url,
+    }
+    with own_mesh(servers, tmp_path_factory, "loaded-mesh", **settings) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 @pytest.fixture
