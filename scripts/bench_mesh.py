@@ -1,0 +1,131 @@
+"""What the mesh adds over calling the engine directly, and what the full chat path serves.
+
+Starts its own mesh (embedded servers, sim engine with zero latency so only the mesh is measured), then runs
+the same small turn three ways for `--seconds` each at `--concurrency`:
+  engine  InferenceService.Generate straight to inference_svc (the floor);
+  chat    POST /chat through edge → chat_svc → context → inference → store → context;
+  openai  POST /v1/chat/completions, the same path through the OpenAI-compatible route.
+Prints throughput and latency percentiles, and the mesh's added p50 latency over the engine.
+
+    python scripts/bench_mesh.py --seconds 10 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+
+from chatterbot.launcher import Mesh
+from chatterbot.settings import Settings
+from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+
+KEY = "bench-service-key"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(name: str, call, seconds: float, concurrency: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal errors
+        n = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                await call(i, n)
+                latencies.append(time.perf_counter() - started)
+            except Exception:
+                errors += 1
+            n += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {
+        "name": name, "requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
+        "mean_ms": statistics.mean(latencies) * 1000,
+    }
+
+
+async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -> list[dict]:
+    channel = grpc.aio.insecure_channel(mesh.services["inference"].url)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    http = httpx.AsyncClient(base_url=mesh.edge_url, headers={"X-API-Key": KEY}, timeout=30, limits=limits)
+
+    async def engine(i: int, n: int) -> None:
+        request = inference_pb2.GenerateRequest(
+            messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=f"bench {i} {n}")],
+            sampling=types_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.7),
+        )
+        async for _ in stub.Generate(request, timeout=30):
+            pass
+
+    async def chat(i: int, n: int) -> None:
+        r = await http.post("/chat", json={"message": f"bench {i} {n}", "user_id": f"bench-user-{i}",
+                                           "max_tokens": max(10, max_tokens)})
+        r.raise_for_status()
+
+    async def openai(i: int, n: int) -> None:
+        r = await http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": f"bench {i} {n}"}], "user": f"bench-user-{i}",
+            "max_tokens": max_tokens})
+        r.raise_for_status()
+
+    try:
+        await run("warm-up", chat, 1.0, concurrency)
+        return [await run(name, call, seconds, concurrency)
+                for name, call in (("engine", engine), ("chat", chat), ("openai", openai))]
+    finally:
+        await http.aclose()
+        await channel.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args()
+    settings = Settings(
+        _env_file=None, api_keys=[KEY], admin_keys=["bench-admin-key"], log_level="WARNING",
+        sim_ttft_ms=0, sim_prefill_ms_per_token=0, sim_itl_ms=0, sim_itl_at_max_ms=0,
+        sim_mean_output_tokens=100_000, sim_max_num_seqs=256, result_cache_ttl_seconds=0,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = Mesh(settings, Path(tmp), prefer_configured_ports=False)
+        mesh.start()
+        try:
+            results = asyncio.run(bench(mesh, args.seconds, args.concurrency, args.max_tokens))
+        finally:
+            mesh.stop()
+    print(f"$ python scripts/bench_mesh.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
+          f"--max-tokens {args.max_tokens}")
+    print(f"{'path':<8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in results:
+        print(f"{r['name']:<8} {r['requests']:>9} {r['errors']:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.2f} "
+              f"{r['p99_ms']:>8.2f}")
+    engine = results[0]
+    for r in results[1:]:
+        print(f"{r['name']}: adds {r['p50_ms'] - engine['p50_ms']:.2f} ms at p50 over the engine; "
+              f"{r['rps'] / engine['rps']:.2f}x its throughput")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
