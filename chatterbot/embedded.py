@@ -134,6 +134,19 @@ def _parent_death_preexec(sig: int) -> Callable[[], None] | None:
     return preexec
 
 
+def _with_parent_death_signal(cmd: list[str], sig: int) -> tuple[list[str], Callable[[], None] | None]:
+    """The command line and preexec_fn that give the child `sig` when its parent dies.
+
+    PDEATHSIG can only be set from inside the child. util-linux's `setpriv --pdeathsig` does it and then
+    execs the command (same process), so no Python runs between fork and exec: a preexec_fn in a parent with
+    other threads (gRPC's among them) can deadlock the fork. Without setpriv, fall back to the preexec_fn.
+    """
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv:
+        return [setpriv, "--pdeathsig", signal.Signals(sig).name.removeprefix("SIG"), "--", *cmd], None
+    return cmd, _parent_death_preexec(sig)
+
+
 def _is_gone(proc: psutil.Process) -> bool:
     # An orphan is reparented to PID 1, which in some containers never reaps it: a zombie runs nothing.
     try:
@@ -233,6 +246,7 @@ class EmbeddedServer:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._prepare()
             cmd = self._command()
+            launch, preexec = _with_parent_death_signal(cmd, self.shutdown_signal)
             with open(self.log_path, "ab") as log:
                 log_offset = log.tell()
                 log.write(
@@ -241,7 +255,7 @@ class EmbeddedServer:
                 )
                 log.flush()
                 self._proc = subprocess.Popen(
-                    cmd,
+                    launch,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -249,10 +263,7 @@ class EmbeddedServer:
                     # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops servers in
                     # order instead of all of them dying at once.
                     start_new_session=True,
-                    # PDEATHSIG can only be set from inside the child. This preexec_fn only calls getppid and a
-                    # prctl resolved before the fork, which keeps small the risk preexec_fn carries when the
-                    # parent has other threads (a lock held by one of them at fork time).
-                    preexec_fn=_parent_death_preexec(self.shutdown_signal),
+                    preexec_fn=preexec,
                     **self._popen_kwargs(),
                 )
             logger.info(
