@@ -10,13 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import time
 import uuid
 from dataclasses import dataclass
 
 import grpc
 import orjson
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
 
 from chat_svc.turn import TurnInput
@@ -61,16 +59,10 @@ class JobDeps:
     result_ttl_seconds: int
 
 
-def result_message(correlation_id: str, user_id: str, status: int, **fields) -> store_pb2.PutJobResultRequest:
-    return store_pb2.PutJobResultRequest(
-        result=store_pb2.JobResult(correlation_id=correlation_id, user_id=user_id, status=status, **fields)
-    )
-
-
 async def put_result(deps: JobDeps, correlation_id: str, user_id: str, status: int, **fields) -> None:
-    request = result_message(correlation_id, user_id, status, **fields)
-    request.ttl_seconds = deps.result_ttl_seconds
-    await deps.store.unary("PutJobResult", request)
+    result = store_pb2.JobResult(correlation_id=correlation_id, user_id=user_id, status=status, **fields)
+    await deps.store.unary("PutJobResult",
+                           store_pb2.PutJobResultRequest(result=result, ttl_seconds=deps.result_ttl_seconds))
 
 
 async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
@@ -139,8 +131,3 @@ async def cancel(deps: JobDeps, correlation_id: str, user_id: str) -> int:
         await publish_event(deps.js, correlation_id, {"seq": seq, "token": "", "done": False, "error": "cancelled"})
     return types_pb2.JOB_STATUS_CANCELLED
 
-
-def timestamp_now() -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(time.time_ns())
-    return ts

@@ -47,6 +47,7 @@ __all__ = [
     "PostgresServer",
     "ValkeyServer",
     "free_port",
+    "port_is_free",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     low, _high = _ephemeral_port_range()
     candidates = random.sample(range(10000, low), k=min(50, max(0, low - 10000)))
     for port in candidates:
-        if _can_bind(host, port):
+        if port_is_free(port, host):
             return port
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -92,7 +93,8 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _can_bind(host: str, port: int) -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could listen on `host`:`port` now."""
     # No SO_REUSEADDR: a port still in TIME_WAIT counts as taken, which is what a restart needs.
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         try:

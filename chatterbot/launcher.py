@@ -20,7 +20,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chatterbot.embedded import EmbeddedServer, NatsServer, PostgresServer, ValkeyServer, free_port
+from chatterbot.embedded import (
+    EmbeddedServer,
+    NatsServer,
+    PostgresServer,
+    ValkeyServer,
+    free_port,
+    port_is_free,
+)
 from chatterbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,7 +147,7 @@ class Mesh:
 
     def _port(self, configured: int, taken: set[int]) -> int:
         """The configured port when free (and wanted), else a free one; never one handed out already."""
-        port = configured if configured and self.prefer_configured_ports and _port_free(configured) else free_port()
+        port = configured if configured and self.prefer_configured_ports and port_is_free(configured) else free_port()
         while port in taken:
             port = free_port()
         taken.add(port)
@@ -213,13 +220,3 @@ class Mesh:
         path.write_text(json.dumps(self.up_info(), indent=2))
         path.chmod(0o600)
 
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -67,15 +67,13 @@ class EdgeGuard:
         started = time.perf_counter()
         status = 500
         received = 0
-        too_large = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    too_large = True
                     raise BodyTooLarge()
             return message
 
@@ -94,7 +92,7 @@ class EdgeGuard:
             self.in_flight -= 1
             IN_FLIGHT.dec()
             route = scope.get("route")
-            template = getattr(route, "path", None) or ("unmatched" if not too_large else path)
+            template = getattr(route, "path", None) or "unmatched"
             REQUESTS.labels(template, scope["method"], str(status)).inc()
             LATENCY.labels(template, scope["method"]).observe(time.perf_counter() - started)
 
