@@ -197,7 +197,12 @@ def test_edge_sheds_past_its_in_flight_cap(loaded_mesh, tmp_path):
                 assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
                 assert refused.headers["content-type"].startswith("application/problem+json")
                 assert c.get("/health").status_code == 200  # probes are never shed
-            assert c.post("/chat", json={"message": "now?", "user_id": "user-cap", "max_tokens": 10}).status_code == 200
+            # The slot frees once the edge sees the disconnect and the generation is cancelled.
+            deadline = time.monotonic() + 10
+            while (r := c.post("/chat", json={"message": "now?", "user_id": "user-cap", "max_tokens": 10})).status_code == 503:
+                assert time.monotonic() < deadline, "the held stream's slot was never released"
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
     finally:
         edge.stop()
 
