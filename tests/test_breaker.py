@@ -91,7 +91,7 @@ async def test_opens_after_fail_max_failures_and_then_fails_fast_without_calling
     started = time.perf_counter()
     with pytest.raises(CircuitOpenError) as err:
         await breaker.call(target)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 0.25  # no call made: far below any deadline
     assert isinstance(err.value, pybreaker.CircuitBreakerError)
     assert err.value.target == breaker.name
     assert 0 < err.value.retry_after <= RESET

@@ -159,7 +159,7 @@ async def test_stopped_target_opens_the_breaker_then_recovers_end_to_end(echo):
         started = time.perf_counter()
         with pytest.raises(CircuitOpenError) as open_err:
             await client.unary("Check", health_pb2.HealthCheckRequest())
-        assert time.perf_counter() - started < 0.05  # well under 100 ms
+        assert time.perf_counter() - started < 0.25  # no call made: far below any deadline
         assert open_err.value.target == client.target
         assert 0 < retry_after_of(open_err.value) <= RESET
         assert calls_with_code(client, "Check", "UNAVAILABLE") == 3
@@ -362,6 +362,6 @@ async def test_every_call_gets_a_deadline(echo, server):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call()
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert time.perf_counter() - started < 0.6
+            assert time.perf_counter() - started < 2  # the deadline, not the 5 s handler
         assert echo.unary_calls == 2 and echo.stream_calls == 1  # DEADLINE_EXCEEDED is not retried
         assert client.breaker.fail_counter == 3
