@@ -180,6 +180,8 @@ async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int,
             context_pb2.AppendTurnsRequest(
                 user_id=p.turn.user_id,
                 conversation_id=p.conversation_id,
+                # A turn that named no conversation started one (a whole-prompt turn's is derived, maybe old).
+                new_conversation=not p.turn.conversation_id and not p.turn.messages,
                 turns=[
                     context_pb2.Turn(role=types_pb2.ROLE_USER, content=p.turn.message, token_count=user_tokens,
                                      request_id=p.request_id),

@@ -98,7 +98,8 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"turns[{i}].role must be set")
             created = t.create_time.ToNanoseconds() / 1e9 if t.HasField("create_time") else now
             turns.append(Turn(_ROLE_NAMES[t.role], t.content, t.token_count, created, t.request_id))
-        kept = await self.turns.append(request.user_id, request.conversation_id, turns)
+        kept = await self.turns.append(request.user_id, request.conversation_id, turns,
+                                       new_conversation=request.new_conversation)
         return context_pb2.AppendTurnsResponse(turn_count=kept)
 
     @_redis_unavailable

@@ -1,7 +1,9 @@
 """Recent turns of a conversation: a capped Redis list of zstd-compressed turns with an idle TTL.
 
 Ordering (README, "Context"): every change to a conversation's list happens under that conversation's Redis
-lock (redis-py's `Lock`, which frees itself after `lock_timeout` if its holder died). Under it:
+lock (SET NX with a token and an expiry, as redis-py's `Lock`: it frees itself after `lock_timeout` if its
+holder died). An append takes the lock and reads the list's tail in one round trip, and writes its turns and
+frees the lock in a second. Under the lock:
 - the turns of one append stay together and in the order given, and appends never interleave;
 - appended turns are kept in the order of their `created_at`, which the servicer stamps when a request
   arrives, before it waits for the lock: appends racing for the lock end up in arrival order either way.
@@ -10,19 +12,25 @@ lock (redis-py's `Lock`, which frees itself after `lock_timeout` if its holder d
 - a turn whose (request id, role) is among the newest turns already is not stored again, so a retried
   append, or one that races a rebuild from history that already holds it, changes nothing;
 - a missing list (expired, evicted, flushed) is rebuilt from history (store_svc) before anything is
-  appended, so the list is always the newest turns of the conversation, never a fragment of them.
+  appended, so the list is always the newest turns of the conversation, never a fragment of them; the
+  turns that start a conversation (`new_conversation`) need no history read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import orjson
 import redis.asyncio as redis
 import zstandard
+from redis.asyncio.client import Pipeline
 from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
 from chatterbot.tokens import approx_token_count
 
@@ -39,6 +47,8 @@ _decompressor = zstandard.ZstdDecompressor()
 TAIL_TURNS = 16
 # How often a waiting append asks for the lock again.
 LOCK_POLL_SECONDS = 0.005
+# Frees the lock only for the holder of its token (redis-py's `Lock` releases the same way).
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass(frozen=True)
@@ -139,21 +149,44 @@ class TurnStore:
             blocking_timeout=self.lock_wait,
         )
 
-    async def append(self, user_id: str, conversation_id: str, turns: list[Turn]) -> int:
+    async def append(
+        self, user_id: str, conversation_id: str, turns: list[Turn], *, new_conversation: bool = False
+    ) -> int:
         """Append turns in `created_at` order, under the conversation's lock; return how many it keeps.
 
         Token counts are computed here, once, for turns that come without one. 0 means nothing was written:
         the list was missing and history could not be read, so the next read rebuilds it instead.
+        `new_conversation` says history holds nothing before these turns, so a missing list is not rebuilt.
         """
         turns = [
             replace(t, token_count=t.token_count or self.count_tokens(t.content), order=t.created_at) for t in turns
         ]
         key = context_key(user_id, conversation_id)
-        async with self.lock(user_id, conversation_id):
-            tail = await self.client.lrange(key, -TAIL_TURNS, -1)
-            if not tail:
-                return await self._rebuild(key, user_id, conversation_id, turns)
-            return await self._append_after(key, [_turn(raw) for raw in tail], turns)
+        held = _Held(lock_key(user_id, conversation_id), secrets.token_hex(16))
+        tail = await self._lock_and_read_tail(held, key)
+        try:
+            if tail:
+                return await self._append_after(key, [_turn(raw) for raw in tail], turns, held)
+            if new_conversation:
+                return await self._replace(key, turns, held)
+            return await self._rebuild(key, user_id, conversation_id, turns, held)
+        finally:
+            if not held.released:
+                await self.client.eval(_RELEASE, 1, held.name, held.token)
+
+    async def _lock_and_read_tail(self, held: _Held, key: str) -> list[bytes]:
+        """Take the lock and read the newest turns in one round trip; `LockError` after `lock_wait`."""
+        give_up = time.monotonic() + self.lock_wait
+        while True:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(held.name, held.token, nx=True, px=max(1, int(self.lock_timeout * 1000)))
+                pipe.lrange(key, -TAIL_TURNS, -1)
+                taken, tail = await pipe.execute()
+            if taken:
+                return tail
+            if time.monotonic() >= give_up:
+                raise LockError(f"context lock {held.name} still held after {self.lock_wait:g} s")
+            await asyncio.sleep(LOCK_POLL_SECONDS)
 
     async def read(self, user_id: str, conversation_id: str) -> tuple[list[Turn], bool] | None:
         """All kept turns, oldest first, and whether they were just rebuilt from history; None when the
@@ -178,9 +211,9 @@ class TurnStore:
     async def clear(self, user_id: str, conversation_id: str) -> None:
         await self.client.delete(context_key(user_id, conversation_id))
 
-    async def _rebuild(self, key: str, user_id: str, conversation_id: str, turns: list[Turn]) -> int:
+    async def _rebuild(self, key: str, user_id: str, conversation_id: str, turns: list[Turn], held: _Held) -> int:
         if self.history is None:
-            return await self._replace(key, turns)
+            return await self._replace(key, turns, held)
         try:
             loaded = await self.history(user_id, conversation_id, self.max_turns)
         except Exception:
@@ -189,12 +222,12 @@ class TurnStore:
                         extra={"conversation_id": conversation_id})
             return 0
         if loaded is None:
-            return await self._replace(key, turns)
+            return await self._replace(key, turns, held)
         # History was written before the context (chat_svc stores the exchange first): it may hold these turns.
         stored = {(t.request_id, t.role) for t in loaded if t.request_id}
-        return await self._replace(key, loaded + [t for t in turns if (t.request_id, t.role) not in stored])
+        return await self._replace(key, loaded + [t for t in turns if (t.request_id, t.role) not in stored], held)
 
-    async def _append_after(self, key: str, tail: list[Turn], turns: list[Turn]) -> int:
+    async def _append_after(self, key: str, tail: list[Turn], turns: list[Turn], held: _Held) -> int:
         if turns and turns[0].order < tail[0].order and len(tail) == TAIL_TURNS:
             # Arrived before all of the newest turns (rare: many turns were waiting for the lock): place it
             # among everything kept.
@@ -212,10 +245,10 @@ class TurnStore:
             pipe.ltrim(key, -self.max_turns, -1)
             pipe.expire(key, self.ttl_seconds)
             pipe.llen(key)
-            results = await pipe.execute()
+            results = await held.release_after(pipe)
         return int(results[-1])
 
-    async def _replace(self, key: str, turns: list[Turn]) -> int:
+    async def _replace(self, key: str, turns: list[Turn], held: _Held | None = None) -> int:
         kept = turns[-self.max_turns :]
         if not kept:
             return 0
@@ -223,5 +256,24 @@ class TurnStore:
             pipe.delete(key)
             pipe.rpush(key, *(encode_turn(t) for t in kept))
             pipe.expire(key, self.ttl_seconds)
-            await pipe.execute()
+            if held is None:
+                await pipe.execute()
+            else:
+                await held.release_after(pipe)
         return len(kept)
+
+
+@dataclass
+class _Held:
+    """A conversation lock this append holds: its key and token, and whether it is free again."""
+
+    name: str
+    token: str
+    released: bool = False
+
+    async def release_after(self, pipe: Pipeline) -> list:
+        """Run the pipeline's writes and free the lock in the same transaction; the writes' results."""
+        pipe.eval(_RELEASE, 1, self.name, self.token)
+        results = await pipe.execute()
+        self.released = True
+        return results[:-1]

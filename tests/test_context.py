@@ -141,6 +141,41 @@ async def test_an_append_waits_for_the_conversations_lock(client):
     assert await asyncio.wait_for(append, 5) == 2
 
 
+async def test_every_append_frees_the_lock_it_took(client):
+    async def history(user_id: str, conversation_id: str, limit: int) -> list[Turn]:
+        raise ConnectionError("store is down")
+
+    store = TurnStore(client, 64, TTL, history=history)
+    user, conv = conversation()
+    lock = store.lock(user, conv).name
+    assert await store.append(user, conv, exchange("r1", 1.0)) == 0  # nothing written
+    assert await client.exists(lock) == 0
+    assert await store.append(user, conv, exchange("r1", 1.0), new_conversation=True) == 2
+    assert await client.exists(lock) == 0
+    assert await store.append(user, conv, exchange("r2", 2.0)) == 4
+    assert await client.exists(lock) == 0
+    # A lock that expired under a slow holder and went to another is not freed by the first.
+    await client.set(lock, "someone else")
+    with pytest.raises(redis.exceptions.LockError):
+        await TurnStore(client, 64, TTL, lock_wait=0.05).append(user, conv, exchange("r3", 3.0))
+    assert await client.get(lock) == b"someone else"
+
+
+async def test_the_turns_that_start_a_conversation_need_no_history_read(client):
+    loads = []
+
+    async def history(user_id: str, conversation_id: str, limit: int) -> list[Turn]:
+        loads.append(conversation_id)
+        return exchange("r0", 0.5, "stored q", "stored a")
+
+    store = TurnStore(client, 64, TTL, history=history)
+    user, new, old = "user-" + uuid.uuid4().hex[:8], "conv-new", "conv-old"
+    assert await store.append(user, new, exchange("r1", 1.0), new_conversation=True) == 2
+    assert loads == []
+    assert await store.append(user, old, exchange("r1", 1.0)) == 4
+    assert loads == [old]
+
+
 async def test_a_missing_list_is_rebuilt_from_history_on_read(client):
     loads = []
 

@@ -26,15 +26,15 @@ from chatterbot.v1 import types_pb2 as chatterbot_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hatterbot/v1/context.proto\x12\rchatterbot.v1\x1a\x19\x63hatterbot/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x04Turn\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.chatterbot.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"S\n\x11GetContextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\r\"\x8e\x01\n\x12GetContextResponse\x12\"\n\x05turns\x18\x01 \x03(\x0b\x32\x13.chatterbot.v1.Turn\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12,\n\x06source\x18\x04 \x01(\x0e\x32\x1c.chatterbot.v1.ContextSource\"b\n\x12\x41ppendTurnsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\"\n\x05turns\x18\x03 \x03(\x0b\x32\x13.chatterbot.v1.Turn\")\n\x13\x41ppendTurnsResponse\x12\x12\n\nturn_count\x18\x01 \x01(\r\"?\n\x13\x43learContextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"\x16\n\x14\x43learContextResponse*}\n\rContextSource\x12\x1e\n\x1a\x43ONTEXT_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ONTEXT_SOURCE_CACHE\x10\x01\x12\x18\n\x14\x43ONTEXT_SOURCE_STORE\x10\x02\x12\x18\n\x14\x43ONTEXT_SOURCE_EMPTY\x10\x03\x32\x92\x02\n\x0e\x43ontextService\x12Q\n\nGetContext\x12 .chatterbot.v1.GetContextRequest\x1a!.chatterbot.v1.GetContextResponse\x12T\n\x0b\x41ppendTurns\x12!.chatterbot.v1.AppendTurnsRequest\x1a\".chatterbot.v1.AppendTurnsResponse\x12W\n\x0c\x43learContext\x12\".chatterbot.v1.ClearContextRequest\x1a#.chatterbot.v1.ClearContextResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hatterbot/v1/context.proto\x12\rchatterbot.v1\x1a\x19\x63hatterbot/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x04Turn\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.chatterbot.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"S\n\x11GetContextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\r\"\x8e\x01\n\x12GetContextResponse\x12\"\n\x05turns\x18\x01 \x03(\x0b\x32\x13.chatterbot.v1.Turn\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12,\n\x06source\x18\x04 \x01(\x0e\x32\x1c.chatterbot.v1.ContextSource\"|\n\x12\x41ppendTurnsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\"\n\x05turns\x18\x03 \x03(\x0b\x32\x13.chatterbot.v1.Turn\x12\x18\n\x10new_conversation\x18\x04 \x01(\x08\")\n\x13\x41ppendTurnsResponse\x12\x12\n\nturn_count\x18\x01 \x01(\r\"?\n\x13\x43learContextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"\x16\n\x14\x43learContextResponse*}\n\rContextSource\x12\x1e\n\x1a\x43ONTEXT_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ONTEXT_SOURCE_CACHE\x10\x01\x12\x18\n\x14\x43ONTEXT_SOURCE_STORE\x10\x02\x12\x18\n\x14\x43ONTEXT_SOURCE_EMPTY\x10\x03\x32\x92\x02\n\x0e\x43ontextService\x12Q\n\nGetContext\x12 .chatterbot.v1.GetContextRequest\x1a!.chatterbot.v1.GetContextResponse\x12T\n\x0b\x41ppendTurns\x12!.chatterbot.v1.AppendTurnsRequest\x1a\".chatterbot.v1.AppendTurnsResponse\x12W\n\x0c\x43learContext\x12\".chatterbot.v1.ClearContextRequest\x1a#.chatterbot.v1.ClearContextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatterbot.v1.context_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTEXTSOURCE']._serialized_start=719
-  _globals['_CONTEXTSOURCE']._serialized_end=844
+  _globals['_CONTEXTSOURCE']._serialized_start=745
+  _globals['_CONTEXTSOURCE']._serialized_end=870
   _globals['_TURN']._serialized_start=107
   _globals['_TURN']._serialized_end=255
   _globals['_GETCONTEXTREQUEST']._serialized_start=257
@@ -42,13 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCONTEXTRESPONSE']._serialized_start=343
   _globals['_GETCONTEXTRESPONSE']._serialized_end=485
   _globals['_APPENDTURNSREQUEST']._serialized_start=487
-  _globals['_APPENDTURNSREQUEST']._serialized_end=585
-  _globals['_APPENDTURNSRESPONSE']._serialized_start=587
-  _globals['_APPENDTURNSRESPONSE']._serialized_end=628
-  _globals['_CLEARCONTEXTREQUEST']._serialized_start=630
-  _globals['_CLEARCONTEXTREQUEST']._serialized_end=693
-  _globals['_CLEARCONTEXTRESPONSE']._serialized_start=695
-  _globals['_CLEARCONTEXTRESPONSE']._serialized_end=717
-  _globals['_CONTEXTSERVICE']._serialized_start=847
-  _globals['_CONTEXTSERVICE']._serialized_end=1121
+  _globals['_APPENDTURNSREQUEST']._serialized_end=611
+  _globals['_APPENDTURNSRESPONSE']._serialized_start=613
+  _globals['_APPENDTURNSRESPONSE']._serialized_end=654
+  _globals['_CLEARCONTEXTREQUEST']._serialized_start=656
+  _globals['_CLEARCONTEXTREQUEST']._serialized_end=719
+  _globals['_CLEARCONTEXTRESPONSE']._serialized_start=721
+  _globals['_CLEARCONTEXTRESPONSE']._serialized_end=743
+  _globals['_CONTEXTSERVICE']._serialized_start=873
+  _globals['_CONTEXTSERVICE']._serialized_end=1147
 # @@protoc_insertion_point(module_scope)

@@ -59,14 +59,16 @@ class GetContextResponse(_message.Message):
     def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., token_count: _Optional[int] = ..., truncated: _Optional[bool] = ..., source: _Optional[_Union[ContextSource, str]] = ...) -> None: ...
 
 class AppendTurnsRequest(_message.Message):
-    __slots__ = ("user_id", "conversation_id", "turns")
+    __slots__ = ("user_id", "conversation_id", "turns", "new_conversation")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    NEW_CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     conversation_id: str
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
-    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+    new_conversation: bool
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., new_conversation: _Optional[bool] = ...) -> None: ...
 
 class AppendTurnsResponse(_message.Message):
     __slots__ = ("turn_count",)
