@@ -35,6 +35,7 @@ from tenacity import (
 
 from chatterbot.breaker import AsyncCircuitBreaker, CircuitOpenError
 from chatterbot.settings import Settings
+from chatterbot.tracing import client_tracing_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,9 @@ class GuardedClient:
             reset_timeout=settings.breaker_reset_seconds,
             is_failure=is_target_failure,
         )
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
+        self.channel = grpc.aio.insecure_channel(
+            address, options=channel_options(settings), interceptors=client_tracing_interceptors()
+        )
         self.stub = stub_factory(self.channel)
 
     async def close(self) -> None:
@@ -272,8 +275,15 @@ class GuardedClient:
     ) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK.name
+        call = rpc(request, timeout=_time_left(deadline), metadata=metadata)
         try:
-            return await rpc(request, timeout=_time_left(deadline), metadata=metadata)
+            return await call
+        except asyncio.CancelledError:
+            # An intercepted call (tracing) runs in a task of its own that the caller's cancellation does not
+            # reach: cancel the RPC itself, so the server stops working for nobody.
+            call.cancel()
+            code = "CANCELLED"
+            raise
         except BaseException as exc:
             code = _code_of(exc)
             raise

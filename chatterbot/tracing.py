@@ -3,17 +3,24 @@
 The propagator is always W3C `traceparent`, so a trace started by a client (or the edge) continues in
 chat_svc, context_svc, inference_svc and store_svc. Spans are recorded and exported over OTLP/HTTP only when
 `CHATTERBOT_OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise tracing costs next to nothing.
+
+Servers use OpenTelemetry's gRPC instrumentation. Clients (every `GuardedClient` channel) use
+`client_tracing_interceptors()` below: OpenTelemetry's asyncio client interceptor awaits each unary call's status in
+a task of its own, so cancelling the caller left the RPC, and the generation behind it, running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from chatterbot.settings import Settings
@@ -36,9 +43,8 @@ def setup_tracing(service: str, settings: Settings) -> None:
         endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500))
         trace.set_tracer_provider(provider)
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
 
-    GrpcAioInstrumentorClient().instrument()
     GrpcAioInstrumentorServer().instrument()
 
 
@@ -47,3 +53,62 @@ def shutdown_tracing() -> None:
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.shutdown()
+
+
+def client_tracing_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors that trace a channel's unary and server-streaming calls (a channel files each
+    interceptor under one kind of call only, so one object cannot serve both)."""
+    return [_TracingUnaryUnary(), _TracingUnaryStream()]
+
+
+class _TracingClientInterceptor:
+    """A client span per call, and its W3C trace context in the call's metadata.
+
+    The call itself is handed back at once, so cancelling it (or the task awaiting it) cancels the RPC.
+    """
+
+    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[trace.Span, grpc.aio.ClientCallDetails]:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        service, _, name = method.lstrip("/").partition("/")
+        span = trace.get_tracer(__name__).start_span(
+            method.lstrip("/"), kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
+        for key, value in carrier.items():
+            metadata.add(key, value)
+        return span, details._replace(metadata=metadata)
+
+    def _end_when_done(self, span: trace.Span, call: grpc.aio.Call) -> None:
+        if not span.is_recording():
+            span.end()
+            return
+
+        async def end() -> None:
+            code = await call.code()
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
+            span.end()
+
+        call.add_done_callback(lambda _: asyncio.ensure_future(end()))
+
+    async def _intercept(self, continuation, client_call_details, request):
+        span, details = self._start(client_call_details)
+        try:
+            call = await continuation(details, request)
+        except BaseException:
+            span.end()
+            raise
+        self._end_when_done(span, call)
+        return call
+
+
+class _TracingUnaryUnary(_TracingClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _TracingClientInterceptor._intercept
+
+
+class _TracingUnaryStream(_TracingClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _TracingClientInterceptor._intercept

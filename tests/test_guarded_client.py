@@ -11,6 +11,8 @@ import grpc
 import pybreaker
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from prometheus_client import REGISTRY
 
 from chatterbot.breaker import CircuitOpenError
@@ -339,6 +341,57 @@ async def test_cancelled_consumer_cancels_the_server_call(echo, server):
             await consumer
         await asyncio.wait_for(echo.stream_cancelled.wait(), 2)
         assert client.breaker.fail_counter == 0
+
+
+async def test_a_cancelled_unary_caller_cancels_the_server_call(echo, server):
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever(request, context):
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return request
+
+    echo.unary_behaviour = forever
+    async with guarded(server) as client:
+        caller = asyncio.create_task(client.unary("Unary", b"go"))
+        await asyncio.wait_for(entered.wait(), 2)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        # The RPC itself ends, not only the caller's wait for it: the server stops working for nobody.
+        await asyncio.wait_for(cancelled.wait(), 2)
+        assert calls_with_code(client, "Unary", "CANCELLED") == 1
+        assert client.breaker.fail_counter == 0
+
+
+async def test_every_call_carries_the_callers_trace_context(echo, server):
+    seen: list[str] = []
+
+    async def record(request, context):
+        seen.append(dict(context.invocation_metadata()).get("traceparent", ""))
+        return request
+
+    async def record_stream(request, context):
+        seen.append(dict(context.invocation_metadata()).get("traceparent", ""))
+        yield request
+
+    echo.unary_behaviour = record
+    echo.stream_behaviour = record_stream
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = propagate.extract({"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    token = otel_context.attach(parent)
+    try:
+        async with guarded(server) as client:
+            await client.unary("Unary", b"hi", metadata=(("x-api-key", "k"),))
+            async for _ in client.stream("Stream", b"hi"):
+                pass
+    finally:
+        otel_context.detach(token)
+    assert len(seen) == 2 and all(tp.startswith(f"00-{trace_id}-") for tp in seen), seen
 
 
 async def test_every_call_gets_a_deadline(echo, server):
