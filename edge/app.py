@@ -14,6 +14,7 @@ from chatterbot.guarded_client import GuardedClient
 from chatterbot.jetstream import connect, disconnect
 from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2_grpc, store_pb2_grpc
+from edge.disconnects import install_disconnect_handler
 from edge.health import MeshHealth
 from edge.middleware import EdgeGuard
 from edge.problems import install_problem_handlers
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(EdgeGuard, max_in_flight=settings.edge_max_in_flight, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitHeaders)
     install_problem_handlers(app)
+    install_disconnect_handler(app)
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(jobs.router)

@@ -4,12 +4,14 @@ on the streaming routes cancelling the generation down to the engine (on a mesh 
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 
 import grpc
 import httpx
 import openai
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -384,5 +386,29 @@ def test_client_disconnect_cancels_the_generation_in_the_engine(slow_mesh, path,
             if events == 5:
                 break  # leaving the loop closes the connection
     # The client is gone after five of about a thousand tokens: the sequence leaves the engine, aborted.
+    assert wait_for(lambda: engine_metric(slow_mesh, "chatterbot_engine_running_sequences") == 0, timeout=5)
+    assert wait_for(lambda: engine_metric(slow_mesh, "chatterbot_engine_aborted_requests_total") == aborted + 1)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat", {"message": "Talk for a long time", "user_id": "user-disconnect-3", "max_tokens": 1024}),
+        ("/v1/chat/completions", {"model": SIM_MODEL, "messages": [{"role": "user", "content": "Talk at length"}],
+                                  "max_tokens": 1024, "user": "user-disconnect-4"}),
+    ],
+)
+def test_a_client_that_hangs_up_on_a_whole_answer_cancels_its_generation(slow_mesh, path, body):
+    assert wait_for(lambda: engine_metric(slow_mesh, "chatterbot_engine_running_sequences") == 0)
+    aborted = engine_metric(slow_mesh, "chatterbot_engine_aborted_requests_total")
+    url = httpx.URL(slow_mesh.edge_url)
+    payload = orjson.dumps(body)
+    with socket.create_connection((url.host, url.port), timeout=10) as client:
+        client.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nX-API-Key: {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        )
+        assert wait_for(lambda: engine_metric(slow_mesh, "chatterbot_engine_running_sequences") == 1)
+    # Hung up about 15 s before the answer would be whole: the sequence leaves the engine, aborted.
     assert wait_for(lambda: engine_metric(slow_mesh, "chatterbot_engine_running_sequences") == 0, timeout=5)
     assert wait_for(lambda: engine_metric(slow_mesh, "chatterbot_engine_aborted_requests_total") == aborted + 1)

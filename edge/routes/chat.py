@@ -15,6 +15,7 @@ from chatterbot.breaker import CircuitOpenError
 from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
+from edge.disconnects import unless_disconnected
 from edge.problems import ProblemError, problem_for_downstream
 from edge.rate_limits import RATE_LIMITED_RESPONSE
 from edge.protocol import ChatRequest, ChatResponse, Problem
@@ -66,7 +67,8 @@ async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(req
     if body.stream:
         return await _stream(state.chat, turn, metadata)
     try:
-        reply = await state.chat.unary("Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata)
+        reply = await unless_disconnected(
+            request, state.chat.unary("Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata))
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
     return ChatResponse(response=reply.response, conversation_id=reply.conversation_id,

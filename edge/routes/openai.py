@@ -28,6 +28,7 @@ from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelList, OpenAIProblem
+from edge.disconnects import unless_disconnected
 from edge.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_for_downstream
 from edge.protocol import CONVERSATION_ID_PATTERN
 
@@ -181,8 +182,8 @@ async def chat_completions(
         return await _stream(state.chat, turn, metadata, body, created, body.model or settings.model_name)
     try:
         # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
-        reply = await state.chat.unary("Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata,
-                                       timeout=settings.stream_deadline_seconds)
+        reply = await unless_disconnected(request, state.chat.unary(
+            "Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata, timeout=settings.stream_deadline_seconds))
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
     completion = {
