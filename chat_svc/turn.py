@@ -155,7 +155,9 @@ async def _finish(deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.G
         ),
     )
     if stored.created:
-        await _remember(deps, p, text, last.usage.completion_tokens, user_tokens)
+        # Only this exchange's two messages in the conversation: history holds nothing before them.
+        first_exchange = stored.conversation.message_count == 2
+        await _remember(deps, p, text, last.usage.completion_tokens, user_tokens, first_exchange)
     else:
         # A repeated request id: the first answer is the answer.
         text = stored.assistant_message.content
@@ -171,7 +173,8 @@ async def _finish(deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.G
     )
 
 
-async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int, user_tokens: int) -> None:
+async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int, user_tokens: int,
+                    first_exchange: bool) -> None:
     # History is already safe in PostgreSQL; a context write that fails only costs the next turn some
     # cached context, so it must not fail this turn.
     try:
@@ -180,8 +183,7 @@ async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int,
             context_pb2.AppendTurnsRequest(
                 user_id=p.turn.user_id,
                 conversation_id=p.conversation_id,
-                # A turn that named no conversation started one (a whole-prompt turn's is derived, maybe old).
-                new_conversation=not p.turn.conversation_id and not p.turn.messages,
+                new_conversation=first_exchange,
                 turns=[
                     context_pb2.Turn(role=types_pb2.ROLE_USER, content=p.turn.message, token_count=user_tokens,
                                      request_id=p.request_id),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import grpc
+import httpx
 import orjson
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc
 from context_svc.turns import context_key, decode_turn
@@ -58,6 +60,34 @@ def test_second_chat_sees_the_first_turn_in_its_context(edge):
     assert second["conversation_id"] == first["conversation_id"]
     # System prompt, the first question, the first answer and the new question.
     assert "4 messages" in second["response"]
+
+
+def store_history_reads(mesh) -> float:
+    text = httpx.get(mesh.up_info()["metrics"]["store"], timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "chatterbot_grpc_server_handled_total" and sample.labels["method"].endswith("ListMessages")
+    )
+
+
+def test_a_conversations_first_turn_is_cached_without_reading_history(mesh, edge, valkey):
+    reads = store_history_reads(mesh)
+    first = edge.post("/chat", json={"message": "A fresh start", "user_id": "user-mesh-fresh"}).json()
+    second = edge.post("/chat", json={"message": "And on", "user_id": "user-mesh-fresh",
+                                      "conversation_id": first["conversation_id"]}).json()
+    assert "4 messages" in second["response"]
+    edge.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Fresh, the OpenAI way"}],
+                                            "user": "user-mesh-fresh"}).raise_for_status()
+    assert store_history_reads(mesh) == reads
+    # A conversation made empty: reading its context asks history (once); storing its first exchange does not.
+    made = edge.post("/conversations", json={"user_id": "user-mesh-fresh", "title": "Empty"}).json()
+    edge.post("/chat", json={"message": "Into the empty one", "user_id": "user-mesh-fresh",
+                             "conversation_id": made["conversation_id"]}).raise_for_status()
+    assert store_history_reads(mesh) == reads + 1
+    assert len(context_turns(valkey, "user-mesh-fresh", first["conversation_id"])) == 4
+    assert len(context_turns(valkey, "user-mesh-fresh", made["conversation_id"])) == 2
 
 
 def test_context_strings_reach_the_model_but_not_the_history(edge, pg):
