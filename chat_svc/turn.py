@@ -76,7 +76,7 @@ class _Prepared:
     started: float
 
 
-async def _prepare(deps: TurnDeps, turn: TurnInput) -> _Prepared:
+async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
     started = time.perf_counter()
     rung = deps.ladder.rung if deps.ladder is not None else Rung.NONE
     if rung >= Rung.SHED:
@@ -104,7 +104,7 @@ async def _prepare(deps: TurnDeps, turn: TurnInput) -> _Prepared:
         sampling.seed = turn.seed
     generate = inference_pb2.GenerateRequest(
         request_id=request_id, model=model, messages=messages, sampling=sampling,
-        cache_only=rung >= Rung.CACHE_ONLY,
+        cache_only=rung >= Rung.CACHE_ONLY, whole=whole,
     )
     return _Prepared(turn, conversation_id, request_id, generate, started)
 
@@ -196,9 +196,13 @@ async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int,
         log.warning("context append failed", exc_info=True, extra={"conversation_id": p.conversation_id})
 
 
-async def stream_turn(deps: TurnDeps, turn: TurnInput) -> AsyncIterator[tuple[str, TurnResult | None]]:
-    """Yield (text delta, None) as the answer is generated, then ("", result) once it is stored."""
-    p = await _prepare(deps, turn)
+async def stream_turn(
+    deps: TurnDeps, turn: TurnInput, *, whole: bool = False
+) -> AsyncIterator[tuple[str, TurnResult | None]]:
+    """Yield (text delta, None) as the answer is generated, then ("", result) once it is stored.
+
+    `whole`: the answer arrives as one delta when it is done (for callers that do not stream it)."""
+    p = await _prepare(deps, turn, whole)
     parts: list[str] = []
     last = inference_pb2.GenerateResponse()
     async for chunk in deps.inference.stream("Generate", p.generate):
@@ -211,7 +215,7 @@ async def stream_turn(deps: TurnDeps, turn: TurnInput) -> AsyncIterator[tuple[st
 
 async def run_turn(deps: TurnDeps, turn: TurnInput) -> TurnResult:
     """Run a whole turn and return the stored answer."""
-    async for _, result in stream_turn(deps, turn):
+    async for _, result in stream_turn(deps, turn, whole=True):
         if result is not None:
             return result
     raise RuntimeError("stream_turn ended without a result")

@@ -95,3 +95,17 @@ async def coalesce(source: AsyncIterator[tuple[str, Delta]]) -> AsyncIterator[tu
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def whole(source: AsyncIterator[tuple[str, Delta]]) -> AsyncIterator[tuple[str, Delta]]:
+    """The whole answer as one delta, once the source is done; closing it early closes the source."""
+    text: list[str] = []
+    tokens = 0
+    last: tuple[str, Delta] | None = None
+    async with contextlib.aclosing(source) as items:
+        async for last in items:
+            text.append(last[1].text)
+            tokens += last[1].token_count
+    if last is not None:
+        model, end = last
+        yield model, Delta("".join(text), tokens, end.finish_reason, end.prompt_tokens, end.completion_tokens)

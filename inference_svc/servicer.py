@@ -19,7 +19,7 @@ from inference_svc.engines.base import (
     UnknownModel,
     UpstreamRejected,
 )
-from inference_svc.generation import Generator, coalesce
+from inference_svc.generation import Generator, coalesce, whole
 
 _ROLES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {"stop": types_pb2.FINISH_REASON_STOP, "length": types_pb2.FINISH_REASON_LENGTH,
@@ -90,7 +90,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             # Cancelling the RPC closes this chain down to the engine: that is the abort.
             deltas = self.generator.generate(gen_request, cache_only=request.cache_only)
-            async for model, delta in coalesce(deltas):
+            async for model, delta in (whole(deltas) if request.whole else coalesce(deltas)):
                 response = inference_pb2.GenerateResponse(text=delta.text, token_count=delta.token_count, model=model)
                 if delta.finish_reason:
                     response.finish_reason = _FINISH[delta.finish_reason]

@@ -226,6 +226,18 @@ async def test_cache_hit_returns_identical_text_and_skips_the_engine(valkey_clie
         assert len(await valkey_client.keys("gen:*")) == keys_before
 
 
+async def test_a_whole_answer_comes_as_one_message_with_the_streamed_text():
+    async with Service(sim_settings(result_cache_ttl_seconds=0)) as svc:
+        streamed = [c async for c in svc.stub.Generate(generate_request("all at once", max_tokens=40, seed=5))]
+        req = generate_request("all at once", max_tokens=40, seed=5)
+        req.whole = True
+        [answer] = [c async for c in svc.stub.Generate(req)]
+        assert len(streamed) > 1
+        assert answer.text == "".join(c.text for c in streamed)
+        assert answer.token_count == 40 and answer.finish_reason == types_pb2.FINISH_REASON_LENGTH
+        assert answer.usage == streamed[-1].usage and answer.model == streamed[-1].model
+
+
 async def test_cache_keys_expire_after_the_configured_ttl(valkey_client):
     async with Service(sim_settings(result_cache_ttl_seconds=30), valkey_client) as svc:
         [c async for c in svc.stub.Generate(generate_request("ttl check", temperature=0.0))]
