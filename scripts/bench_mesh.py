@@ -5,9 +5,13 @@ the same small turn three ways for `--seconds` each at `--concurrency`:
   engine  InferenceService.Generate straight to inference_svc (the floor);
   chat    POST /chat through edge → chat_svc → context → inference → store → context;
   openai  POST /v1/chat/completions, the same path through the OpenAI-compatible route.
-Prints throughput and latency percentiles, and the mesh's added p50 latency over the engine.
+Prints throughput and latency percentiles, the mesh's added p50 latency over the engine, and the CPU time the
+mesh's processes (services, PostgreSQL, Valkey, NATS; not the load generator) spent per request, in all and by
+process: what bounds throughput once the cores are busy, and steadier than latency on a shared machine.
+`--itl-ms` gives the engine a time per token, so the cost of streaming tokens through the mesh shows.
 
     python scripts/bench_mesh.py --seconds 10 --concurrency 16
+    python scripts/bench_mesh.py --seconds 10 --concurrency 1 --max-tokens 64 --itl-ms 1
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 
 from chatterbot.launcher import Mesh
 from chatterbot.settings import Settings
@@ -35,7 +40,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(name: str, call, seconds: float, concurrency: int) -> dict:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) of each process and its children so far."""
+    spent = {}
+    for name, pid in pids.items():
+        try:
+            process = psutil.Process(pid)
+            spent[name] = sum(sum(p.cpu_times()[:2]) for p in (process, *process.children(recursive=True)))
+        except psutil.NoSuchProcess:
+            spent[name] = 0.0
+    return spent
+
+
+async def run(name: str, call, seconds: float, concurrency: int, pids: dict[str, int] | None = None) -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -52,17 +69,22 @@ async def run(name: str, call, seconds: float, concurrency: int) -> dict:
                 errors += 1
             n += 1
 
+    cpu_before = cpu_seconds(pids or {})
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
+    cpu_after = cpu_seconds(pids or {})
+    served = max(1, len(latencies))
+    cpu_ms = {p: (cpu_after[p] - cpu_before[p]) / served * 1000 for p in cpu_after}
     return {
         "name": name, "requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
         "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
-        "mean_ms": statistics.mean(latencies) * 1000,
+        "mean_ms": statistics.mean(latencies) * 1000, "cpu_ms": cpu_ms,
     }
 
 
 async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -> list[dict]:
+    pids = {name: process.pid for name, process in {**mesh.servers, **mesh.services}.items() if process.pid}
     channel = grpc.aio.insecure_channel(mesh.services["inference"].url)
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -89,7 +111,7 @@ async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -
 
     try:
         await run("warm-up", chat, 1.0, concurrency)
-        return [await run(name, call, seconds, concurrency)
+        return [await run(name, call, seconds, concurrency, pids)
                 for name, call in (("engine", engine), ("chat", chat), ("openai", openai))]
     finally:
         await http.aclose()
@@ -101,10 +123,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--itl-ms", type=float, default=0.0, help="the engine's time per token (default 0)")
     args = parser.parse_args()
     settings = Settings(
         _env_file=None, api_keys=[KEY], admin_keys=["bench-admin-key"], log_level="WARNING",
-        sim_ttft_ms=0, sim_prefill_ms_per_token=0, sim_itl_ms=0, sim_itl_at_max_ms=0,
+        sim_ttft_ms=0, sim_prefill_ms_per_token=0, sim_itl_ms=args.itl_ms, sim_itl_at_max_ms=args.itl_ms,
         sim_mean_output_tokens=100_000, sim_max_num_seqs=256, result_cache_ttl_seconds=0,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,11 +138,14 @@ def main() -> int:
         finally:
             mesh.stop()
     print(f"$ python scripts/bench_mesh.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
-          f"--max-tokens {args.max_tokens}")
-    print(f"{'path':<8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+          f"--max-tokens {args.max_tokens} --itl-ms {args.itl_ms:g}")
+    print(f"{'path':<8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>11}")
     for r in results:
         print(f"{r['name']:<8} {r['requests']:>9} {r['errors']:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.2f} "
-              f"{r['p99_ms']:>8.2f}")
+              f"{r['p99_ms']:>8.2f} {sum(r['cpu_ms'].values()):>11.2f}")
+    print("CPU ms per request by process:")
+    for r in results:
+        print(f"  {r['name']:<7} " + "  ".join(f"{p} {ms:.2f}" for p, ms in r["cpu_ms"].items() if ms >= 0.005))
     engine = results[0]
     for r in results[1:]:
         print(f"{r['name']}: adds {r['p50_ms'] - engine['p50_ms']:.2f} ms at p50 over the engine; "
