@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
@@ -31,21 +32,38 @@ def is_final(event: dict) -> bool:
 
 
 class EventFanout:
-    """Live events of every job, handed to the local watchers of each correlation id."""
+    """Live events of every job, handed to the local watchers of each correlation id.
 
-    def __init__(self, nc: NATS) -> None:
+    Every `keepalive_seconds` one timer hands every live watcher a None, which `watch(keepalive=True)` passes
+    on (an SSE stream sends a keep-alive comment for it): idle streams need no timer of their own.
+    """
+
+    def __init__(self, nc: NATS, keepalive_seconds: float = 15.0) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self.jsm = nc.jsm()
+        self.keepalive_seconds = keepalive_seconds
         self._watchers: dict[str, set[asyncio.Queue]] = defaultdict(set)
         self._sub = None
+        self._ticker: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(EVENTS_SUBJECT_PREFIX + ">", cb=self._on_event)
+        self._ticker = asyncio.create_task(self._tick())
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive_seconds)
+            for watchers in list(self._watchers.values()):
+                for queue in watchers:
+                    queue.put_nowait(None)
 
     async def _on_event(self, msg) -> None:
         watchers = self._watchers.get(msg.subject[len(EVENTS_SUBJECT_PREFIX):])
@@ -55,8 +73,10 @@ class EventFanout:
         for queue in watchers:
             queue.put_nowait(event)
 
-    async def watch(self, correlation_id: str, after_seq: int = 0) -> AsyncIterator[dict]:
-        """Events with seq > after_seq, retained ones first, until the final one (done or error)."""
+    async def watch(self, correlation_id: str, after_seq: int = 0, *, keepalive: bool = False
+                    ) -> AsyncIterator[dict | None]:
+        """Events with seq > after_seq, retained ones first, until the final one (done or error); with
+        `keepalive`, also a None every `keepalive_seconds` while the job is live."""
         queue: asyncio.Queue = asyncio.Queue()
         # Subscribe before replaying, so nothing published during the replay falls between the two.
         self._watchers[correlation_id].add(queue)
@@ -69,6 +89,10 @@ class EventFanout:
                     return
             while True:
                 event = await queue.get()
+                if event is None:
+                    if keepalive:
+                        yield None
+                    continue
                 if event["seq"] <= last:
                     continue  # already sent by the replay
                 last = event["seq"]
@@ -88,16 +112,18 @@ class EventFanout:
             await self.js.get_last_msg(EVENTS_STREAM, subject)
         except nats.js.errors.NotFoundError:
             return  # nothing retained (not started yet, or expired)
-        sub = await self.js.pull_subscribe(
-            subject,
-            stream=EVENTS_STREAM,
-            config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_policy=api.AckPolicy.NONE,
-                inactive_threshold=30.0,
-                mem_storage=True,
-            ),
-        )
+        # Named here so that it can be deleted at once after the replay: NATS caps the consumers of a stream
+        # (1,000 by default), and one left for its inactivity timeout would hold a place for 30 s per viewer.
+        name = "replay-" + uuid.uuid4().hex
+        await self.jsm.add_consumer(EVENTS_STREAM, api.ConsumerConfig(
+            name=name,
+            filter_subject=subject,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=30.0,  # a backstop, should the delete below not happen
+            mem_storage=True,
+        ))
+        sub = await self.js.pull_subscribe_bind(consumer=name, stream=EVENTS_STREAM)
         try:
             while True:
                 try:
@@ -113,6 +139,8 @@ class EventFanout:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.jsm.delete_consumer(EVENTS_STREAM, name)
 
 
 async def last_event_seq(js, correlation_id: str) -> int:

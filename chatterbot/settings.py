@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     edge_keepalive_seconds: float = Field(
         75.0, description="idle keep-alive of client connections; keep it above the proxy's upstream idle timeout"
     )
+    sse_keepalive_seconds: float = Field(
+        15.0, gt=0, description="an idle server-sent event stream gets a keep-alive comment this often"
+    )
 
     # --- tracing: W3C trace context always flows; spans are exported over OTLP/HTTP when this is set ---
     otel_exporter_otlp_endpoint: str = Field("", description="e.g. http://otel-collector:4318")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -36,7 +37,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.health = MeshHealth(settings)
         # One NATS connection and one event subscription per edge process, shared by every SSE stream.
         app.state.nc = await connect(settings, "chatterbot-edge")
-        app.state.fanout = EventFanout(app.state.nc)
+        app.state.fanout = EventFanout(app.state.nc, keepalive_seconds=settings.sse_keepalive_seconds)
+        # Set when the edge begins to shut down (edge.main): queued streams end so clients resume elsewhere.
+        app.state.draining = asyncio.Event()
+        app.state.loop = asyncio.get_running_loop()
         await app.state.fanout.start()
         try:
             yield
@@ -64,5 +68,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(history.router)
     app.include_router(openai.router)
     # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="livez,readyz,metrics")
+    # No span per ASGI send/receive: a stream would open one per event.
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="livez,readyz,metrics", exclude_spans=["receive", "send"])
     return app

@@ -8,11 +8,13 @@ cancels the call (the gRPC call, and with it the generation in the engine) when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 T = TypeVar("T")
 
@@ -24,25 +26,38 @@ class ClientDisconnected(Exception):
     """The client hung up before its answer was ready."""
 
 
-async def _disconnect(request: Request) -> None:
+async def _disconnect(receive: Receive) -> None:
     # The body is read already; what is left to receive is the disconnect (or the end of the response).
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def until_disconnected(receive: Receive, call: Awaitable[T], stop: asyncio.Event | None = None) -> T | None:
+    """The result of `call`; raises `ClientDisconnected` if the client leaves first, and returns None if `stop`
+    is set first. Either way `call` is cancelled, and its cleanup has run when this returns."""
+    work = asyncio.ensure_future(call)
+    watchers = [asyncio.ensure_future(_disconnect(receive))]
+    if stop is not None:
+        watchers.append(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait((work, *watchers), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in watchers:
+            task.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if not work.cancelled():
+        return work.result()
+    if watchers[0].done() and not watchers[0].cancelled():
+        raise ClientDisconnected()
+    return None
 
 
 async def unless_disconnected(request: Request, call: Awaitable[T]) -> T:
     """The result of `call`; raises `ClientDisconnected` (and cancels `call`) if the client leaves first."""
-    work = asyncio.ensure_future(call)
-    gone = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-    if work.done() and not work.cancelled():
-        return work.result()
-    raise ClientDisconnected()
+    return await until_disconnected(request.receive, call)  # type: ignore[return-value]
 
 
 def install_disconnect_handler(app: FastAPI) -> None:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-import uvicorn
+from types import FrameType
 
-from chatterbot.grpc_server import start_metrics_server
+import uvicorn
+from fastapi import FastAPI
+
+from chatterbot.grpc_server import start_metrics_server, tune_gc
 from chatterbot.logs import configure_logging
 from chatterbot.settings import get_settings
 from chatterbot.tracing import setup_tracing, shutdown_tracing
 from edge.app import create_app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, telling the app the moment shutdown begins (`app.state.draining`), before connections close."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = self.app.state
+        if getattr(state, "draining", None) is not None:
+            state.loop.call_soon_threadsafe(state.draining.set)
+        super().handle_exit(sig, frame)
 
 
 def main() -> None:
@@ -16,8 +33,10 @@ def main() -> None:
     configure_logging("edge", settings.log_level, settings.log_json)
     setup_tracing("edge", settings)
     start_metrics_server(settings.metrics_port)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    tune_gc()
+    config = uvicorn.Config(
+        app,
         host=settings.bind_host,
         port=settings.edge_port,
         log_config=None,
@@ -29,6 +48,7 @@ def main() -> None:
         loop="asyncio",
         http="httptools",
     )
+    DrainingServer(config, app).run()
     shutdown_tracing()
 
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import grpc
 import orjson
 from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse
 
 from chatterbot.api_keys import API_KEY_METADATA
 from chatterbot.breaker import CircuitOpenError
@@ -16,6 +15,7 @@ from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.disconnects import unless_disconnected
+from edge.sse import EventStreamResponse, with_pings
 from edge.problems import ProblemError, problem_for_downstream
 from edge.rate_limits import RATE_LIMITED_RESPONSE
 from edge.protocol import ChatRequest, ChatResponse, Problem
@@ -65,7 +65,7 @@ async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(req
     await authorize_turn(request, caller, body.user_id, body.max_tokens)
     metadata = ((API_KEY_METADATA, caller.key),)
     if body.stream:
-        return await _stream(state.chat, turn, metadata)
+        return await _stream(state.chat, turn, metadata, state.settings.sse_keepalive_seconds)
     try:
         reply = await unless_disconnected(
             request, state.chat.unary("Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata))
@@ -75,7 +75,7 @@ async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(req
                         processing_time=reply.processing_time)
 
 
-async def _stream(chat, turn: chat_pb2.ChatTurn, metadata) -> EventSourceResponse:
+async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, keepalive_seconds: float) -> EventStreamResponse:
     stream = chat.stream("StreamChat", chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
     try:
         # Wait for the first message so that an unavailable mesh is a 503, not a broken stream.
@@ -112,4 +112,4 @@ async def _stream(chat, turn: chat_pb2.ChatTurn, metadata) -> EventSourceRespons
             # Closing the guarded stream cancels the gRPC call, and with it the generation.
             await stream.aclose()
 
-    return EventSourceResponse(events(), ping=15)
+    return EventStreamResponse(with_pings(events(), keepalive_seconds))

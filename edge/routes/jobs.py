@@ -9,7 +9,6 @@ import nats.errors
 import nats.js.errors
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
-from sse_starlette import EventSourceResponse
 
 from chatterbot.api_keys import API_KEY_METADATA
 from chatterbot.breaker import CircuitOpenError
@@ -17,6 +16,7 @@ from chatterbot.jetstream import JOBS_STREAM, PRIORITIES, DLQ_STREAM, EVENTS_STR
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_admin, require_key
 from edge.problems import ProblemError, problem_for_downstream
+from edge.sse import EventStreamResponse
 from edge.protocol import (
     AsyncChatAccepted,
     ChatRequest,
@@ -31,7 +31,6 @@ from edge.routes.chat import _ERRORS, to_chat_turn
 
 router = APIRouter(tags=["queued chats"])
 _NOT_FOUND = {404: {"model": Problem, "description": "Unknown correlation id"}}
-KEEPALIVE_SECONDS = 15
 
 
 def _metadata(caller: Caller) -> tuple:
@@ -120,9 +119,12 @@ async def stream(
         raise ProblemError(422, "Last-Event-ID must be an event id of this stream") from None
     fanout = request.app.state.fanout
 
-    async def events() -> AsyncIterator[dict]:
+    async def events() -> AsyncIterator[dict | None]:
         seen = after
-        async for event in fanout.watch(correlation_id, after):
+        async for event in fanout.watch(correlation_id, after, keepalive=True):
+            if event is None:
+                yield None  # keep-alive
+                continue
             seen = event["seq"]
             yield _sse(event)
             if event.get("done"):
@@ -136,7 +138,8 @@ async def stream(
             yield _sse({"seq": after + 2, "token": "", "done": True, "conversation_id": result.conversation_id})
             yield {"id": str(after + 3), "data": "[DONE]"}
 
-    return EventSourceResponse(events(), ping=KEEPALIVE_SECONDS)
+    # Draining, the edge ends these streams at once: the client resumes on another replica (Last-Event-ID).
+    return EventStreamResponse(events(), stop=request.app.state.draining)
 
 
 @router.delete("/stream/{correlation_id}", responses={**_ERRORS, **_NOT_FOUND})

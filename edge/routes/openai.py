@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from edge.responses import JSONBytesResponse
 from fastapi.routing import APIRoute
-from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatterbot.api_keys import API_KEY_METADATA
@@ -29,6 +28,7 @@ from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelList, OpenAIProblem
 from edge.disconnects import unless_disconnected
+from edge.sse import EventStreamResponse, with_pings
 from edge.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_for_downstream
 from edge.protocol import CONVERSATION_ID_PATTERN
 
@@ -179,7 +179,8 @@ async def chat_completions(
     metadata = ((API_KEY_METADATA, caller.key),)
     created = int(time.time())
     if body.stream:
-        return await _stream(state.chat, turn, metadata, body, created, body.model or settings.model_name)
+        return await _stream(state.chat, turn, metadata, body, created, body.model or settings.model_name,
+                             settings.sse_keepalive_seconds)
     try:
         # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
         reply = await unless_disconnected(request, state.chat.unary(
@@ -203,7 +204,7 @@ async def chat_completions(
 
 
 async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, body: ChatCompletionRequest, created: int,
-                  model: str) -> EventSourceResponse:
+                  model: str, keepalive_seconds: float) -> EventStreamResponse:
     stream = chat.stream("StreamChat", chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
     try:
         # Wait for the first message so that an unavailable mesh is a 503, not a broken stream.
@@ -252,7 +253,7 @@ async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, body: ChatCompletionR
             await stream.aclose()
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), ping=15)
+    return EventStreamResponse(with_pings(events(), keepalive_seconds))
 
 
 @router.get("/models", response_model=ModelList, responses={k: _ERRORS[k] for k in (401, 403, 429, 503, 504)})

@@ -1,0 +1,103 @@
+"""Server-sent events, lean enough for one edge process to hold ten thousand streams.
+
+`EventStreamResponse` sends the events of an async iterator: a dict (`data`, optional `id` and `event`) is one
+event, `None` a keep-alive comment. Per stream it costs the response's own task plus one that waits for the
+client to hang up (then the iterator is closed at once: a gRPC stream behind it is cancelled, and with it the
+generation). Keep-alives come from the source: `with_pings` adds them to any iterator; the queued-stream
+fan-out (chatterbot.events) sends them to all of its watchers from one timer, so an idle stream costs no timer
+of its own. `stop`, when it is set (the edge is draining), ends the stream: a queued stream's client resumes
+on another replica with Last-Event-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import TypeVar
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from edge.disconnects import ClientDisconnected, until_disconnected
+
+T = TypeVar("T")
+
+_SEP = "\r\n"
+PING = b": ping\r\n\r\n"
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Connection": "keep-alive",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+}
+
+
+def encode(event: Mapping[str, str]) -> bytes:
+    """One event in the text/event-stream format."""
+    lines = []
+    if "id" in event:
+        lines.append(f"id: {event['id']}")
+    if "event" in event:
+        lines.append(f"event: {event['event']}")
+    lines.extend(f"data: {line}" for line in str(event.get("data", "")).splitlines() or [""])
+    return (_SEP.join(lines) + _SEP + _SEP).encode()
+
+
+async def with_pings(source: AsyncIterator[T], seconds: float) -> AsyncIterator[T | None]:
+    """The items of `source`, and None whenever `seconds` pass without one."""
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait((pending,), timeout=seconds)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        with contextlib.suppress(AttributeError):
+            await source.aclose()
+
+
+class EventStreamResponse(Response):
+    """A `text/event-stream` response of `events` (dicts are events, None keep-alives)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[Mapping[str, str] | None], *, stop: asyncio.Event | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.events = events
+        self.stop = stop
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            finished = await until_disconnected(receive, self._pump(send), self.stop)
+        except ClientDisconnected:
+            return  # nobody to tell; the events' source is closed below
+        finally:
+            with contextlib.suppress(AttributeError):
+                await self.events.aclose()  # type: ignore[attr-defined]
+        if not finished:  # stopped: end the response here
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump(self, send: Send) -> bool:
+        async for event in self.events:
+            body = PING if event is None else encode(event)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
