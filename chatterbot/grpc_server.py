@@ -9,6 +9,7 @@ shutdown on SIGTERM/SIGINT that stops taking calls and drains the ones in flight
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -228,6 +229,15 @@ def _exit_if_shutdown_hangs(seconds: float) -> None:
     timer.start()
 
 
+def tune_gc() -> None:
+    """For a long-running server: what start-up made (modules, settings, stubs) leaves the cyclic collector's
+    view, and young collections run every 10,000 allocations instead of 700. A process holding thousands of
+    streams otherwise spends much of its time re-scanning the same long-lived objects."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]]) -> None:
     """Entry point of `chatterbot serve <name>` for a gRPC service."""
     from chatterbot.settings import get_settings
@@ -236,6 +246,7 @@ def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextMan
     configure_logging(name, settings.log_level, settings.log_json)
     setup_tracing(name, settings)
     start_metrics_server(settings.metrics_port)
+    tune_gc()
     try:
         asyncio.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
     finally:
