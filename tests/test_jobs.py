@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Iterator
 
 import httpx
 import orjson
+import pytest
 
-from tests.conftest import ADMIN_KEY, API_KEY
+from chatterbot.embedded import free_port
+from chatterbot.launcher import Mesh, ServiceProcess
+from tests.conftest import ADMIN_KEY, API_KEY, own_mesh
 
 
 def wait_done(edge: httpx.Client, correlation_id: str, timeout: float = 30) -> dict:
@@ -126,6 +131,19 @@ def test_finished_stream_replays_whole(edge):
     assert tokens_after_last_restart(events) == done["response"]
 
 
+def test_replays_leave_no_consumer_behind(edge):
+    cid = edge.post("/stream-chat", json={"message": "replay me often", "user_id": "user-stream-4"}).json()[
+        "correlation_id"
+    ]
+    wait_done(edge, cid)
+    admin = {"X-API-Key": ADMIN_KEY}
+    before = edge.get("/debug/queue-stats", headers=admin).json()["response_queue"]["consumer_count"]
+    for _ in range(3):
+        assert read_stream(edge, cid)[-1][2] == "[DONE]"
+    # NATS caps a stream's consumers (1,000 by default): a replay's consumer goes as soon as it is read.
+    assert edge.get("/debug/queue-stats", headers=admin).json()["response_queue"]["consumer_count"] == before
+
+
 def test_queue_stats_need_an_admin_key(edge, mesh):
     assert edge.get("/debug/queue-stats").status_code == 403
     r = edge.get("/debug/queue-stats", headers={"X-API-Key": ADMIN_KEY})
@@ -192,3 +210,58 @@ def cid_user(correlation_id: str) -> str:
     from chat_svc.jobs import user_of
 
     return user_of(correlation_id)
+
+
+# --- keep-alives, and a draining edge handing its streams over to another replica ---
+
+
+@pytest.fixture(scope="module")
+def paced_mesh(servers, tmp_path_factory) -> Iterator[Mesh]:
+    """A mesh whose answers start after a second and then take a few seconds; keep-alives every 0.2 s."""
+    with own_mesh(servers, tmp_path_factory, "jobs-paced-mesh", own_nats=True, sse_keepalive_seconds=0.2,
+                  sim_ttft_ms=1000, sim_itl_ms=20, sim_itl_at_max_ms=20, sim_mean_output_tokens=10_000) as mesh:
+        yield mesh
+
+
+def test_an_idle_stream_gets_keepalive_comments(paced_mesh):
+    with httpx.Client(base_url=paced_mesh.edge_url, headers={"X-API-Key": API_KEY}, timeout=30) as edge:
+        cid = edge.post("/stream-chat", json={"message": "take your time", "user_id": "user-paced-1",
+                                              "max_tokens": 10}).json()["correlation_id"]
+        lines = []
+        with edge.stream("GET", f"/stream/{cid}") as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data:"):
+                    break
+    # The first token is a second away: the wait is filled with comments, which SSE clients ignore.
+    assert lines.count(": ping") >= 2, lines
+
+
+def test_a_draining_edge_ends_queued_streams_and_another_replica_resumes_them(paced_mesh, tmp_path):
+    edge_process = ServiceProcess("edge", tmp_path, free_port(), dict(paced_mesh.services["edge"].env))
+    edge_process.env["CHATTERBOT_EDGE_PORT"] = str(edge_process.port)
+    edge_process.env["CHATTERBOT_METRICS_PORT"] = "0"
+    edge_process.start()
+    with httpx.Client(base_url=edge_process.url, headers={"X-API-Key": API_KEY}, timeout=30) as draining:
+        cid = draining.post("/stream-chat", json={"message": "hand me over", "user_id": "user-paced-2",
+                                                  "max_tokens": 150}).json()["correlation_id"]
+        first: list[tuple[str, str, str]] = []
+        began = time.monotonic()
+        with draining.stream("GET", f"/stream/{cid}") as r:
+            for line in r.iter_lines():
+                if line.startswith("id:"):
+                    first.append((line[3:].strip(), "message", ""))
+                elif line.startswith("data:") and first:
+                    first[-1] = (first[-1][0], "message", line[5:].strip())
+                    if len(first) == 3:
+                        edge_process._proc.send_signal(signal.SIGTERM)
+                        began = time.monotonic()
+        # The stream ended at once, not when the answer (about 3 s more) or the drain's grace period did.
+        assert time.monotonic() - began < 2
+    edge_process.stop()
+    assert 3 <= len(first) < 150
+    with httpx.Client(base_url=paced_mesh.edge_url, headers={"X-API-Key": API_KEY}, timeout=30) as other:
+        rest = read_stream(other, cid, last_event_id=first[-1][0])
+        everything = first + rest
+        assert [int(i) for i, _, _ in everything] == list(range(1, len(everything) + 1))
+        assert tokens_after_last_restart(everything) == wait_done(other, cid)["response"]
