@@ -31,11 +31,41 @@ def is_final(event: dict) -> bool:
     return bool(event.get("done") or event.get("error"))
 
 
+# Handed to every watcher when the process drains: its stream ends, and its client resumes elsewhere.
+_DRAIN: dict = {}
+
+
+class _Mailbox:
+    """One watcher's pending events: a list and at most one waiting reader (an asyncio.Queue costs several
+    times the memory, and an edge holds ten thousand of these)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self):
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.pop(0)
+
+
 class EventFanout:
     """Live events of every job, handed to the local watchers of each correlation id.
 
     Every `keepalive_seconds` one timer hands every live watcher a None, which `watch(keepalive=True)` passes
-    on (an SSE stream sends a keep-alive comment for it): idle streams need no timer of their own.
+    on (an SSE stream sends a keep-alive comment for it): idle streams need no timer of their own. `drain()`
+    ends every watch at once.
     """
 
     def __init__(self, nc: NATS, keepalive_seconds: float = 15.0) -> None:
@@ -43,7 +73,7 @@ class EventFanout:
         self.js = nc.jetstream()
         self.jsm = nc.jsm()
         self.keepalive_seconds = keepalive_seconds
-        self._watchers: dict[str, set[asyncio.Queue]] = defaultdict(set)
+        self._watchers: dict[str, set[_Mailbox]] = defaultdict(set)
         self._sub = None
         self._ticker: asyncio.Task | None = None
 
@@ -61,25 +91,32 @@ class EventFanout:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.keepalive_seconds)
-            for watchers in list(self._watchers.values()):
-                for queue in watchers:
-                    queue.put_nowait(None)
+            self._hand_everyone(None)
+
+    def _hand_everyone(self, item) -> None:
+        for watchers in list(self._watchers.values()):
+            for mailbox in watchers:
+                mailbox.put(item)
+
+    def drain(self) -> None:
+        """End every watch now (the process is shutting down; watchers resume elsewhere)."""
+        self._hand_everyone(_DRAIN)
 
     async def _on_event(self, msg) -> None:
         watchers = self._watchers.get(msg.subject[len(EVENTS_SUBJECT_PREFIX):])
         if not watchers:
             return
         event = orjson.loads(msg.data)
-        for queue in watchers:
-            queue.put_nowait(event)
+        for mailbox in watchers:
+            mailbox.put(event)
 
     async def watch(self, correlation_id: str, after_seq: int = 0, *, keepalive: bool = False
                     ) -> AsyncIterator[dict | None]:
         """Events with seq > after_seq, retained ones first, until the final one (done or error); with
-        `keepalive`, also a None every `keepalive_seconds` while the job is live."""
-        queue: asyncio.Queue = asyncio.Queue()
+        `keepalive`, also a None every `keepalive_seconds` while the job is live. Ends early on `drain()`."""
+        mailbox = _Mailbox()
         # Subscribe before replaying, so nothing published during the replay falls between the two.
-        self._watchers[correlation_id].add(queue)
+        self._watchers[correlation_id].add(mailbox)
         try:
             last = after_seq
             async for event in self.replay(correlation_id, after_seq):
@@ -88,7 +125,9 @@ class EventFanout:
                 if is_final(event):
                     return
             while True:
-                event = await queue.get()
+                event = await mailbox.get()
+                if event is _DRAIN:
+                    return
                 if event is None:
                     if keepalive:
                         yield None
@@ -101,7 +140,7 @@ class EventFanout:
                     return
         finally:
             watchers = self._watchers[correlation_id]
-            watchers.discard(queue)
+            watchers.discard(mailbox)
             if not watchers:
                 del self._watchers[correlation_id]
 

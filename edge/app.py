@@ -38,8 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         # One NATS connection and one event subscription per edge process, shared by every SSE stream.
         app.state.nc = await connect(settings, "chatterbot-edge")
         app.state.fanout = EventFanout(app.state.nc, keepalive_seconds=settings.sse_keepalive_seconds)
-        # Set when the edge begins to shut down (edge.main): queued streams end so clients resume elsewhere.
-        app.state.draining = asyncio.Event()
+        # edge.main drains the fan-out when shutdown begins: queued streams end so clients resume elsewhere.
         app.state.loop = asyncio.get_running_loop()
         await app.state.fanout.start()
         try:

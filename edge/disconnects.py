@@ -32,32 +32,27 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnected(receive: Receive, call: Awaitable[T], stop: asyncio.Event | None = None) -> T | None:
-    """The result of `call`; raises `ClientDisconnected` if the client leaves first, and returns None if `stop`
-    is set first. Either way `call` is cancelled, and its cleanup has run when this returns."""
+async def until_disconnected(receive: Receive, call: Awaitable[T]) -> T:
+    """The result of `call`; raises `ClientDisconnected` if the client leaves first, once `call` is cancelled
+    and its cleanup has run."""
     work = asyncio.ensure_future(call)
-    watchers = [asyncio.ensure_future(_disconnect(receive))]
-    if stop is not None:
-        watchers.append(asyncio.ensure_future(stop.wait()))
+    gone = asyncio.ensure_future(_disconnect(receive))
     try:
-        await asyncio.wait((work, *watchers), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in watchers:
-            task.cancel()
+        gone.cancel()
         if not work.done():
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-    if not work.cancelled():
-        return work.result()
-    if watchers[0].done() and not watchers[0].cancelled():
+    if work.cancelled():
         raise ClientDisconnected()
-    return None
+    return work.result()
 
 
 async def unless_disconnected(request: Request, call: Awaitable[T]) -> T:
     """The result of `call`; raises `ClientDisconnected` (and cancels `call`) if the client leaves first."""
-    return await until_disconnected(request.receive, call)  # type: ignore[return-value]
+    return await until_disconnected(request.receive, call)
 
 
 def install_disconnect_handler(app: FastAPI) -> None:

@@ -15,7 +15,7 @@ from edge.app import create_app
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, telling the app the moment shutdown begins (`app.state.draining`), before connections close."""
+    """uvicorn, draining the app's queued streams the moment shutdown begins, before connections close."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
@@ -23,8 +23,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.app.state
-        if getattr(state, "draining", None) is not None:
-            state.loop.call_soon_threadsafe(state.draining.set)
+        if getattr(state, "fanout", None) is not None:
+            state.loop.call_soon_threadsafe(state.fanout.drain)
         super().handle_exit(sig, frame)
 
 

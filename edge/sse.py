@@ -5,8 +5,8 @@ event, `None` a keep-alive comment. Per stream it costs the response's own task 
 client to hang up (then the iterator is closed at once: a gRPC stream behind it is cancelled, and with it the
 generation). Keep-alives come from the source: `with_pings` adds them to any iterator; the queued-stream
 fan-out (chatterbot.events) sends them to all of its watchers from one timer, so an idle stream costs no timer
-of its own. `stop`, when it is set (the edge is draining), ends the stream: a queued stream's client resumes
-on another replica with Last-Event-ID.
+of its own; it also ends them all when the edge drains, so their clients resume on another replica with
+Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -75,10 +75,9 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[Mapping[str, str] | None], *, stop: asyncio.Event | None = None,
+    def __init__(self, events: AsyncIterator[Mapping[str, str] | None], *,
                  headers: Mapping[str, str] | None = None) -> None:
         self.events = events
-        self.stop = stop
         self.status_code = 200
         self.background = None
         self.init_headers({**_HEADERS, **(headers or {})})
@@ -86,18 +85,15 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
-            finished = await until_disconnected(receive, self._pump(send), self.stop)
+            await until_disconnected(receive, self._pump(send))
         except ClientDisconnected:
-            return  # nobody to tell; the events' source is closed below
+            pass  # nobody to tell; the events' source is closed below
         finally:
             with contextlib.suppress(AttributeError):
                 await self.events.aclose()  # type: ignore[attr-defined]
-        if not finished:  # stopped: end the response here
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _pump(self, send: Send) -> bool:
+    async def _pump(self, send: Send) -> None:
         async for event in self.events:
             body = PING if event is None else encode(event)
             await send({"type": "http.response.body", "body": body, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return True

@@ -138,8 +138,9 @@ async def stream(
             yield _sse({"seq": after + 2, "token": "", "done": True, "conversation_id": result.conversation_id})
             yield {"id": str(after + 3), "data": "[DONE]"}
 
-    # Draining, the edge ends these streams at once: the client resumes on another replica (Last-Event-ID).
-    return EventStreamResponse(events(), stop=request.app.state.draining)
+    # Draining, the edge ends these streams at once (EventFanout.drain): the client resumes on another replica
+    # with Last-Event-ID.
+    return EventStreamResponse(events())
 
 
 @router.delete("/stream/{correlation_id}", responses={**_ERRORS, **_NOT_FOUND})
