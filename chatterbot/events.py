@@ -119,11 +119,13 @@ class EventFanout:
         self._watchers[correlation_id].add(mailbox)
         try:
             last = after_seq
-            async for event in self.replay(correlation_id, after_seq):
-                last = event["seq"]
-                yield event
-                if is_final(event):
-                    return
+            # Closed as soon as it is read (or left), so that its JetStream consumer goes at once.
+            async with contextlib.aclosing(self.replay(correlation_id, after_seq)) as retained:
+                async for event in retained:
+                    last = event["seq"]
+                    yield event
+                    if is_final(event):
+                        return
             while True:
                 event = await mailbox.get()
                 if event is _DRAIN:

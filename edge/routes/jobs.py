@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -121,17 +122,18 @@ async def stream(
 
     async def events() -> AsyncIterator[dict | None]:
         seen = after
-        async for event in fanout.watch(correlation_id, after, keepalive=True):
-            if event is None:
-                yield None  # keep-alive
-                continue
-            seen = event["seq"]
-            yield _sse(event)
-            if event.get("done"):
-                yield {"id": str(seen + 1), "data": "[DONE]"}
-                return
-            if event.get("error"):
-                return
+        async with contextlib.aclosing(fanout.watch(correlation_id, after, keepalive=True)) as watched:
+            async for event in watched:
+                if event is None:
+                    yield None  # keep-alive
+                    continue
+                seen = event["seq"]
+                yield _sse(event)
+                if event.get("done"):
+                    yield {"id": str(seen + 1), "data": "[DONE]"}
+                    return
+                if event.get("error"):
+                    return
         if seen == after and result.status == types_pb2.JOB_STATUS_SUCCEEDED:
             # Finished and no longer retained: the stored answer, whole.
             yield _sse({"seq": after + 1, "token": result.response})
