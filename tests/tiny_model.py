@@ -43,7 +43,7 @@ CONFIG = {
     "num_hidden_layers": 2,
     "intermediate_size": 256,
     "vocab_size": 512,
-    "max_position_embeddings": 2048,
+    "max_position_embeddings": 8192,
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
