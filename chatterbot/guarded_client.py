@@ -275,15 +275,8 @@ class GuardedClient:
     ) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK.name
-        call = rpc(request, timeout=_time_left(deadline), metadata=metadata)
         try:
-            return await call
-        except asyncio.CancelledError:
-            # An intercepted call (tracing) runs in a task of its own that the caller's cancellation does not
-            # reach: cancel the RPC itself, so the server stops working for nobody.
-            call.cancel()
-            code = "CANCELLED"
-            raise
+            return await rpc(request, timeout=_time_left(deadline), metadata=metadata)
         except BaseException as exc:
             code = _code_of(exc)
             raise
