@@ -1,9 +1,9 @@
 """Recent turns of a conversation: a capped Redis list of zstd-compressed turns with an idle TTL.
 
 Ordering (README, "Context"): every change to a conversation's list happens under that conversation's Redis
-lock (SET NX with a token and an expiry, as redis-py's `Lock`: it frees itself after `lock_timeout` if its
-holder died). An append takes the lock and reads the list's tail in one round trip, and writes its turns and
-frees the lock in a second. Under the lock:
+lock (SET NX with a token and an expiry, the protocol of redis-py's `Lock`: it frees itself after
+`lock_timeout` if its holder died). A change takes the lock and reads the list in one round trip, and writes
+and frees the lock in a second. Under the lock:
 - the turns of one append stay together and in the order given, and appends never interleave;
 - appended turns are kept in the order of their `created_at`, which the servicer stamps when a request
   arrives, before it waits for the lock: appends racing for the lock end up in arrival order either way.
@@ -19,17 +19,17 @@ frees the lock in a second. Under the lock:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import orjson
 import redis.asyncio as redis
 import zstandard
 from redis.asyncio.client import Pipeline
-from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from chatterbot.tokens import approx_token_count
@@ -140,15 +140,6 @@ class TurnStore:
         self.lock_wait = lock_timeout if lock_wait is None else lock_wait
         self.count_tokens = count_tokens
 
-    def lock(self, user_id: str, conversation_id: str) -> Lock:
-        """The conversation's lock: `async with` it to hold it (raises `LockError` after `lock_wait`)."""
-        return self.client.lock(
-            lock_key(user_id, conversation_id),
-            timeout=self.lock_timeout,
-            sleep=LOCK_POLL_SECONDS,
-            blocking_timeout=self.lock_wait,
-        )
-
     async def append(
         self, user_id: str, conversation_id: str, turns: list[Turn], *, new_conversation: bool = False
     ) -> int:
@@ -162,31 +153,12 @@ class TurnStore:
             replace(t, token_count=t.token_count or self.count_tokens(t.content), order=t.created_at) for t in turns
         ]
         key = context_key(user_id, conversation_id)
-        held = _Held(lock_key(user_id, conversation_id), secrets.token_hex(16))
-        tail = await self._lock_and_read_tail(held, key)
-        try:
+        async with self._locked(user_id, conversation_id, -TAIL_TURNS) as (held, tail):
             if tail:
                 return await self._append_after(key, [_turn(raw) for raw in tail], turns, held)
             if new_conversation:
                 return await self._replace(key, turns, held)
             return await self._rebuild(key, user_id, conversation_id, turns, held)
-        finally:
-            if not held.released:
-                await self.client.eval(_RELEASE, 1, held.name, held.token)
-
-    async def _lock_and_read_tail(self, held: _Held, key: str) -> list[bytes]:
-        """Take the lock and read the newest turns in one round trip; `LockError` after `lock_wait`."""
-        give_up = time.monotonic() + self.lock_wait
-        while True:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(held.name, held.token, nx=True, px=max(1, int(self.lock_timeout * 1000)))
-                pipe.lrange(key, -TAIL_TURNS, -1)
-                taken, tail = await pipe.execute()
-            if taken:
-                return tail
-            if time.monotonic() >= give_up:
-                raise LockError(f"context lock {held.name} still held after {self.lock_wait:g} s")
-            await asyncio.sleep(LOCK_POLL_SECONDS)
 
     async def read(self, user_id: str, conversation_id: str) -> tuple[list[Turn], bool] | None:
         """All kept turns, oldest first, and whether they were just rebuilt from history; None when the
@@ -197,16 +169,38 @@ class TurnStore:
             return [_turn(item) for item in raw], False
         if self.history is None:
             return None
-        async with self.lock(user_id, conversation_id):
+        async with self._locked(user_id, conversation_id, 0) as (held, raw):
             # An append or another reader may have filled it while this one waited for the lock.
-            raw = await self.client.lrange(key, 0, -1)
             if raw:
                 return [_turn(item) for item in raw], False
             loaded = await self.history(user_id, conversation_id, self.max_turns)
             if not loaded:
                 return None
-            await self._replace(key, loaded)
+            await self._replace(key, loaded, held)
             return loaded, True
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, user_id: str, conversation_id: str, start: int) -> AsyncIterator[tuple[_Held, list]]:
+        """Hold the conversation's lock, with its list from `start` read in the same round trip; the lock is
+        freed on leaving unless a write already freed it. `LockError` after `lock_wait`."""
+        key = context_key(user_id, conversation_id)
+        held = _Held(lock_key(user_id, conversation_id), secrets.token_hex(16))
+        give_up = time.monotonic() + self.lock_wait
+        while True:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(held.name, held.token, nx=True, px=max(1, int(self.lock_timeout * 1000)))
+                pipe.lrange(key, start, -1)
+                taken, raw = await pipe.execute()
+            if taken:
+                break
+            if time.monotonic() >= give_up:
+                raise LockError(f"context lock {held.name} still held after {self.lock_wait:g} s")
+            await asyncio.sleep(LOCK_POLL_SECONDS)
+        try:
+            yield held, raw
+        finally:
+            if not held.released:
+                await self.client.eval(_RELEASE, 1, held.name, held.token)
 
     async def clear(self, user_id: str, conversation_id: str) -> None:
         await self.client.delete(context_key(user_id, conversation_id))
@@ -248,7 +242,7 @@ class TurnStore:
             results = await held.release_after(pipe)
         return int(results[-1])
 
-    async def _replace(self, key: str, turns: list[Turn], held: _Held | None = None) -> int:
+    async def _replace(self, key: str, turns: list[Turn], held: _Held) -> int:
         kept = turns[-self.max_turns :]
         if not kept:
             return 0
@@ -256,10 +250,7 @@ class TurnStore:
             pipe.delete(key)
             pipe.rpush(key, *(encode_turn(t) for t in kept))
             pipe.expire(key, self.ttl_seconds)
-            if held is None:
-                await pipe.execute()
-            else:
-                await held.release_after(pipe)
+            await held.release_after(pipe)
         return len(kept)
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aredis
 import redis.exceptions
 
 from chatterbot.tokens import approx_token_count, token_counter
-from context_svc.turns import Turn, TurnStore, context_key, fit_budget
+from context_svc.turns import Turn, TurnStore, context_key, fit_budget, lock_key
 
 TTL = 600
 
@@ -126,13 +126,14 @@ async def test_a_retried_append_is_not_stored_twice(client):
 async def test_an_append_waits_for_the_conversations_lock(client):
     store = TurnStore(client, 64, TTL, lock_wait=0.2)
     user, conv = conversation()
-    async with store.lock(user, conv):
+    # Another holder of the conversation's lock (any client speaking redis-py's lock protocol).
+    async with client.lock(lock_key(user, conv), timeout=10):
         with pytest.raises(redis.exceptions.LockError):
             await store.append(user, conv, exchange("r1", 1.0))
     assert await client.exists(context_key(user, conv)) == 0
 
     patient = TurnStore(client, 64, TTL, lock_wait=5)
-    held = store.lock(user, conv)
+    held = client.lock(lock_key(user, conv), timeout=10)
     await held.acquire()
     append = asyncio.create_task(patient.append(user, conv, exchange("r1", 1.0)))
     await asyncio.sleep(0.2)
@@ -147,7 +148,7 @@ async def test_every_append_frees_the_lock_it_took(client):
 
     store = TurnStore(client, 64, TTL, history=history)
     user, conv = conversation()
-    lock = store.lock(user, conv).name
+    lock = lock_key(user, conv)
     assert await store.append(user, conv, exchange("r1", 1.0)) == 0  # nothing written
     assert await client.exists(lock) == 0
     assert await store.append(user, conv, exchange("r1", 1.0), new_conversation=True) == 2
