@@ -43,8 +43,9 @@ async def require_user(context: grpc.aio.ServicerContext, user_id: str) -> None:
     """End the call with PERMISSION_DENIED unless the caller may act for `user_id`."""
     caller = _caller.get()
     if caller is not None and not caller.may_act_for(user_id):
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"this key may act only for user_id {caller.user_id!r}")
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED, f"this key may act only for user_id {caller.user_id!r}"
+        )
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -63,8 +64,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         try:
             caller = await self.resolver.resolve(key)
         except KeyLookupUnavailable:
-            return _deny(grpc.StatusCode.UNAVAILABLE, "cannot check API keys right now",
-                         dependency_unavailable_metadata("store", 1.0))
+            return _deny(
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot check API keys right now",
+                dependency_unavailable_metadata("store", 1.0),
+            )
         if caller is None:
             return _deny(grpc.StatusCode.PERMISSION_DENIED, "invalid API key")
         handler = await continuation(handler_call_details)
@@ -81,13 +85,15 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMet
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=handler.request_deserializer,
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
         stream = handler.unary_stream
 
         if inspect.isasyncgenfunction(stream):
+
             async def unary_stream(request, context):
                 _caller.set(caller)
                 async for response in stream(request, context):
@@ -99,7 +105,8 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMet
                 return await stream(request, context)
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=handler.request_deserializer,
+            unary_stream,
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     # ChatService has no client-streaming methods; should one appear, it must be taught here first.

@@ -14,7 +14,9 @@ from chatterbot.v1 import context_pb2_grpc, inference_pb2_grpc, store_pb2_grpc
 @asynccontextmanager
 async def downstream_clients(settings: Settings) -> AsyncIterator[TurnDeps]:
     context = GuardedClient("context", settings.context_addr, context_pb2_grpc.ContextServiceStub, settings)
-    inference = GuardedClient("inference", settings.inference_addr, inference_pb2_grpc.InferenceServiceStub, settings)
+    inference = GuardedClient(
+        "inference", settings.inference_addr, inference_pb2_grpc.InferenceServiceStub, settings
+    )
     store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)
     try:
         yield TurnDeps(

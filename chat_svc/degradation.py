@@ -57,12 +57,20 @@ class Thresholds:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Thresholds:
-        return cls(settings.degrade_reduced_context_waiting, settings.degrade_light_model_waiting,
-                   settings.degrade_cache_only_waiting, settings.degrade_shed_waiting)
+        return cls(
+            settings.degrade_reduced_context_waiting,
+            settings.degrade_light_model_waiting,
+            settings.degrade_cache_only_waiting,
+            settings.degrade_shed_waiting,
+        )
 
     def rung_for(self, waiting: int) -> Rung:
-        for rung, threshold in ((Rung.SHED, self.shed), (Rung.CACHE_ONLY, self.cache_only),
-                                (Rung.LIGHT_MODEL, self.light_model), (Rung.REDUCED_CONTEXT, self.reduced_context)):
+        for rung, threshold in (
+            (Rung.SHED, self.shed),
+            (Rung.CACHE_ONLY, self.cache_only),
+            (Rung.LIGHT_MODEL, self.light_model),
+            (Rung.REDUCED_CONTEXT, self.reduced_context),
+        ):
             if waiting >= threshold:
                 return rung
         return Rung.NONE
@@ -97,14 +105,20 @@ class DegradationLadder:
 
     async def poll(self) -> None:
         try:
-            response = await self.inference.unary("ListModels", inference_pb2.ListModelsRequest(),
-                                                  timeout=1.0, retry=False)
+            response = await self.inference.call(
+                self.inference.stub.ListModels, inference_pb2.ListModelsRequest(), timeout=1.0, retry=False
+            )
         except (CircuitOpenError, grpc.aio.AioRpcError):
             return  # the breaker tells the story; keep the last figures
         primary = next((m for m in response.models if m.is_default), None)
         self.waiting = primary.waiting if primary else 0
         self.light_model = next(
-            (m.id for m in response.models if not m.is_default and m.state == inference_pb2.MODEL_STATE_READY), ""
+            (
+                m.id
+                for m in response.models
+                if not m.is_default and m.state == inference_pb2.MODEL_STATE_READY
+            ),
+            "",
         )
 
     def status(self) -> tuple[Rung, str]:

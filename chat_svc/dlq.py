@@ -27,14 +27,21 @@ class DeadLetter:
 def _dead_letter(msg) -> DeadLetter:
     job = Job.decode(msg.data)
     error = (msg.headers or {}).get("Chatterbot-Error", "")
-    return DeadLetter(job.correlation_id, job.priority, job.user_id, error, msg.metadata.timestamp,
-                      msg.metadata.sequence.stream)
+    return DeadLetter(
+        job.correlation_id,
+        job.priority,
+        job.user_id,
+        error,
+        msg.metadata.timestamp,
+        msg.metadata.sequence.stream,
+    )
 
 
 async def list_dead_letters(js: JetStreamContext) -> list[DeadLetter]:
     """Every job in the dead-letter stream, oldest first."""
     sub = await js.pull_subscribe(
-        DLQ_SUBJECT_PREFIX + ">", stream=DLQ_STREAM,
+        DLQ_SUBJECT_PREFIX + ">",
+        stream=DLQ_STREAM,
         config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0),
     )
     letters: list[DeadLetter] = []
@@ -53,8 +60,9 @@ async def list_dead_letters(js: JetStreamContext) -> list[DeadLetter]:
     return letters
 
 
-async def replay(js: JetStreamContext, correlation_id: str,
-                 before_publish: Callable[[Job], Awaitable[None]]) -> Job:
+async def replay(
+    js: JetStreamContext, correlation_id: str, before_publish: Callable[[Job], Awaitable[None]]
+) -> Job:
     """Queue a dead-lettered job again and remove it from the dead-letter stream.
 
     `before_publish` marks the job's result pending again: workers skip jobs whose result is final, so it
@@ -66,7 +74,10 @@ async def replay(js: JetStreamContext, correlation_id: str,
     job = Job.decode(stored.data)
     await before_publish(job)
     # A fresh message id: the original one may still be inside the jobs stream's duplicate window.
-    await js.publish(PRIORITIES[job.priority][0], stored.data,
-                     headers={"Nats-Msg-Id": f"{correlation_id}:replay:{stored.seq}"})
+    await js.publish(
+        PRIORITIES[job.priority][0],
+        stored.data,
+        headers={"Nats-Msg-Id": f"{correlation_id}:replay:{stored.seq}"},
+    )
     await js.delete_msg(DLQ_STREAM, stored.seq)
     return job

@@ -36,7 +36,11 @@ class BadCorrelationId(ValueError):
 
 
 def new_correlation_id(user_id: str, request_id: str = "") -> str:
-    head = hashlib.sha256(f"{user_id}\0{request_id}".encode()).hexdigest()[:32] if request_id else uuid.uuid4().hex
+    head = (
+        hashlib.sha256(f"{user_id}\0{request_id}".encode()).hexdigest()[:32]
+        if request_id
+        else uuid.uuid4().hex
+    )
     return f"{head}.{base64.urlsafe_b64encode(user_id.encode()).decode().rstrip('=')}"
 
 
@@ -61,8 +65,10 @@ class JobDeps:
 
 async def put_result(deps: JobDeps, correlation_id: str, user_id: str, status: int, **fields) -> None:
     result = store_pb2.JobResult(correlation_id=correlation_id, user_id=user_id, status=status, **fields)
-    await deps.store.unary("PutJobResult",
-                           store_pb2.PutJobResultRequest(result=result, ttl_seconds=deps.result_ttl_seconds))
+    await deps.store.call(
+        deps.store.stub.PutJobResult,
+        store_pb2.PutJobResultRequest(result=result, ttl_seconds=deps.result_ttl_seconds),
+    )
 
 
 async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
@@ -85,8 +91,13 @@ async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
     )
     existing = await get_result(deps, correlation_id, turn.user_id, missing_ok=True)
     if existing is None:
-        await put_result(deps, correlation_id, turn.user_id, types_pb2.JOB_STATUS_PENDING,
-                         conversation_id=job.conversation_id)
+        await put_result(
+            deps,
+            correlation_id,
+            turn.user_id,
+            types_pb2.JOB_STATUS_PENDING,
+            conversation_id=job.conversation_id,
+        )
     subject = PRIORITIES[job.priority][0]
     await deps.js.publish(subject, job.encode(), headers={"Nats-Msg-Id": correlation_id})
     return correlation_id
@@ -95,9 +106,11 @@ async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
 async def get_result(deps: JobDeps, correlation_id: str, user_id: str = "", *, missing_ok: bool = False):
     """The job's result row (store_pb2.JobResult); NOT_FOUND raises unless missing_ok."""
     try:
-        response = await deps.store.unary(
-            "GetJobResult", store_pb2.GetJobResultRequest(user_id=user_id or user_of(correlation_id),
-                                                          correlation_id=correlation_id)
+        response = await deps.store.call(
+            deps.store.stub.GetJobResult,
+            store_pb2.GetJobResultRequest(
+                user_id=user_id or user_of(correlation_id), correlation_id=correlation_id
+            ),
         )
     except grpc.aio.AioRpcError as exc:
         if missing_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -122,12 +135,19 @@ async def cancel(deps: JobDeps, correlation_id: str, user_id: str) -> int:
     result = await get_result(deps, correlation_id, user_id)
     if result.status in TERMINAL:
         return result.status
-    await put_result(deps, correlation_id, result.user_id, types_pb2.JOB_STATUS_CANCELLED,
-                     conversation_id=result.conversation_id, error="cancelled")
+    await put_result(
+        deps,
+        correlation_id,
+        result.user_id,
+        types_pb2.JOB_STATUS_CANCELLED,
+        conversation_id=result.conversation_id,
+        error="cancelled",
+    )
     await deps.nc.publish(cancel_subject(correlation_id), b"")
     if result.status == types_pb2.JOB_STATUS_PENDING:
         # No worker has it yet: end the event stream here; the worker that dequeues it will skip it.
         seq = await last_event_seq(deps.js, correlation_id) + 1
-        await publish_event(deps.js, correlation_id, {"seq": seq, "token": "", "done": False, "error": "cancelled"})
+        await publish_event(
+            deps.js, correlation_id, {"seq": seq, "token": "", "done": False, "error": "cancelled"}
+        )
     return types_pb2.JOB_STATUS_CANCELLED
-

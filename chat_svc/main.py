@@ -36,11 +36,15 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             yield GrpcApp(
                 name="chat",
                 servicers=[
-                    (chat_pb2_grpc.add_ChatServiceServicer_to_server,
-                     ChatServicer(deps, jobs, fanout, settings.max_message_chars)),
+                    (
+                        chat_pb2_grpc.add_ChatServiceServicer_to_server,
+                        ChatServicer(deps, jobs, fanout, settings.max_message_chars),
+                    ),
                 ],
                 service_names=[chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name],
-                interceptors=[ApiKeyInterceptor(KeyResolver.from_settings(settings, store_lookup(deps.store)))],
+                interceptors=[
+                    ApiKeyInterceptor(KeyResolver.from_settings(settings, store_lookup(deps.store)))
+                ],
                 # Direct chats work without NATS; only queued ones need it.
                 probes={"nats": nats_up},
                 optional_probes=frozenset({"nats"}),

@@ -11,10 +11,10 @@ from chat_svc.auth import may_act_for, require_user
 from chat_svc.degradation import Shed
 from chat_svc.jobs import BadCorrelationId, JobDeps, cancel, get_result, submit, user_of
 from chat_svc.turn import TurnDeps, TurnInput, TurnResult, run_turn, stream_turn
-from chatterbot.events import EventFanout
-from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.breaker import CircuitOpenError
+from chatterbot.events import EventFanout
 from chatterbot.guarded_client import dependency_unavailable_metadata, retry_after_of
+from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, inference_pb2, store_pb2, types_pb2
 
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -110,28 +110,40 @@ async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, depen
         if exc.code() in _PASSTHROUGH:
             await context.abort(exc.code(), exc.details() or "")
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{dependency or 'a dependency'} timed out")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{dependency or 'a dependency'} timed out"
+            )
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"{dependency or 'a dependency'} failed: {exc.code().name}",
-            trailing_metadata=dependency_unavailable_metadata(dependency or "dependency", retry_after_of(exc) or 1.0),
+            trailing_metadata=dependency_unavailable_metadata(
+                dependency or "dependency", retry_after_of(exc) or 1.0
+            ),
         )
     raise exc
 
 
-_FINISH_VALUES = {"stop": types_pb2.FINISH_REASON_STOP, "length": types_pb2.FINISH_REASON_LENGTH,
-                  "abort": types_pb2.FINISH_REASON_ABORT}
+_FINISH_VALUES = {
+    "stop": types_pb2.FINISH_REASON_STOP,
+    "length": types_pb2.FINISH_REASON_LENGTH,
+    "abort": types_pb2.FINISH_REASON_ABORT,
+}
 
 
 def watch_response(event: dict) -> chat_pb2.WatchChatResponse:
     """A job event (as published by workers) on the wire."""
     response = chat_pb2.WatchChatResponse(
-        sequence=event["seq"], text=event.get("token", ""), done=bool(event.get("done")),
-        error=event.get("error", ""), restart=bool(event.get("restart")),
+        sequence=event["seq"],
+        text=event.get("token", ""),
+        done=bool(event.get("done")),
+        error=event.get("error", ""),
+        restart=bool(event.get("restart")),
     )
     if response.done:
         response.conversation_id = event.get("conversation_id", "")
-        response.finish_reason = _FINISH_VALUES.get(event.get("finish_reason", ""), types_pb2.FINISH_REASON_STOP)
+        response.finish_reason = _FINISH_VALUES.get(
+            event.get("finish_reason", ""), types_pb2.FINISH_REASON_STOP
+        )
         response.processing_time = event.get("processing_time", 0.0)
         usage = event.get("usage") or {}
         response.usage.prompt_tokens = usage.get("prompt_tokens", 0)
@@ -198,7 +210,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def GetStatus(self, request, context):
         response = chat_pb2.GetStatusResponse(
-            breakers={c.target: c.breaker.state for c in (self.deps.context, self.deps.inference, self.deps.store)}
+            breakers={
+                c.target: c.breaker.state for c in (self.deps.context, self.deps.inference, self.deps.store)
+            }
         )
         if self.deps.ladder is None:
             response.rung = chat_pb2.DEGRADATION_RUNG_NONE
@@ -210,7 +224,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def ListModels(self, request, context):
         try:
-            r = await self.deps.inference.unary("ListModels", inference_pb2.ListModelsRequest())
+            r = await self.deps.inference.call(
+                self.deps.inference.stub.ListModels, inference_pb2.ListModelsRequest()
+            )
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             await abort_for(context, exc, "inference")
         return chat_pb2.ChatServiceListModelsResponse(models=r.models)
@@ -226,8 +242,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             await abort_for(context, exc, "store")
         except nats.errors.Error as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {type(exc).__name__}",
-                                trailing_metadata=dependency_unavailable_metadata("nats", 1.0))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"job queue unavailable: {type(exc).__name__}",
+                trailing_metadata=dependency_unavailable_metadata("nats", 1.0),
+            )
         return chat_pb2.SubmitChatResponse(correlation_id=correlation_id, status=types_pb2.JOB_STATUS_PENDING)
 
     async def _job_user(self, request, context) -> str:
@@ -247,9 +266,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             await abort_for(context, exc, "store")
         return chat_pb2.GetChatResultResponse(
-            correlation_id=r.correlation_id, status=r.status, response=r.response,
-            conversation_id=r.conversation_id, processing_time=r.processing_time, error=r.error,
-            finish_reason=r.finish_reason, usage=r.usage,
+            correlation_id=r.correlation_id,
+            status=r.status,
+            response=r.response,
+            conversation_id=r.conversation_id,
+            processing_time=r.processing_time,
+            error=r.error,
+            finish_reason=r.finish_reason,
+            usage=r.usage,
         )
 
     async def WatchChat(self, request, context):
@@ -273,50 +297,84 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def _store(self, context, method: str, request):
         try:
-            return await self.store.unary(method, request)
+            return await self.store.call(getattr(self.store.stub, method), request)
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             await abort_for(context, exc, "store")
 
     async def ListConversations(self, request, context):
         await require_user(context, request.user_id)
-        r = await self._store(context, "ListConversations", store_pb2.StoreServiceListConversationsRequest(
-            user_id=request.user_id, page_size=request.page_size, page_token=request.page_token))
-        return chat_pb2.ListConversationsResponse(conversations=r.conversations, next_page_token=r.next_page_token)
+        r = await self._store(
+            context,
+            "ListConversations",
+            store_pb2.StoreServiceListConversationsRequest(
+                user_id=request.user_id, page_size=request.page_size, page_token=request.page_token
+            ),
+        )
+        return chat_pb2.ListConversationsResponse(
+            conversations=r.conversations, next_page_token=r.next_page_token
+        )
 
     async def CreateConversation(self, request, context):
         await require_user(context, request.user_id)
-        r = await self._store(context, "CreateConversation", store_pb2.StoreServiceCreateConversationRequest(
-            user_id=request.user_id, title=request.title))
+        r = await self._store(
+            context,
+            "CreateConversation",
+            store_pb2.StoreServiceCreateConversationRequest(user_id=request.user_id, title=request.title),
+        )
         return chat_pb2.CreateConversationResponse(conversation=r.conversation)
 
     async def RenameConversation(self, request, context):
         await require_user(context, request.user_id)
-        r = await self._store(context, "RenameConversation", store_pb2.StoreServiceRenameConversationRequest(
-            user_id=request.user_id, conversation_id=request.conversation_id, title=request.title))
+        r = await self._store(
+            context,
+            "RenameConversation",
+            store_pb2.StoreServiceRenameConversationRequest(
+                user_id=request.user_id, conversation_id=request.conversation_id, title=request.title
+            ),
+        )
         return chat_pb2.RenameConversationResponse(conversation=r.conversation)
 
     async def DeleteConversation(self, request, context):
         await require_user(context, request.user_id)
         deleted = None
         try:
-            deleted = await self.store.unary("DeleteConversation", store_pb2.StoreServiceDeleteConversationRequest(
-                user_id=request.user_id, conversation_id=request.conversation_id))
+            deleted = await self.store.call(
+                self.store.stub.DeleteConversation,
+                store_pb2.StoreServiceDeleteConversationRequest(
+                    user_id=request.user_id, conversation_id=request.conversation_id
+                ),
+            )
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             if not (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND):
                 await abort_for(context, exc, "store")
         # The cached context goes too; also when the rows are gone already, so a retried delete finishes it.
         try:
-            await self.deps.context.unary("ClearContext", context_pb2.ClearContextRequest(
-                user_id=request.user_id, conversation_id=request.conversation_id))
+            await self.deps.context.call(
+                self.deps.context.stub.ClearContext,
+                context_pb2.ClearContextRequest(
+                    user_id=request.user_id, conversation_id=request.conversation_id
+                ),
+            )
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             await abort_for(context, exc, "context")
         if deleted is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"conversation {request.conversation_id!r} not found")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"conversation {request.conversation_id!r} not found"
+            )
         return chat_pb2.DeleteConversationResponse(message_count=deleted.message_count)
 
     async def ListMessages(self, request, context):
         await require_user(context, request.user_id)
-        r = await self._store(context, "ListMessages", store_pb2.StoreServiceListMessagesRequest(
-            user_id=request.user_id, conversation_id=request.conversation_id, page_size=request.page_size,
-            before_message_id=request.before_message_id))
-        return chat_pb2.ListMessagesResponse(messages=r.messages, next_before_message_id=r.next_before_message_id)
+        r = await self._store(
+            context,
+            "ListMessages",
+            store_pb2.StoreServiceListMessagesRequest(
+                user_id=request.user_id,
+                conversation_id=request.conversation_id,
+                page_size=request.page_size,
+                before_message_id=request.before_message_id,
+            ),
+        )
+        return chat_pb2.ListMessagesResponse(
+            messages=r.messages, next_before_message_id=r.next_before_message_id
+        )

@@ -103,8 +103,12 @@ async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
     if turn.seed is not None:
         sampling.seed = turn.seed
     generate = inference_pb2.GenerateRequest(
-        request_id=request_id, model=model, messages=messages, sampling=sampling,
-        cache_only=rung >= Rung.CACHE_ONLY, whole=whole,
+        request_id=request_id,
+        model=model,
+        messages=messages,
+        sampling=sampling,
+        cache_only=rung >= Rung.CACHE_ONLY,
+        whole=whole,
     )
     return _Prepared(turn, conversation_id, request_id, generate, started)
 
@@ -121,10 +125,12 @@ def conversation_id_for(turn: TurnInput) -> str:
     return "oai-" + hashlib.sha256(f"{turn.user_id}\0{first}".encode()).hexdigest()[:32]
 
 
-async def _recent_turns(deps: TurnDeps, user_id: str, conversation_id: str, budget: int) -> list[context_pb2.Turn]:
+async def _recent_turns(
+    deps: TurnDeps, user_id: str, conversation_id: str, budget: int
+) -> list[context_pb2.Turn]:
     try:
-        response = await deps.context.unary(
-            "GetContext",
+        response = await deps.context.call(
+            deps.context.stub.GetContext,
             context_pb2.GetContextRequest(
                 user_id=user_id, conversation_id=conversation_id, token_budget=budget
             ),
@@ -138,18 +144,22 @@ async def _recent_turns(deps: TurnDeps, user_id: str, conversation_id: str, budg
     return list(response.turns)
 
 
-async def _finish(deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.GenerateResponse) -> TurnResult:
+async def _finish(
+    deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.GenerateResponse
+) -> TurnResult:
     """Store the exchange (idempotent on the request id), then remember it as context."""
     processing_time = time.perf_counter() - p.started
     user_tokens = approx_token_count(p.turn.message)
-    stored = await deps.store.unary(
-        "AppendExchange",
+    stored = await deps.store.call(
+        deps.store.stub.AppendExchange,
         store_pb2.AppendExchangeRequest(
             user_id=p.turn.user_id,
             conversation_id=p.conversation_id,
             request_id=p.request_id,
             user_message=store_pb2.ExchangeMessage(content=p.turn.message, token_count=user_tokens),
-            assistant_message=store_pb2.ExchangeMessage(content=text, token_count=last.usage.completion_tokens),
+            assistant_message=store_pb2.ExchangeMessage(
+                content=text, token_count=last.usage.completion_tokens
+            ),
             model=last.model,
             processing_time=processing_time,
         ),
@@ -173,22 +183,31 @@ async def _finish(deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.G
     )
 
 
-async def _remember(deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int, user_tokens: int,
-                    first_exchange: bool) -> None:
+async def _remember(
+    deps: TurnDeps, p: _Prepared, text: str, answer_tokens: int, user_tokens: int, first_exchange: bool
+) -> None:
     # History is already safe in PostgreSQL; a context write that fails only costs the next turn some
     # cached context, so it must not fail this turn.
     try:
-        await deps.context.unary(
-            "AppendTurns",
+        await deps.context.call(
+            deps.context.stub.AppendTurns,
             context_pb2.AppendTurnsRequest(
                 user_id=p.turn.user_id,
                 conversation_id=p.conversation_id,
                 new_conversation=first_exchange,
                 turns=[
-                    context_pb2.Turn(role=types_pb2.ROLE_USER, content=p.turn.message, token_count=user_tokens,
-                                     request_id=p.request_id),
-                    context_pb2.Turn(role=types_pb2.ROLE_ASSISTANT, content=text, token_count=answer_tokens,
-                                     request_id=p.request_id),
+                    context_pb2.Turn(
+                        role=types_pb2.ROLE_USER,
+                        content=p.turn.message,
+                        token_count=user_tokens,
+                        request_id=p.request_id,
+                    ),
+                    context_pb2.Turn(
+                        role=types_pb2.ROLE_ASSISTANT,
+                        content=text,
+                        token_count=answer_tokens,
+                        request_id=p.request_id,
+                    ),
                 ],
             ),
         )
@@ -205,7 +224,7 @@ async def stream_turn(
     p = await _prepare(deps, turn, whole)
     parts: list[str] = []
     last = inference_pb2.GenerateResponse()
-    async for chunk in deps.inference.stream("Generate", p.generate):
+    async for chunk in deps.inference.stream(deps.inference.stub.Generate, p.generate):
         parts.append(chunk.text)
         last = chunk
         if chunk.text:

@@ -39,8 +39,11 @@ from chatterbot.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 
-FINISH_NAMES = {types_pb2.FINISH_REASON_STOP: "stop", types_pb2.FINISH_REASON_LENGTH: "length",
-                types_pb2.FINISH_REASON_ABORT: "abort"}
+FINISH_NAMES = {
+    types_pb2.FINISH_REASON_STOP: "stop",
+    types_pb2.FINISH_REASON_LENGTH: "length",
+    types_pb2.FINISH_REASON_ABORT: "abort",
+}
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 # An idle worker asks each priority in turn; short waits keep a new streaming job's pickup fast.
 IDLE_FETCH_TIMEOUT = 0.1
@@ -49,7 +52,9 @@ IDLE_FETCH_TIMEOUT = 0.1
 def _permanent(exc: Exception) -> bool:
     """Failures another try cannot mend (a bad request, an unknown model)."""
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-        grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.PERMISSION_DENIED,
     )
 
@@ -179,7 +184,7 @@ class Worker:
                     return msgs[0]
 
     async def _on_cancel(self, msg) -> None:
-        correlation_id = msg.subject[len(CANCEL_SUBJECT_PREFIX):]
+        correlation_id = msg.subject[len(CANCEL_SUBJECT_PREFIX) :]
         task = self._running.get(correlation_id)
         if task is not None:
             self._cancel_requested.add(correlation_id)
@@ -227,16 +232,31 @@ class Worker:
         if result is not None and result.status in TERMINAL:
             return  # finished (or cancelled) by an earlier try: nothing to do but acknowledge
         started = time.perf_counter()
-        publisher = EventPublisher(self.js, job.correlation_id, await last_event_seq(self.js, job.correlation_id))
+        publisher = EventPublisher(
+            self.js, job.correlation_id, await last_event_seq(self.js, job.correlation_id)
+        )
         try:
             if publisher.seq:
                 await publisher.event(token="", done=False, restart=True)
-            await put_result(self.job_deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_RUNNING,
-                             conversation_id=job.conversation_id)
+            await put_result(
+                self.job_deps,
+                job.correlation_id,
+                job.user_id,
+                types_pb2.JOB_STATUS_RUNNING,
+                conversation_id=job.conversation_id,
+            )
             turn = TurnInput(
-                user_id=job.user_id, message=job.message, context=job.context, max_tokens=job.max_tokens,
-                temperature=job.temperature, conversation_id=job.conversation_id, request_id=job.correlation_id,
-                model=job.model, top_p=job.top_p, seed=job.seed, stop=job.stop,
+                user_id=job.user_id,
+                message=job.message,
+                context=job.context,
+                max_tokens=job.max_tokens,
+                temperature=job.temperature,
+                conversation_id=job.conversation_id,
+                request_id=job.correlation_id,
+                model=job.model,
+                top_p=job.top_p,
+                seed=job.seed,
+                stop=job.stop,
             )
             streamed: list[str] = []
             final = None
@@ -253,16 +273,26 @@ class Worker:
                 await publisher.event(token=final.response, done=False)
             processing_time = time.perf_counter() - started
             await put_result(
-                self.job_deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_SUCCEEDED,
-                response=final.response, conversation_id=final.conversation_id, processing_time=processing_time,
-                finish_reason=final.finish_reason, usage=final.usage,
+                self.job_deps,
+                job.correlation_id,
+                job.user_id,
+                types_pb2.JOB_STATUS_SUCCEEDED,
+                response=final.response,
+                conversation_id=final.conversation_id,
+                processing_time=processing_time,
+                finish_reason=final.finish_reason,
+                usage=final.usage,
             )
             await publisher.event(
-                token="", done=True, conversation_id=final.conversation_id,
+                token="",
+                done=True,
+                conversation_id=final.conversation_id,
                 finish_reason=FINISH_NAMES.get(final.finish_reason, "stop"),
-                usage={"prompt_tokens": final.usage.prompt_tokens,
-                       "completion_tokens": final.usage.completion_tokens,
-                       "total_tokens": final.usage.total_tokens},
+                usage={
+                    "prompt_tokens": final.usage.prompt_tokens,
+                    "completion_tokens": final.usage.completion_tokens,
+                    "total_tokens": final.usage.total_tokens,
+                },
                 processing_time=processing_time,
             )
         finally:
@@ -271,8 +301,11 @@ class Worker:
     async def _finish_cancelled(self, job: Job) -> None:
         with contextlib.suppress(Exception):
             seq = await last_event_seq(self.js, job.correlation_id)
-            await publish_event(self.js, job.correlation_id,
-                                {"seq": seq + 1, "token": "", "done": False, "error": "cancelled"})
+            await publish_event(
+                self.js,
+                job.correlation_id,
+                {"seq": seq + 1, "token": "", "done": False, "error": "cancelled"},
+            )
 
     async def _dead_letter(self, job: Job, error: str) -> None:
         """Park the job in the dead-letter stream, mark it failed, and end its event stream."""
@@ -281,11 +314,20 @@ class Worker:
             job.encode(),
             headers={"Chatterbot-Error": error[:500].replace("\n", " ")},
         )
-        await put_result(self.job_deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_FAILED,
-                         conversation_id=job.conversation_id, error=error[:500])
+        await put_result(
+            self.job_deps,
+            job.correlation_id,
+            job.user_id,
+            types_pb2.JOB_STATUS_FAILED,
+            conversation_id=job.conversation_id,
+            error=error[:500],
+        )
         seq = await last_event_seq(self.js, job.correlation_id)
-        await publish_event(self.js, job.correlation_id,
-                            {"seq": seq + 1, "token": "", "done": False, "error": "failed: " + error[:200]})
+        await publish_event(
+            self.js,
+            job.correlation_id,
+            {"seq": seq + 1, "token": "", "done": False, "error": "failed: " + error[:200]},
+        )
 
     async def _on_max_deliveries(self, msg) -> None:
         """The last try of a job died with its worker: dead-letter the job from here."""

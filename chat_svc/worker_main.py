@@ -18,7 +18,9 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     nc = await connect(settings, "chatterbot-worker")
     await ensure_streams(nc.jetstream(), settings)
     async with downstream_clients(settings) as deps:
-        worker = Worker(nc, deps, JobDeps(nc.jetstream(), nc, deps.store, settings.job_result_ttl_seconds), settings)
+        worker = Worker(
+            nc, deps, JobDeps(nc.jetstream(), nc, deps.store, settings.job_result_ttl_seconds), settings
+        )
         await worker.start()
 
         async def nats_up() -> bool:

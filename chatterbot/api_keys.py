@@ -108,8 +108,9 @@ class Principal:
 
     @classmethod
     def of(cls, record: ApiKeyRecord) -> Principal:
-        return cls(record.key_id, record.kind, record.user_id, record.requests_per_minute,
-                   record.tokens_per_minute)
+        return cls(
+            record.key_id, record.kind, record.user_id, record.requests_per_minute, record.tokens_per_minute
+        )
 
 
 class KeyLookupUnavailable(Exception):
@@ -149,8 +150,12 @@ class KeyResolver:
 
     @classmethod
     def from_settings(cls, settings, lookup: Lookup | None) -> KeyResolver:
-        return cls(service_keys=settings.api_keys, admin_keys=settings.admin_keys, lookup=lookup,
-                   cache_seconds=settings.api_key_cache_seconds)
+        return cls(
+            service_keys=settings.api_keys,
+            admin_keys=settings.admin_keys,
+            lookup=lookup,
+            cache_seconds=settings.api_key_cache_seconds,
+        )
 
     def peek(self, key: str) -> tuple[bool, Principal | None]:
         """(known, principal) without asking the store: known is False when only a lookup can tell."""
@@ -213,8 +218,11 @@ class KeyResolver:
 # --- store_svc: the wire form of a key, and the lookup over a guarded client ---------------------------------
 
 
-_KIND_NUMBERS = {USER: store_pb2.API_KEY_KIND_USER, SERVICE: store_pb2.API_KEY_KIND_SERVICE,
-                 ADMIN: store_pb2.API_KEY_KIND_ADMIN}
+_KIND_NUMBERS = {
+    USER: store_pb2.API_KEY_KIND_USER,
+    SERVICE: store_pb2.API_KEY_KIND_SERVICE,
+    ADMIN: store_pb2.API_KEY_KIND_ADMIN,
+}
 _KIND_NAMES = {number: kind for kind, number in _KIND_NUMBERS.items()}
 
 
@@ -233,8 +241,12 @@ def kind_from_pb(number: int) -> str:
 def record_to_pb(record: ApiKeyRecord) -> store_pb2.ApiKey:
     """An `ApiKeyRecord` as a `store_pb2.ApiKey`."""
     pb = store_pb2.ApiKey(
-        key_id=record.key_id, prefix=record.prefix, kind=kind_to_pb(record.kind), user_id=record.user_id,
-        name=record.name, requests_per_minute=record.requests_per_minute,
+        key_id=record.key_id,
+        prefix=record.prefix,
+        kind=kind_to_pb(record.kind),
+        user_id=record.user_id,
+        name=record.name,
+        requests_per_minute=record.requests_per_minute,
         tokens_per_minute=record.tokens_per_minute,
     )
     if record.created_at is not None:
@@ -247,8 +259,13 @@ def record_to_pb(record: ApiKeyRecord) -> store_pb2.ApiKey:
 def record_from_pb(pb: store_pb2.ApiKey) -> ApiKeyRecord:
     """A `store_pb2.ApiKey` as an `ApiKeyRecord`."""
     return ApiKeyRecord(
-        key_id=pb.key_id, prefix=pb.prefix, kind=kind_from_pb(pb.kind), user_id=pb.user_id, name=pb.name,
-        requests_per_minute=pb.requests_per_minute, tokens_per_minute=pb.tokens_per_minute,
+        key_id=pb.key_id,
+        prefix=pb.prefix,
+        kind=kind_from_pb(pb.kind),
+        user_id=pb.user_id,
+        name=pb.name,
+        requests_per_minute=pb.requests_per_minute,
+        tokens_per_minute=pb.tokens_per_minute,
         created_at=pb.create_time.ToDatetime(tzinfo=UTC) if pb.HasField("create_time") else None,
         revoked_at=pb.revoke_time.ToDatetime(tzinfo=UTC) if pb.HasField("revoke_time") else None,
     )
@@ -259,7 +276,9 @@ def store_lookup(store, timeout: float = LOOKUP_TIMEOUT_SECONDS) -> Lookup:
 
     async def lookup(key_hash: bytes) -> ApiKeyRecord | None:
         try:
-            reply = await store.unary("GetApiKey", store_pb2.GetApiKeyRequest(key_hash=key_hash), timeout=timeout)
+            reply = await store.call(
+                store.stub.GetApiKey, store_pb2.GetApiKeyRequest(key_hash=key_hash), timeout=timeout
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

@@ -103,15 +103,16 @@ class EventFanout:
         self._hand_everyone(_DRAIN)
 
     async def _on_event(self, msg) -> None:
-        watchers = self._watchers.get(msg.subject[len(EVENTS_SUBJECT_PREFIX):])
+        watchers = self._watchers.get(msg.subject[len(EVENTS_SUBJECT_PREFIX) :])
         if not watchers:
             return
         event = orjson.loads(msg.data)
         for mailbox in watchers:
             mailbox.put(event)
 
-    async def watch(self, correlation_id: str, after_seq: int = 0, *, keepalive: bool = False
-                    ) -> AsyncIterator[dict | None]:
+    async def watch(
+        self, correlation_id: str, after_seq: int = 0, *, keepalive: bool = False
+    ) -> AsyncIterator[dict | None]:
         """Events with seq > after_seq, retained ones first, until the final one (done or error); with
         `keepalive`, also a None every `keepalive_seconds` while the job is live. Ends early on `drain()`."""
         mailbox = _Mailbox()
@@ -156,14 +157,17 @@ class EventFanout:
         # Named here so that it can be deleted at once after the replay: NATS caps the consumers of a stream
         # (1,000 by default), and one left for its inactivity timeout would hold a place for 30 s per viewer.
         name = "replay-" + uuid.uuid4().hex
-        await self.jsm.add_consumer(EVENTS_STREAM, api.ConsumerConfig(
-            name=name,
-            filter_subject=subject,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_policy=api.AckPolicy.NONE,
-            inactive_threshold=30.0,  # a backstop, should the delete below not happen
-            mem_storage=True,
-        ))
+        await self.jsm.add_consumer(
+            EVENTS_STREAM,
+            api.ConsumerConfig(
+                name=name,
+                filter_subject=subject,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,  # a backstop, should the delete below not happen
+                mem_storage=True,
+            ),
+        )
         sub = await self.js.pull_subscribe_bind(consumer=name, stream=EVENTS_STREAM)
         try:
             while True:

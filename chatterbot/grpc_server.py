@@ -28,8 +28,9 @@ from grpc_reflection.v1alpha import reflection
 
 from chatterbot.guarded_client import SERVER_KEEPALIVE_OPTIONS
 from chatterbot.logs import configure_logging
-from chatterbot.tracing import setup_tracing, shutdown_tracing
 from chatterbot.settings import Settings
+from chatterbot.status import StatusInterceptor, Translator
+from chatterbot.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ class GrpcApp:
     probes: dict[str, Probe] = field(default_factory=dict)
     optional_probes: frozenset[str] = frozenset()
     probe_interval: float = 2.0
-    # Run after the metrics interceptor (authentication, for example).
+    # Run after the metrics and status interceptors (authentication, for example).
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    # How this service's own libraries' exceptions become gRPC status (chatterbot.status); StatusError and
+    # failed calls to other services are known to every service.
+    error_translators: list[Translator] = field(default_factory=list)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -132,7 +136,9 @@ class _Health:
         self.ready_names = ["", *app.service_names]
 
     async def set_all(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in self.ready_names:
             await self.servicer.set(name, status)
 
@@ -143,7 +149,11 @@ class _Health:
                 DEPENDENCY_PREFIX + dep,
                 health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
-        ready = all(ok for dep, ok in zip(self.app.probes, results, strict=True) if dep not in self.app.optional_probes)
+        ready = all(
+            ok
+            for dep, ok in zip(self.app.probes, results, strict=True)
+            if dep not in self.app.optional_probes
+        )
         await self.set_all(ready)
         return ready
 
@@ -181,7 +191,7 @@ async def serve_grpc_app(
 
     async with factory(settings) as app:
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), *app.interceptors],
+            interceptors=[MetricsInterceptor(), StatusInterceptor(app.error_translators), *app.interceptors],
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -193,7 +203,11 @@ async def serve_grpc_app(
         health = _Health(app)
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection(
-            [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *app.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         address = f"{settings.bind_host}:{port}"
@@ -207,7 +221,10 @@ async def serve_grpc_app(
         try:
             await stop.wait()
         finally:
-            log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.shutdown_grace_seconds})
+            log.info(
+                "shutting down: draining in-flight calls",
+                extra={"grace_seconds": settings.shutdown_grace_seconds},
+            )
             _exit_if_shutdown_hangs(2 * settings.shutdown_grace_seconds + 10)
             prober.cancel()
             # NOT_SERVING first so load balancers and the edge stop sending new calls.
@@ -251,4 +268,3 @@ def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextMan
         asyncio.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
     finally:
         shutdown_tracing()
-

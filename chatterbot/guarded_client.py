@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -39,8 +39,15 @@ from chatterbot.tracing import client_tracing_interceptors
 
 logger = logging.getLogger(__name__)
 
+StubT = TypeVar("StubT")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+Metadata = Sequence[tuple[str, str | bytes]]
+
 DEPENDENCY_KEY = "cb-dependency"
 RETRY_AFTER_KEY = "retry-after"
+# Set on the AioRpcError a guarded call raises, so a server passing it on can name the failing dependency.
+_TARGET_ATTRIBUTE = "chatterbot_target"
 
 FAILURE_CODES = frozenset(
     {
@@ -108,6 +115,18 @@ def retry_after_of(exc: BaseException) -> float | None:
     return None
 
 
+def target_of(exc: BaseException) -> str | None:
+    """The target a guarded client's failed call went to, if `exc` came from one."""
+    target = getattr(exc, _TARGET_ATTRIBUTE, None)
+    return target if isinstance(target, str) else None
+
+
+def method_name(rpc: object) -> str:
+    """The method name of a stub's multicallable (`Chat` for `/chatterbot.v1.ChatService/Chat`)."""
+    path = getattr(rpc, "_method", b"")
+    return (path.decode() if isinstance(path, bytes) else str(path)).rpartition("/")[2] or "unknown"
+
+
 def is_target_failure(exc: BaseException) -> bool:
     """Whether `exc` says the target itself is failing (what the breaker counts)."""
     return (
@@ -158,9 +177,11 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
-class GuardedClient:
+class GuardedClient(Generic[StubT]):
     """Deadline, circuit breaker and safe retries around one target service's stub.
 
+    Calls name the stub's method itself, so they are typed end to end:
+    `await client.call(client.stub.Chat, request)`, `client.stream(client.stub.Generate, request)`.
     Create it inside the running event loop (grpc.aio binds the channel to it) and `close()` it at
     shutdown. `breaker`, when given, should be named after `target`.
     """
@@ -169,7 +190,7 @@ class GuardedClient:
         self,
         target: str,
         address: str,
-        stub_factory: Callable[[grpc.aio.Channel], Any],
+        stub_factory: Callable[[grpc.aio.Channel], StubT],
         settings: Settings,
         *,
         breaker: AsyncCircuitBreaker | None = None,
@@ -186,31 +207,31 @@ class GuardedClient:
         self.channel = grpc.aio.insecure_channel(
             address, options=channel_options(settings), interceptors=client_tracing_interceptors()
         )
-        self.stub = stub_factory(self.channel)
+        self.stub: StubT = stub_factory(self.channel)
 
     async def close(self) -> None:
         """Close the channel, cancelling calls still in flight."""
         await self.channel.close()
 
-    async def unary(
+    async def call(
         self,
-        method: str,
-        request: Any,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
         *,
         timeout: float | None = None,
-        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        metadata: Metadata | None = None,
         retry: bool = True,
-    ) -> Any:
-        """Call unary `method` of the stub with a deadline, through the breaker, retrying UNAVAILABLE.
+    ) -> ResponseT:
+        """Call unary `rpc` (a method of `self.stub`) with a deadline, through the breaker, retrying UNAVAILABLE.
 
         `timeout` (default `settings.deadline_seconds`) bounds the whole call, retries included. Pass
         `retry=False` for calls that must be tried once only.
         """
-        rpc = getattr(self.stub, method)
+        method = method_name(rpc)
         budget = self._settings.deadline_seconds if timeout is None else timeout
         deadline = time.monotonic() + budget
 
-        async def attempt() -> Any:
+        async def attempt() -> ResponseT:
             try:
                 return await self.breaker.call(self._unary_attempt, method, rpc, request, deadline, metadata)
             except CircuitOpenError:
@@ -223,20 +244,20 @@ class GuardedClient:
 
     async def stream(
         self,
-        method: str,
-        request: Any,
+        rpc: grpc.aio.UnaryStreamMultiCallable[RequestT, ResponseT],
+        request: RequestT,
         *,
         timeout: float | None = None,
-        metadata: Sequence[tuple[str, str | bytes]] | None = None,
-    ) -> AsyncIterator[Any]:
-        """Iterate server-streaming `method` with a deadline, through the breaker.
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[ResponseT]:
+        """Iterate server-streaming `rpc` (a method of `self.stub`) with a deadline, through the breaker.
 
         UNAVAILABLE is retried only until the first message arrives, never after. The breaker sees the
         whole stream, so an error mid-stream counts against the target. Leaving early cancels the call on
         the server: `contextlib.aclosing(...)` does it at once, a dropped iterator when the event loop
         finalizes it. `timeout` defaults to `settings.stream_deadline_seconds` and bounds the whole stream.
         """
-        rpc = getattr(self.stub, method)
+        method = method_name(rpc)
         budget = self._settings.stream_deadline_seconds if timeout is None else timeout
         deadline = time.monotonic() + budget
         async for attempt in self._retrying(budget):
@@ -279,6 +300,7 @@ class GuardedClient:
             return await rpc(request, timeout=_time_left(deadline), metadata=metadata)
         except BaseException as exc:
             code = _code_of(exc)
+            _tag(exc, self.target)
             raise
         finally:
             self._observe(method, code, started)
@@ -294,6 +316,7 @@ class GuardedClient:
                 yield response
         except BaseException as exc:
             code = _code_of(exc)
+            _tag(exc, self.target)
             raise
         finally:
             # A no-op for a finished call; for a consumer that left early it tells the server to stop.
@@ -303,6 +326,11 @@ class GuardedClient:
     def _observe(self, method: str, code: str, started: float) -> None:
         CLIENT_LATENCY.labels(self.target, method).observe(time.perf_counter() - started)
         CLIENT_CALLS.labels(self.target, method, code).inc()
+
+
+def _tag(exc: BaseException, target: str) -> None:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        setattr(exc, _TARGET_ATTRIBUTE, target)
 
 
 def _time_left(deadline: float) -> float:
@@ -323,5 +351,7 @@ __all__ = [
     "dependency_of",
     "dependency_unavailable_metadata",
     "is_target_failure",
+    "method_name",
     "retry_after_of",
+    "target_of",
 ]

@@ -141,11 +141,10 @@ async def connect(settings: Settings, name: str):
 
 async def disconnect(nc) -> None:
     """Flush what was published, then close. (drain() can hang on pull subscriptions with fetches pending.)"""
+    import asyncio
     import contextlib
 
     import nats.errors
-
-    import asyncio
 
     with contextlib.suppress(nats.errors.Error, TimeoutError):
         await nc.flush(timeout=2)

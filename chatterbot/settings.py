@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing import Annotated
 
 SERVICES = ("chat", "context", "inference", "store")
 # Processes that serve gRPC health on an address of their own (services, plus job workers).
@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     # --- servers; empty means "not configured" (`chatterbot up` fills them with embedded ones) ---
     nats_url: str = ""
     redis_url: str = ""
-    postgres_dsn: str = Field("", description="the one database of an unsharded store (used when postgres_shards is empty)")
+    postgres_dsn: str = Field(
+        "", description="the one database of an unsharded store (used when postgres_shards is empty)"
+    )
     postgres_shards: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated shard DSNs, in shard order; only ever append to it (then run `chatterbot shards rebalance`)",
@@ -55,14 +57,16 @@ class Settings(BaseSettings):
         description="comma-separated read-replica DSNs in shard order, empty entries for shards without one",
     )
     postgres_previous_shard_count: int = Field(
-        0, description="while a rebalance runs: how many shards there were before the list grew (0: none runs)"
+        0,
+        description="while a rebalance runs: how many shards there were before the list grew (0: none runs)",
     )
 
     # --- keys: comma-separated; service keys may act for any user_id, admin keys also reach /debug ---
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key_cache_seconds: float = Field(
-        5.0, description="how long the edge and chat_svc cache a key looked up in the store; revocation bites within it"
+        5.0,
+        description="how long the edge and chat_svc cache a key looked up in the store; revocation bites within it",
     )
 
     # --- rate limits at the edge (counters in Redis, shared by every edge replica) ---
@@ -72,10 +76,12 @@ class Settings(BaseSettings):
         "by ';' (e.g. /chat=20/minute;500/hour)",
     )
     rate_limit_static_keys: bool = Field(
-        False, description="rate-limit the static keys of CHATTERBOT_API_KEYS and CHATTERBOT_ADMIN_KEYS too (dev, tests and load tests use them)"
+        False,
+        description="rate-limit the static keys of CHATTERBOT_API_KEYS and CHATTERBOT_ADMIN_KEYS too (dev, tests and load tests use them)",
     )
     auth_failures_per_ip: str = Field(
-        "10/minute", description="failed authentications allowed per client IP before answering 429; empty: no limit"
+        "10/minute",
+        description="failed authentications allowed per client IP before answering 429; empty: no limit",
     )
 
     # --- guarded client ---
@@ -93,7 +99,8 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1_048_576, description="largest request body the edge accepts (413 beyond)")
     edge_keepalive_seconds: float = Field(
-        75.0, description="idle keep-alive of client connections; keep it above the proxy's upstream idle timeout"
+        75.0,
+        description="idle keep-alive of client connections; keep it above the proxy's upstream idle timeout",
     )
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, description="an idle server-sent event stream gets a keep-alive comment this often"
@@ -107,13 +114,18 @@ class Settings(BaseSettings):
     max_message_chars: int = 2000
     system_prompt: str = "You are ChatterBot, a helpful assistant."
     openai_default_user: str = Field(
-        "openai-client", description="user_id of /v1/chat/completions requests that name no `user` (3-50 characters)"
+        "openai-client",
+        description="user_id of /v1/chat/completions requests that name no `user` (3-50 characters)",
     )
 
     # --- queued chats on NATS JetStream ---
     worker_concurrency: int = Field(8, description="jobs one worker process runs at once")
-    jobs_ack_wait_seconds: float = Field(30.0, description="a job not acknowledged or touched in this time is redelivered")
-    jobs_heartbeat_seconds: float = Field(10.0, description="how often a worker tells JetStream a long job is alive")
+    jobs_ack_wait_seconds: float = Field(
+        30.0, description="a job not acknowledged or touched in this time is redelivered"
+    )
+    jobs_heartbeat_seconds: float = Field(
+        10.0, description="how often a worker tells JetStream a long job is alive"
+    )
     jobs_max_deliver: int = Field(5, description="tries of a job before it goes to the dead-letter stream")
     jobs_backoff_seconds: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [1.0, 5.0, 15.0, 30.0], description="delay before each retry of a failed job"
@@ -123,8 +135,12 @@ class Settings(BaseSettings):
 
     # --- degradation ladder (chat_svc), driven by the primary model's waiting queue and the breakers ---
     degrade_poll_seconds: float = Field(0.5, description="how often chat_svc reads the inference queue depth")
-    degrade_reduced_context_waiting: int = Field(8, description="waiting sequences from which context shrinks")
-    degrade_light_model_waiting: int = Field(32, description="waiting sequences from which turns go to the light model")
+    degrade_reduced_context_waiting: int = Field(
+        8, description="waiting sequences from which context shrinks"
+    )
+    degrade_light_model_waiting: int = Field(
+        32, description="waiting sequences from which turns go to the light model"
+    )
     degrade_cache_only_waiting: int = Field(
         128, description="waiting sequences from which only cached deterministic repeats are answered"
     )
@@ -133,18 +149,25 @@ class Settings(BaseSettings):
 
     # --- context_svc ---
     context_max_turns: int = Field(64, description="turns kept per conversation in Redis")
-    context_ttl_seconds: int = Field(86400, description="idle time after which a conversation's context expires")
+    context_ttl_seconds: int = Field(
+        86400, description="idle time after which a conversation's context expires"
+    )
     context_lock_timeout_seconds: float = Field(
         10.0, description="a conversation's context lock frees itself after this long if its holder died"
     )
     context_tokenizer: str = Field(
-        "", description="tokenizer.json counting tokens of turns (needs `tokenizers`); empty: ~4 chars per token"
+        "",
+        description="tokenizer.json counting tokens of turns (needs `tokenizers`); empty: ~4 chars per token",
     )
 
     # --- inference_svc ---
     inference_engine: str = Field("sim", description="engine of the primary model: sim | vllm | openai")
-    model_name: str = Field("chatterbot-sim-7b-awq", description="primary model: id, or a path or hub name for vllm")
-    light_model_engine: str = Field("", description="engine of an optional light fallback model (empty: none)")
+    model_name: str = Field(
+        "chatterbot-sim-7b-awq", description="primary model: id, or a path or hub name for vllm"
+    )
+    light_model_engine: str = Field(
+        "", description="engine of an optional light fallback model (empty: none)"
+    )
     light_model_name: str = Field("", description="the light fallback model")
     # vllm engine (passed through to vLLM's engine arguments)
     vllm_quantization: str = Field("", description="e.g. awq; empty lets vLLM decide")
@@ -161,17 +184,21 @@ class Settings(BaseSettings):
     openai_model: str = Field("", description="upstream model name; empty uses the model's id")
     openai_timeout_seconds: float = Field(60.0, description="connect and between-chunks timeout upstream")
     inference_max_waiting: int = Field(
-        256, description="sequences allowed to wait for a slot; past it Generate fails fast (RESOURCE_EXHAUSTED)"
+        256,
+        description="sequences allowed to wait for a slot; past it Generate fails fast (RESOURCE_EXHAUSTED)",
     )
     result_cache_ttl_seconds: int = Field(
-        3600, description="keep answers of deterministic requests (temperature 0 or a seed) in Redis; 0 disables"
+        3600,
+        description="keep answers of deterministic requests (temperature 0 or a seed) in Redis; 0 disables",
     )
     # sim engine: defaults model a 7B AWQ model under vLLM on one 24 GB GPU (see README, "The simulator")
     sim_ttft_ms: float = Field(45.0, description="time to first token of an unqueued request, before prefill")
     sim_prefill_ms_per_token: float = Field(0.12, description="prefill time per prompt token")
     sim_itl_ms: float = Field(12.0, description="inter-token latency with one sequence running")
     sim_itl_at_max_ms: float = Field(38.0, description="inter-token latency with max_num_seqs running")
-    sim_max_num_seqs: int = Field(64, description="sequences the simulated engine runs at once; the rest wait")
+    sim_max_num_seqs: int = Field(
+        64, description="sequences the simulated engine runs at once; the rest wait"
+    )
     sim_mean_output_tokens: int = Field(
         220, description="mean length of an answer that stops on its own (exponential); max_tokens caps it"
     )

@@ -41,7 +41,9 @@ def setup_tracing(service: str, settings: Settings) -> None:
 
         provider = TracerProvider(resource=Resource.create({"service.name": f"chatterbot-{service}"}))
         endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500)
+        )
         trace.set_tracer_provider(provider)
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
 
@@ -71,7 +73,8 @@ class _TracingClientInterceptor:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         service, _, name = method.lstrip("/").partition("/")
         span = trace.get_tracer(__name__).start_span(
-            method.lstrip("/"), kind=SpanKind.CLIENT,
+            method.lstrip("/"),
+            kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
         )
         carrier: dict[str, str] = {}

@@ -10,7 +10,11 @@ from chatterbot.guarded_client import GuardedClient
 from chatterbot.v1 import store_pb2, types_pb2
 from context_svc.turns import HistoryLoader, Turn
 
-_ROLE_NAMES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
+_ROLE_NAMES = {
+    types_pb2.ROLE_SYSTEM: "system",
+    types_pb2.ROLE_USER: "user",
+    types_pb2.ROLE_ASSISTANT: "assistant",
+}
 
 
 def store_history(store: GuardedClient, count_tokens: Callable[[str], int]) -> HistoryLoader:
@@ -21,7 +25,7 @@ def store_history(store: GuardedClient, count_tokens: Callable[[str], int]) -> H
             user_id=user_id, conversation_id=conversation_id, page_size=limit
         )
         try:
-            page = await store.unary("ListMessages", request)
+            page = await store.call(store.stub.ListMessages, request)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

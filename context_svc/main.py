@@ -43,8 +43,10 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
         yield GrpcApp(
             name="context",
             servicers=[
-                (context_pb2_grpc.add_ContextServiceServicer_to_server,
-                 ContextServicer(turns, settings.context_token_budget)),
+                (
+                    context_pb2_grpc.add_ContextServiceServicer_to_server,
+                    ContextServicer(turns, settings.context_token_budget),
+                ),
             ],
             service_names=[context_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name],
             probes={"redis": redis_up},

@@ -15,7 +15,11 @@ from chatterbot.guarded_client import dependency_unavailable_metadata
 from chatterbot.v1 import context_pb2, context_pb2_grpc, types_pb2
 from context_svc.turns import Turn, TurnStore, fit_budget
 
-_ROLE_NAMES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
+_ROLE_NAMES = {
+    types_pb2.ROLE_SYSTEM: "system",
+    types_pb2.ROLE_USER: "user",
+    types_pb2.ROLE_ASSISTANT: "assistant",
+}
 _ROLE_VALUES = {name: value for value, name in _ROLE_NAMES.items()}
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,11 @@ def _redis_unavailable(handler):
         except redis.exceptions.LockError as exc:
             # Another turn of the conversation holds it for too long; the conversation is busy, Redis is not.
             log.warning("context lock not acquired", extra={"method": handler.__name__, "error": repr(exc)})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "conversation context is busy; retry",
-                                trailing_metadata=dependency_unavailable_metadata("context-lock", 1.0))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "conversation context is busy; retry",
+                trailing_metadata=dependency_unavailable_metadata("context-lock", 1.0),
+            )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             log.warning("redis unavailable", extra={"method": handler.__name__, "error": repr(exc)})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "context cache unavailable")
@@ -53,7 +60,10 @@ def _to_proto(turn: Turn) -> context_pb2.Turn:
     created = Timestamp()
     created.FromNanoseconds(int(turn.created_at * 1e9))
     return context_pb2.Turn(
-        role=_ROLE_VALUES[turn.role], content=turn.content, token_count=turn.token_count, create_time=created,
+        role=_ROLE_VALUES[turn.role],
+        content=turn.content,
+        token_count=turn.token_count,
+        create_time=created,
         request_id=turn.request_id,
     )
 
@@ -71,7 +81,9 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             found = await self.turns.read(request.user_id, request.conversation_id)
         except (CircuitOpenError, grpc.aio.AioRpcError, redis.exceptions.LockError) as exc:
             # A miss that history cannot fill now: the turn is answered without earlier context.
-            log.warning("context not rebuilt", extra={"conversation_id": request.conversation_id, "error": repr(exc)})
+            log.warning(
+                "context not rebuilt", extra={"conversation_id": request.conversation_id, "error": repr(exc)}
+            )
             found = None
         if found is None:
             return context_pb2.GetContextResponse(source=context_pb2.CONTEXT_SOURCE_EMPTY)
@@ -98,8 +110,9 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"turns[{i}].role must be set")
             created = t.create_time.ToNanoseconds() / 1e9 if t.HasField("create_time") else now
             turns.append(Turn(_ROLE_NAMES[t.role], t.content, t.token_count, created, t.request_id))
-        kept = await self.turns.append(request.user_id, request.conversation_id, turns,
-                                       new_conversation=request.new_conversation)
+        kept = await self.turns.append(
+            request.user_id, request.conversation_id, turns, new_conversation=request.new_conversation
+        )
         return context_pb2.AppendTurnsResponse(turn_count=kept)
 
     @_redis_unavailable

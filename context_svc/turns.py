@@ -150,7 +150,8 @@ class TurnStore:
         `new_conversation` says history holds nothing before these turns, so a missing list is not rebuilt.
         """
         turns = [
-            replace(t, token_count=t.token_count or self.count_tokens(t.content), order=t.created_at) for t in turns
+            replace(t, token_count=t.token_count or self.count_tokens(t.content), order=t.created_at)
+            for t in turns
         ]
         key = context_key(user_id, conversation_id)
         async with self._locked(user_id, conversation_id, -TAIL_TURNS) as (held, tail):
@@ -180,7 +181,9 @@ class TurnStore:
             return loaded, True
 
     @contextlib.asynccontextmanager
-    async def _locked(self, user_id: str, conversation_id: str, start: int) -> AsyncIterator[tuple[_Held, list]]:
+    async def _locked(
+        self, user_id: str, conversation_id: str, start: int
+    ) -> AsyncIterator[tuple[_Held, list]]:
         """Hold the conversation's lock, with its list from `start` read in the same round trip; the lock is
         freed on leaving unless a write already freed it. `LockError` after `lock_wait`."""
         key = context_key(user_id, conversation_id)
@@ -205,21 +208,28 @@ class TurnStore:
     async def clear(self, user_id: str, conversation_id: str) -> None:
         await self.client.delete(context_key(user_id, conversation_id))
 
-    async def _rebuild(self, key: str, user_id: str, conversation_id: str, turns: list[Turn], held: _Held) -> int:
+    async def _rebuild(
+        self, key: str, user_id: str, conversation_id: str, turns: list[Turn], held: _Held
+    ) -> int:
         if self.history is None:
             return await self._replace(key, turns, held)
         try:
             loaded = await self.history(user_id, conversation_id, self.max_turns)
         except Exception:
             # Writing only these turns would hide the earlier ones from every read until the list expires.
-            log.warning("history unavailable; context left to be rebuilt on the next read", exc_info=True,
-                        extra={"conversation_id": conversation_id})
+            log.warning(
+                "history unavailable; context left to be rebuilt on the next read",
+                exc_info=True,
+                extra={"conversation_id": conversation_id},
+            )
             return 0
         if loaded is None:
             return await self._replace(key, turns, held)
         # History was written before the context (chat_svc stores the exchange first): it may hold these turns.
         stored = {(t.request_id, t.role) for t in loaded if t.request_id}
-        return await self._replace(key, loaded + [t for t in turns if (t.request_id, t.role) not in stored], held)
+        return await self._replace(
+            key, loaded + [t for t in turns if (t.request_id, t.role) not in stored], held
+        )
 
     async def _append_after(self, key: str, tail: list[Turn], turns: list[Turn], held: _Held) -> int:
         if turns and turns[0].order < tail[0].order and len(tail) == TAIL_TURNS:

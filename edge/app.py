@@ -31,7 +31,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.chat = GuardedClient("chat", settings.chat_addr, chat_pb2_grpc.ChatServiceStub, settings)
         # API keys made by `chatterbot keys` are looked up in store_svc (cached briefly); limits count in Redis.
-        app.state.store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)
+        app.state.store = GuardedClient(
+            "store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings
+        )
         app.state.keys = KeyResolver.from_settings(settings, store_lookup(app.state.store))
         app.state.rate_limits = RateLimits(settings)
         app.state.health = MeshHealth(settings)
@@ -57,7 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
         description="Chat backend for large language models.",
         lifespan=lifespan,
     )
-    app.add_middleware(EdgeGuard, max_in_flight=settings.edge_max_in_flight, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        EdgeGuard, max_in_flight=settings.edge_max_in_flight, max_body_bytes=settings.max_body_bytes
+    )
     app.add_middleware(RateLimitHeaders)
     install_problem_handlers(app)
     install_disconnect_handler(app)
@@ -68,5 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router)
     # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.
     # No span per ASGI send/receive: a stream would open one per event.
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="livez,readyz,metrics", exclude_spans=["receive", "send"])
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls="livez,readyz,metrics", exclude_spans=["receive", "send"]
+    )
     return app

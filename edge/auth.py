@@ -22,7 +22,9 @@ from edge.problems import ProblemError
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="An API key (user, service or admin)"
 )
-bearer_scheme = HTTPBearer(auto_error=False, description="The same API key as a bearer token (OpenAI clients)")
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="The same API key as a bearer token (OpenAI clients)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +56,11 @@ async def require_key(
     """FastAPI dependency: the authenticated caller, counted against its rate limits."""
     key = x_api_key or (bearer.credentials if bearer else None)
     if not key:
-        raise ProblemError(401, "missing API key: send it in the X-API-Key header or as a bearer token",
-                           {"WWW-Authenticate": 'Bearer realm="chatterbot", ApiKey'})
+        raise ProblemError(
+            401,
+            "missing API key: send it in the X-API-Key header or as a bearer token",
+            {"WWW-Authenticate": 'Bearer realm="chatterbot", ApiKey'},
+        )
     state = request.app.state
     known, principal = state.keys.peek(key)
     if not known:
@@ -65,7 +70,9 @@ async def require_key(
         try:
             principal = await state.keys.resolve(key)
         except KeyLookupUnavailable:
-            raise ProblemError(503, "cannot check API keys right now; retry later", {"Retry-After": "1"}) from None
+            raise ProblemError(
+                503, "cannot check API keys right now; retry later", {"Retry-After": "1"}
+            ) from None
     if principal is None:
         await state.rate_limits.auth_failed(request)
         raise ProblemError(403, "invalid API key")

@@ -25,10 +25,16 @@ class MeshHealth:
         # Health has its own channels: the breaker-guarded data path must not be disturbed by probes.
         self.channels = {s: grpc.aio.insecure_channel(settings.service_addr(s)) for s in GRPC_PROCESSES}
         self.stubs = {s: health_pb2_grpc.HealthStub(c) for s, c in self.channels.items()}
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=CHECK_TIMEOUT) if settings.redis_url else None
+        self.redis = (
+            redis.Redis.from_url(settings.redis_url, socket_timeout=CHECK_TIMEOUT)
+            if settings.redis_url
+            else None
+        )
 
     async def _serving(self, service: str, name: str = "") -> bool:
-        response = await self.stubs[service].Check(health_pb2.HealthCheckRequest(service=name), timeout=CHECK_TIMEOUT)
+        response = await self.stubs[service].Check(
+            health_pb2.HealthCheckRequest(service=name), timeout=CHECK_TIMEOUT
+        )
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
     async def _redis(self) -> bool:
@@ -37,8 +43,12 @@ class MeshHealth:
     async def _nats(self) -> bool:
         if not self.settings.nats_url:
             return False
-        nc = await nats.connect(self.settings.nats_url, connect_timeout=CHECK_TIMEOUT, allow_reconnect=False,
-                                max_reconnect_attempts=0)
+        nc = await nats.connect(
+            self.settings.nats_url,
+            connect_timeout=CHECK_TIMEOUT,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
         try:
             await nc.flush(timeout=CHECK_TIMEOUT)
             return True
@@ -46,7 +56,9 @@ class MeshHealth:
             await nc.close()
 
     async def components(self) -> dict[str, str]:
-        checks: dict[str, Callable[[], Awaitable[bool]]] = {s: (lambda s=s: self._serving(s)) for s in GRPC_PROCESSES}
+        checks: dict[str, Callable[[], Awaitable[bool]]] = {
+            s: (lambda s=s: self._serving(s)) for s in GRPC_PROCESSES
+        }
         checks["postgres"] = lambda: self._serving("store", DEPENDENCY_PREFIX + "postgres")
         checks["redis"] = self._redis
         checks["nats"] = self._nats

@@ -12,7 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 EXEMPT_PATHS = frozenset({"/livez", "/readyz", "/health", "/metrics"})
 
 REQUESTS = prometheus_client.Counter(
-    "chatterbot_edge_requests_total", "HTTP requests by route, method and status", ["route", "method", "status"]
+    "chatterbot_edge_requests_total",
+    "HTTP requests by route, method and status",
+    ["route", "method", "status"],
 )
 LATENCY = prometheus_client.Histogram(
     "chatterbot_edge_request_seconds",
@@ -21,17 +23,26 @@ LATENCY = prometheus_client.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 IN_FLIGHT = prometheus_client.Gauge("chatterbot_edge_in_flight", "Requests being served, streams included")
-SHED = prometheus_client.Counter("chatterbot_edge_shed_total", "Requests refused because too many were in flight")
+SHED = prometheus_client.Counter(
+    "chatterbot_edge_shed_total", "Requests refused because too many were in flight"
+)
 
 
-async def _problem(send: Send, status: int, title: str, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
+async def _problem(
+    send: Send, status: int, title: str, detail: str, headers: list[tuple[bytes, bytes]]
+) -> None:
     body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode()),
-                    *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -55,12 +66,19 @@ class EdgeGuard:
             return
         if self.in_flight >= self.max_in_flight:
             SHED.inc()
-            await _problem(send, 503, "Service Unavailable", "too many requests in flight; retry later",
-                           [(b"retry-after", b"1")])
+            await _problem(
+                send,
+                503,
+                "Service Unavailable",
+                "too many requests in flight; retry later",
+                [(b"retry-after", b"1")],
+            )
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _problem(send, 413, "Content Too Large", f"the body may be at most {self.max_body_bytes} bytes", [])
+            await _problem(
+                send, 413, "Content Too Large", f"the body may be at most {self.max_body_bytes} bytes", []
+            )
             return
         self.in_flight += 1
         IN_FLIGHT.inc()
@@ -87,7 +105,9 @@ class EdgeGuard:
             await self.app(scope, limited_receive, recording_send)
         except BodyTooLarge:
             status = 413
-            await _problem(send, 413, "Content Too Large", f"the body may be at most {self.max_body_bytes} bytes", [])
+            await _problem(
+                send, 413, "Content Too Large", f"the body may be at most {self.max_body_bytes} bytes", []
+            )
         finally:
             self.in_flight -= 1
             IN_FLIGHT.dec()

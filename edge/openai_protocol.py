@@ -45,7 +45,8 @@ class ChatCompletionMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = Field(
-        None, description="A string or a list of text parts (joined by newlines); null only on assistant messages"
+        None,
+        description="A string or a list of text parts (joined by newlines); null only on assistant messages",
     )
     name: str | None = None
 
@@ -76,25 +77,34 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatCompletionMessage] = Field(
-        min_length=1, max_length=MAX_MESSAGES,
+        min_length=1,
+        max_length=MAX_MESSAGES,
         description="The whole conversation so far, oldest first; the last one is the user's new message",
     )
     model: str = Field("", max_length=256, description="An id from GET /v1/models; empty: the default model")
     stream: bool = Field(False, description="Answer as `chat.completion.chunk` server-sent events")
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_COMPLETION_TOKENS, description="Deprecated by OpenAI; "
-                                   "max_completion_tokens wins when both are given")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_COMPLETION_TOKENS,
+        description="Deprecated by OpenAI; max_completion_tokens wins when both are given",
+    )
     max_completion_tokens: int | None = Field(
         None, ge=1, le=MAX_COMPLETION_TOKENS, description=f"Omitted: up to {MAX_COMPLETION_TOKENS}"
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Omitted: 1; 0 samples greedily")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Omitted: 1")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop sequences")
-    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="Reproducible sampling; such answers may be cached")
+    seed: int | None = Field(
+        None, ge=0, le=2**64 - 1, description="Reproducible sampling; such answers may be cached"
+    )
     user: str | None = Field(
-        None, min_length=3, max_length=50,
+        None,
+        min_length=3,
+        max_length=50,
         description="Whose history the exchange is stored in (the seed API's user_id); omitted: the configured "
-                    "default user (CHATTERBOT_OPENAI_DEFAULT_USER)",
+        "default user (CHATTERBOT_OPENAI_DEFAULT_USER)",
     )
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated")
 
@@ -195,7 +205,9 @@ class ModelList(BaseModel):
 
 class ErrorObject(BaseModel):
     message: str
-    type: str = Field(description="e.g. invalid_request_error, authentication_error, rate_limit_error, server_error")
+    type: str = Field(
+        description="e.g. invalid_request_error, authentication_error, rate_limit_error, server_error"
+    )
     param: str | None = Field(None, description="The offending request field, when one is to blame")
     code: int = Field(description="The HTTP status")
 

@@ -8,11 +8,11 @@ from http import HTTPStatus
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from edge.responses import JSONBytesResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import retry_after_of
+from edge.responses import JSONBytesResponse
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -27,8 +27,12 @@ class ProblemError(Exception):
         self.headers = headers or {}
 
 
-def problem_response(status: int, detail: str | None = None, headers: dict[str, str] | None = None,
-                     errors: list[dict] | None = None) -> JSONBytesResponse:
+def problem_response(
+    status: int,
+    detail: str | None = None,
+    headers: dict[str, str] | None = None,
+    errors: list[dict] | None = None,
+) -> JSONBytesResponse:
     body: dict = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
     if detail:
         body["detail"] = detail
@@ -44,13 +48,19 @@ def _retry_after_header(seconds: float | None) -> dict[str, str]:
 def problem_for_downstream(exc: BaseException) -> ProblemError:
     """The HTTP answer for a failed call to chat_svc."""
     if isinstance(exc, CircuitOpenError):
-        return ProblemError(503, f"{exc.target} is unavailable; retry later", _retry_after_header(exc.retry_after))
+        return ProblemError(
+            503, f"{exc.target} is unavailable; retry later", _retry_after_header(exc.retry_after)
+        )
     if isinstance(exc, grpc.aio.AioRpcError):
         code, details = exc.code(), exc.details() or None
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ProblemError(503, details or "service unavailable; retry later", _retry_after_header(retry_after_of(exc)))
+            return ProblemError(
+                503, details or "service unavailable; retry later", _retry_after_header(retry_after_of(exc))
+            )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return ProblemError(503, details or "overloaded; retry later", _retry_after_header(retry_after_of(exc)))
+            return ProblemError(
+                503, details or "overloaded; retry later", _retry_after_header(retry_after_of(exc))
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ProblemError(504, details or "the answer took too long")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -75,11 +85,15 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
         ]
         return problem_response(422, "the request body is not valid", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return problem_response(exc.status_code, exc.detail if isinstance(exc.detail, str) else None,
-                                getattr(exc, "headers", None))
+        return problem_response(
+            exc.status_code,
+            exc.detail if isinstance(exc.detail, str) else None,
+            getattr(exc, "headers", None),
+        )

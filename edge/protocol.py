@@ -14,9 +14,13 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    message: str = Field(min_length=1, max_length=2000, description="The user's message; the limit is configurable")
+    message: str = Field(
+        min_length=1, max_length=2000, description="The user's message; the limit is configurable"
+    )
     user_id: str = Field(min_length=3, max_length=50)
-    context: list[str] = Field(default_factory=list, max_length=10, description="Extra context for this turn only")
+    context: list[str] = Field(
+        default_factory=list, max_length=10, description="Extra context for this turn only"
+    )
     max_tokens: int = Field(256, ge=10, le=1024)
     temperature: float = Field(0.7, ge=0.1, le=1.0)
     conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_PATTERN)
@@ -139,7 +143,9 @@ class Conversation(BaseModel):
 class ConversationList(BaseModel):
     user_id: str
     conversations: list[Conversation] = Field(description="Most recently updated first")
-    next_page_token: str | None = Field(None, description="Pass as page_token for the next page; null on the last")
+    next_page_token: str | None = Field(
+        None, description="Pass as page_token for the next page; null on the last"
+    )
 
 
 class HistoryMessage(BaseModel):

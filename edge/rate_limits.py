@@ -102,8 +102,11 @@ class Quota:
     reset_seconds: int
 
     def headers(self) -> dict[str, str]:
-        return {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
-                "RateLimit-Reset": str(self.reset_seconds)}
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,9 @@ class RateLimits:
 
     def __init__(self, settings: Settings) -> None:
         self.route_limits = parse_route_limits(settings.rate_limits)
-        self.auth_failure_limit = parse(settings.auth_failures_per_ip) if settings.auth_failures_per_ip else None
+        self.auth_failure_limit = (
+            parse(settings.auth_failures_per_ip) if settings.auth_failures_per_ip else None
+        )
         self.limit_static_keys = settings.rate_limit_static_keys
         self.storage: RedisStorage | None = None
         if settings.redis_url:
@@ -145,10 +150,14 @@ class RateLimits:
     async def admit(self, request: Request, caller: Principal) -> None:
         """Count one request of `caller` on this route; 429 when over a limit."""
         route = _route_of(request)
-        checks = [_Check(item, ("route", route, caller.key_id), "route") for item in self.route_limits.get(route, ())]
+        checks = [
+            _Check(item, ("route", route, caller.key_id), "route")
+            for item in self.route_limits.get(route, ())
+        ]
         if caller.requests_per_minute:
-            checks.append(_Check(RateLimitItemPerMinute(caller.requests_per_minute), ("key", caller.key_id),
-                                 "key_rpm"))
+            checks.append(
+                _Check(RateLimitItemPerMinute(caller.requests_per_minute), ("key", caller.key_id), "key_rpm")
+            )
         if not checks or not self._applies_to(caller):
             return
         outcome = await self._guarded(lambda: self._hit_all(self.requests, checks, 1))
@@ -156,8 +165,13 @@ class RateLimits:
             return
         for check, (ok, quota) in zip(checks, outcome, strict=True):
             if not ok:
-                self._reject(request, route, check, quota,
-                             "too many requests with this key; retry after the Retry-After delay")
+                self._reject(
+                    request,
+                    route,
+                    check,
+                    quota,
+                    "too many requests with this key; retry after the Retry-After delay",
+                )
         tightest = min((quota for _, quota in outcome), key=lambda q: (q.remaining, -q.reset_seconds))
         _headers_of(request).update(tightest.headers())
 
@@ -170,16 +184,20 @@ class RateLimits:
         outcome = await self._guarded(lambda: self._hit_all(self.tokens, [check], tokens))
         if outcome is None:
             return
-        (ok, quota), = outcome
-        token_headers = {"X-RateLimit-Limit-Tokens": str(quota.limit),
-                         "X-RateLimit-Remaining-Tokens": str(quota.remaining),
-                         "X-RateLimit-Reset-Tokens": str(quota.reset_seconds)}
+        ((ok, quota),) = outcome
+        token_headers = {
+            "X-RateLimit-Limit-Tokens": str(quota.limit),
+            "X-RateLimit-Remaining-Tokens": str(quota.remaining),
+            "X-RateLimit-Reset-Tokens": str(quota.reset_seconds),
+        }
         if ok:
             _headers_of(request).update(token_headers)
             return
-        detail = (f"max_tokens {tokens} is more than this key's budget of {budget} tokens a minute"
-                  if tokens > budget else
-                  f"this key's budget of {budget} tokens a minute is spent (a turn costs its max_tokens)")
+        detail = (
+            f"max_tokens {tokens} is more than this key's budget of {budget} tokens a minute"
+            if tokens > budget
+            else f"this key's budget of {budget} tokens a minute is spent (a turn costs its max_tokens)"
+        )
         self._reject(request, _route_of(request), check, quota, detail, token_headers)
 
     # --- failed authentication per client IP ---
@@ -211,7 +229,9 @@ class RateLimits:
     def _applies_to(self, caller: Principal) -> bool:
         return self.storage is not None and (self.limit_static_keys or not caller.static)
 
-    async def _hit_all(self, limiter: RateLimiter, checks: Sequence[_Check], cost: int) -> list[tuple[bool, Quota]]:
+    async def _hit_all(
+        self, limiter: RateLimiter, checks: Sequence[_Check], cost: int
+    ) -> list[tuple[bool, Quota]]:
         async def one(check: _Check) -> tuple[bool, Quota]:
             ok = await limiter.hit(check.item, *check.identifiers, cost=cost)
             stats = await limiter.get_window_stats(check.item, *check.identifiers)
@@ -229,12 +249,22 @@ class RateLimits:
         except _STORAGE_FAILURES as exc:
             STORAGE_ERRORS.inc()
             self._skip_until = time.monotonic() + STORAGE_BACKOFF_SECONDS
-            log.warning("rate limits skipped: Redis unavailable (%s); failing open for %.0fs",
-                        type(exc).__name__, STORAGE_BACKOFF_SECONDS)
+            log.warning(
+                "rate limits skipped: Redis unavailable (%s); failing open for %.0fs",
+                type(exc).__name__,
+                STORAGE_BACKOFF_SECONDS,
+            )
             return None
 
-    def _reject(self, request: Request, route: str, check: _Check, quota: Quota, detail: str,
-                extra: dict[str, str] | None = None) -> None:
+    def _reject(
+        self,
+        request: Request,
+        route: str,
+        check: _Check,
+        quota: Quota,
+        detail: str,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         RATE_LIMITED.labels(route, check.name).inc()
         headers = {**quota.headers(), **(extra or {}), "Retry-After": str(max(1, quota.reset_seconds))}
         _headers_of(request).update(headers)
@@ -243,8 +273,11 @@ class RateLimits:
     def _reject_auth(self, request: Request, item: RateLimitItem, stats) -> None:
         quota = _quota(item, stats.reset_time, 0) if stats is not None else Quota(item.amount, 0, 60)
         RATE_LIMITED.labels(_route_of(request), "auth_failures").inc()
-        raise ProblemError(429, "too many failed authentications from this address; retry later",
-                           {**quota.headers(), "Retry-After": str(max(1, quota.reset_seconds))})
+        raise ProblemError(
+            429,
+            "too many failed authentications from this address; retry later",
+            {**quota.headers(), "Retry-After": str(max(1, quota.reset_seconds))},
+        )
 
 
 def _quota(item: RateLimitItem, reset_time: float, remaining: int) -> Quota:
@@ -289,8 +322,11 @@ class RateLimitHeaders:
                     present = {name.lower() for name, _ in message.get("headers", ())}
                     message["headers"] = [
                         *message.get("headers", ()),
-                        *((name.lower().encode(), value.encode()) for name, value in extra.items()
-                          if name.lower().encode() not in present),
+                        *(
+                            (name.lower().encode(), value.encode())
+                            for name, value in extra.items()
+                            if name.lower().encode() not in present
+                        ),
                     ]
             await send(message)
 

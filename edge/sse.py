@@ -75,8 +75,9 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[Mapping[str, str] | None], *,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, events: AsyncIterator[Mapping[str, str] | None], *, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.events = events
         self.status_code = 200
         self.background = None

@@ -20,8 +20,9 @@ class Generator:
     cache: ResultCache
     max_waiting: int
 
-    async def generate(self, request: GenerationRequest, cache_only: bool = False
-                       ) -> AsyncIterator[tuple[str, Delta]]:
+    async def generate(
+        self, request: GenerationRequest, cache_only: bool = False
+    ) -> AsyncIterator[tuple[str, Delta]]:
         """Yield (model id, delta); closing the iterator early aborts the generation in the engine.
 
         With `cache_only`, only a cached answer is given; anything else is refused as Overloaded."""
@@ -88,8 +89,13 @@ async def coalesce(source: AsyncIterator[tuple[str, Delta]]) -> AsyncIterator[tu
                         return
                     raise peek
                 _, more = peek
-                delta = Delta(delta.text + more.text, delta.token_count + more.token_count, more.finish_reason,
-                              more.prompt_tokens, more.completion_tokens)
+                delta = Delta(
+                    delta.text + more.text,
+                    delta.token_count + more.token_count,
+                    more.finish_reason,
+                    more.prompt_tokens,
+                    more.completion_tokens,
+                )
             yield model, delta
     finally:
         task.cancel()

@@ -21,7 +21,9 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     models = ModelRegistry.from_settings(settings)
     # The result cache is optional: without Redis every request reaches the engine.
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0) if settings.redis_url else None
-    generator = Generator(models, ResultCache(client, settings.result_cache_ttl_seconds), settings.inference_max_waiting)
+    generator = Generator(
+        models, ResultCache(client, settings.result_cache_ttl_seconds), settings.inference_max_waiting
+    )
     await models.start()
 
     async def engine_ready() -> bool:
@@ -30,7 +32,9 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     try:
         yield GrpcApp(
             name="inference",
-            servicers=[(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(generator))],
+            servicers=[
+                (inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(generator))
+            ],
             service_names=[inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name],
             probes={"engine": engine_ready},
         )

@@ -2,8 +2,12 @@
 
 import prometheus_client
 
-RUNNING = prometheus_client.Gauge("chatterbot_engine_running_sequences", "Sequences being generated", ["model"])
-WAITING = prometheus_client.Gauge("chatterbot_engine_waiting_sequences", "Sequences waiting for a slot", ["model"])
+RUNNING = prometheus_client.Gauge(
+    "chatterbot_engine_running_sequences", "Sequences being generated", ["model"]
+)
+WAITING = prometheus_client.Gauge(
+    "chatterbot_engine_waiting_sequences", "Sequences waiting for a slot", ["model"]
+)
 TTFT = prometheus_client.Histogram(
     "chatterbot_engine_time_to_first_token_seconds",
     "From request arrival to its first token",
@@ -17,8 +21,12 @@ ITL = prometheus_client.Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.5),
 )
 TOKENS = prometheus_client.Counter("chatterbot_engine_generated_tokens_total", "Tokens generated", ["model"])
-PROMPT_TOKENS = prometheus_client.Counter("chatterbot_engine_prompt_tokens_total", "Prompt tokens processed", ["model"])
-ABORTS = prometheus_client.Counter("chatterbot_engine_aborted_requests_total", "Requests aborted before the end", ["model"])
+PROMPT_TOKENS = prometheus_client.Counter(
+    "chatterbot_engine_prompt_tokens_total", "Prompt tokens processed", ["model"]
+)
+ABORTS = prometheus_client.Counter(
+    "chatterbot_engine_aborted_requests_total", "Requests aborted before the end", ["model"]
+)
 CACHE_HITS = prometheus_client.Counter(
     "chatterbot_result_cache_hits_total", "Deterministic requests answered from the result cache", ["model"]
 )
@@ -26,5 +34,7 @@ CACHE_MISSES = prometheus_client.Counter(
     "chatterbot_result_cache_misses_total", "Deterministic requests the engine had to generate", ["model"]
 )
 REJECTED = prometheus_client.Counter(
-    "chatterbot_engine_rejected_requests_total", "Requests refused because the waiting queue was full", ["model"]
+    "chatterbot_engine_rejected_requests_total",
+    "Requests refused because the waiting queue was full",
+    ["model"],
 )

@@ -30,7 +30,9 @@ class ModelRegistry:
         engines = [create_engine(settings.inference_engine, settings, settings.model_name, is_default=True)]
         if settings.light_model_engine and settings.light_model_name:
             engines.append(
-                create_engine(settings.light_model_engine, settings, settings.light_model_name, is_default=False)
+                create_engine(
+                    settings.light_model_engine, settings, settings.light_model_name, is_default=False
+                )
             )
         return cls(engines)
 

@@ -48,7 +48,9 @@ def chunk(deltas: list[Delta]) -> list[Delta]:
         tokens += delta.token_count
         if tokens >= CHUNK_TOKENS or i == len(deltas) - 1:
             chunks.append(
-                Delta("".join(text), tokens, delta.finish_reason, delta.prompt_tokens, delta.completion_tokens)
+                Delta(
+                    "".join(text), tokens, delta.finish_reason, delta.prompt_tokens, delta.completion_tokens
+                )
             )
             text, tokens = [], 0
     return chunks
@@ -81,7 +83,10 @@ class ResultCache:
         if not self.enabled or not deltas:
             return
         payload = orjson.dumps(
-            [[d.text, d.token_count, d.finish_reason, d.prompt_tokens, d.completion_tokens] for d in chunk(deltas)]
+            [
+                [d.text, d.token_count, d.finish_reason, d.prompt_tokens, d.completion_tokens]
+                for d in chunk(deltas)
+            ]
         )
         try:
             await self.client.set(key, payload, ex=self.ttl_seconds)

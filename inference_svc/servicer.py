@@ -22,8 +22,11 @@ from inference_svc.engines.base import (
 from inference_svc.generation import Generator, coalesce, whole
 
 _ROLES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
-_FINISH = {"stop": types_pb2.FINISH_REASON_STOP, "length": types_pb2.FINISH_REASON_LENGTH,
-           "abort": types_pb2.FINISH_REASON_ABORT}
+_FINISH = {
+    "stop": types_pb2.FINISH_REASON_STOP,
+    "length": types_pb2.FINISH_REASON_LENGTH,
+    "abort": types_pb2.FINISH_REASON_ABORT,
+}
 _MODEL_STATE = {
     EngineState.LOADING: inference_pb2.MODEL_STATE_LOADING,
     EngineState.READY: inference_pb2.MODEL_STATE_READY,
@@ -90,8 +93,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             # Cancelling the RPC closes this chain down to the engine: that is the abort.
             deltas = self.generator.generate(gen_request, cache_only=request.cache_only)
-            async for model, delta in (whole(deltas) if request.whole else coalesce(deltas)):
-                response = inference_pb2.GenerateResponse(text=delta.text, token_count=delta.token_count, model=model)
+            async for model, delta in whole(deltas) if request.whole else coalesce(deltas):
+                response = inference_pb2.GenerateResponse(
+                    text=delta.text, token_count=delta.token_count, model=model
+                )
                 if delta.finish_reason:
                     response.finish_reason = _FINISH[delta.finish_reason]
                     response.usage.prompt_tokens = delta.prompt_tokens
@@ -106,8 +111,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         models = []
         for m in self.generator.models.models():
             load = self.generator.models.engines[m.id].load()
-            models.append(inference_pb2.Model(
-                id=m.id, engine=m.engine, state=_MODEL_STATE[m.state], max_model_len=m.max_model_len,
-                is_default=m.is_default, running=load.running, waiting=load.waiting,
-            ))
+            models.append(
+                inference_pb2.Model(
+                    id=m.id,
+                    engine=m.engine,
+                    state=_MODEL_STATE[m.state],
+                    max_model_len=m.max_model_len,
+                    is_default=m.is_default,
+                    running=load.running,
+                    waiting=load.waiting,
+                )
+            )
         return inference_pb2.ListModelsResponse(models=models)

@@ -28,9 +28,9 @@ import grpc
 import httpx
 import psutil
 
-from chatterbot.launcher import Mesh
 from chatterbot.settings import Settings
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+from ops.launcher import Mesh
 
 KEY = "bench-service-key"
 
@@ -77,9 +77,14 @@ async def run(name: str, call, seconds: float, concurrency: int, pids: dict[str,
     served = max(1, len(latencies))
     cpu_ms = {p: (cpu_after[p] - cpu_before[p]) / served * 1000 for p in cpu_after}
     return {
-        "name": name, "requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
-        "mean_ms": statistics.mean(latencies) * 1000, "cpu_ms": cpu_ms,
+        "name": name,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "mean_ms": statistics.mean(latencies) * 1000,
+        "cpu_ms": cpu_ms,
     }
 
 
@@ -99,36 +104,59 @@ async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -
             pass
 
     async def chat(i: int, n: int) -> None:
-        r = await http.post("/chat", json={"message": f"bench {i} {n}", "user_id": f"bench-user-{i}",
-                                           "max_tokens": max(10, max_tokens)})
+        r = await http.post(
+            "/chat",
+            json={
+                "message": f"bench {i} {n}",
+                "user_id": f"bench-user-{i}",
+                "max_tokens": max(10, max_tokens),
+            },
+        )
         r.raise_for_status()
 
     async def openai(i: int, n: int) -> None:
-        r = await http.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": f"bench {i} {n}"}], "user": f"bench-user-{i}",
-            "max_tokens": max_tokens})
+        r = await http.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": f"bench {i} {n}"}],
+                "user": f"bench-user-{i}",
+                "max_tokens": max_tokens,
+            },
+        )
         r.raise_for_status()
 
     try:
         await run("warm-up", chat, 1.0, concurrency)
-        return [await run(name, call, seconds, concurrency, pids)
-                for name, call in (("engine", engine), ("chat", chat), ("openai", openai))]
+        return [
+            await run(name, call, seconds, concurrency, pids)
+            for name, call in (("engine", engine), ("chat", chat), ("openai", openai))
+        ]
     finally:
         await http.aclose()
         await channel.close()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--itl-ms", type=float, default=0.0, help="the engine's time per token (default 0)")
     args = parser.parse_args()
     settings = Settings(
-        _env_file=None, api_keys=[KEY], admin_keys=["bench-admin-key"], log_level="WARNING",
-        sim_ttft_ms=0, sim_prefill_ms_per_token=0, sim_itl_ms=args.itl_ms, sim_itl_at_max_ms=args.itl_ms,
-        sim_mean_output_tokens=100_000, sim_max_num_seqs=256, result_cache_ttl_seconds=0,
+        _env_file=None,
+        api_keys=[KEY],
+        admin_keys=["bench-admin-key"],
+        log_level="WARNING",
+        sim_ttft_ms=0,
+        sim_prefill_ms_per_token=0,
+        sim_itl_ms=args.itl_ms,
+        sim_itl_at_max_ms=args.itl_ms,
+        sim_mean_output_tokens=100_000,
+        sim_max_num_seqs=256,
+        result_cache_ttl_seconds=0,
     )
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(settings, Path(tmp), prefer_configured_ports=False)
@@ -137,19 +165,29 @@ def main() -> int:
             results = asyncio.run(bench(mesh, args.seconds, args.concurrency, args.max_tokens))
         finally:
             mesh.stop()
-    print(f"$ python scripts/bench_mesh.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
-          f"--max-tokens {args.max_tokens} --itl-ms {args.itl_ms:g}")
-    print(f"{'path':<8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>11}")
+    print(
+        f"$ python scripts/bench_mesh.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
+        f"--max-tokens {args.max_tokens} --itl-ms {args.itl_ms:g}"
+    )
+    print(
+        f"{'path':<8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>11}"
+    )
     for r in results:
-        print(f"{r['name']:<8} {r['requests']:>9} {r['errors']:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.2f} "
-              f"{r['p99_ms']:>8.2f} {sum(r['cpu_ms'].values()):>11.2f}")
+        print(
+            f"{r['name']:<8} {r['requests']:>9} {r['errors']:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.2f} "
+            f"{r['p99_ms']:>8.2f} {sum(r['cpu_ms'].values()):>11.2f}"
+        )
     print("CPU ms per request by process:")
     for r in results:
-        print(f"  {r['name']:<7} " + "  ".join(f"{p} {ms:.2f}" for p, ms in r["cpu_ms"].items() if ms >= 0.005))
+        print(
+            f"  {r['name']:<7} " + "  ".join(f"{p} {ms:.2f}" for p, ms in r["cpu_ms"].items() if ms >= 0.005)
+        )
     engine = results[0]
     for r in results[1:]:
-        print(f"{r['name']}: adds {r['p50_ms'] - engine['p50_ms']:.2f} ms at p50 over the engine; "
-              f"{r['rps'] / engine['rps']:.2f}x its throughput")
+        print(
+            f"{r['name']}: adds {r['p50_ms'] - engine['p50_ms']:.2f} ms at p50 over the engine; "
+            f"{r['rps'] / engine['rps']:.2f}x its throughput"
+        )
     return 0
 
 

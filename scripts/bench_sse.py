@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from chatterbot.launcher import Mesh
 from chatterbot.settings import Settings
+from ops.launcher import Mesh
 
 KEY = "bench-service-key"
 MAX_TOKENS = 1024  # the most the API allows: every answer runs to it
@@ -93,8 +93,10 @@ class Viewers:
         self.closing = False
 
     def request(self, correlation_id: str) -> bytes:
-        return (f"GET /stream/{correlation_id} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"X-API-Key: {KEY}\r\nAccept: text/event-stream\r\n\r\n").encode()
+        return (
+            f"GET /stream/{correlation_id} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"X-API-Key: {KEY}\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
 
     def open(self, correlation_id: str) -> Stream:
         stream = Stream(correlation_id)
@@ -150,7 +152,7 @@ class Viewers:
             if DONE_MARK in data:
                 self.errors["job finished while watched"] += 1
                 return
-            tail = data[-(len(TOKEN_MARK) - 1):]
+            tail = data[-(len(TOKEN_MARK) - 1) :]
 
     def _close(self, stream: Stream) -> None:
         if stream.writer is not None:
@@ -184,10 +186,17 @@ async def bench(mesh: Mesh, args: argparse.Namespace) -> dict:
     metrics_url = f"http://127.0.0.1:{edge.env['CHATTERBOT_METRICS_PORT']}/metrics"
     out: dict = {}
     async with httpx.AsyncClient(base_url=mesh.edge_url, headers={"X-API-Key": KEY}, timeout=30) as http:
+
         async def submit(i: int) -> str:
-            r = await http.post("/stream-chat", json={
-                "message": f"bench sse {i}: tell me a long story", "user_id": f"bench-sse-{i}",
-                "max_tokens": MAX_TOKENS, "temperature": 0.7})
+            r = await http.post(
+                "/stream-chat",
+                json={
+                    "message": f"bench sse {i}: tell me a long story",
+                    "user_id": f"bench-sse-{i}",
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0.7,
+                },
+            )
             r.raise_for_status()
             return r.json()["correlation_id"]
 
@@ -240,13 +249,17 @@ def gauge(value: float | None) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--ramp", type=float, default=250, help="new streams a second")
     parser.add_argument("--hold", type=float, default=20, help="seconds all streams are watched for tokens")
     parser.add_argument("--itl-ms", type=float, default=500, help="the sim engine's time between tokens")
-    parser.add_argument("--data-dir", type=Path, help="keep the mesh's data and logs here (default: a temp dir)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="keep the mesh's data and logs here (default: a temp dir)"
+    )
     args = parser.parse_args()
     # Before the mesh starts, so the edge inherits it.
     fd_limit = raise_fd_limit()
@@ -255,14 +268,27 @@ def main() -> int:
         return 2
     run_seconds = args.streams / args.ramp + args.hold + 30
     if MAX_TOKENS * args.itl_ms / 1000 < run_seconds:
-        print(f"answers last {MAX_TOKENS * args.itl_ms / 1000:.0f} s but the run takes about {run_seconds:.0f} s: "
-              "raise --itl-ms or --ramp", file=sys.stderr)
+        print(
+            f"answers last {MAX_TOKENS * args.itl_ms / 1000:.0f} s but the run takes about {run_seconds:.0f} s: "
+            "raise --itl-ms or --ramp",
+            file=sys.stderr,
+        )
         return 2
     settings = Settings(
-        _env_file=None, api_keys=[KEY], admin_keys=["bench-admin-key"], log_level="WARNING",
-        sim_ttft_ms=0, sim_prefill_ms_per_token=0, sim_itl_ms=args.itl_ms, sim_itl_at_max_ms=args.itl_ms,
-        sim_mean_output_tokens=100_000, sim_max_num_seqs=max(256, args.jobs), worker_concurrency=args.jobs,
-        result_cache_ttl_seconds=0, stream_deadline_seconds=3600, shutdown_grace_seconds=3,
+        _env_file=None,
+        api_keys=[KEY],
+        admin_keys=["bench-admin-key"],
+        log_level="WARNING",
+        sim_ttft_ms=0,
+        sim_prefill_ms_per_token=0,
+        sim_itl_ms=args.itl_ms,
+        sim_itl_at_max_ms=args.itl_ms,
+        sim_mean_output_tokens=100_000,
+        sim_max_num_seqs=max(256, args.jobs),
+        worker_concurrency=args.jobs,
+        result_cache_ttl_seconds=0,
+        stream_deadline_seconds=3600,
+        shutdown_grace_seconds=3,
     )
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(settings, args.data_dir or Path(tmp), prefer_configured_ports=False)
@@ -276,32 +302,49 @@ def main() -> int:
     per_stream_kb = grown * 1024 / r["open_at_rss"] if r["open_at_rss"] else float("nan")
     engine_rate = r["open_at_hold"] * 1000 / args.itl_ms
     errors = ", ".join(f"{kind}: {count}" for kind, count in r["errors"].most_common()) or "none"
-    print(f"$ python scripts/bench_sse.py --streams {n} --jobs {args.jobs} --ramp {args.ramp:g} "
-          f"--hold {args.hold:g} --itl-ms {args.itl_ms:g}")
+    print(
+        f"$ python scripts/bench_sse.py --streams {n} --jobs {args.jobs} --ramp {args.ramp:g} "
+        f"--hold {args.hold:g} --itl-ms {args.itl_ms:g}"
+    )
     print(f"{'edge rss, baseline':<28} {r['rss_baseline']:>9.1f} MB")
     # Streams that failed leave memory the allocator keeps: a cost per stream is honest only with ~all open.
     mostly_open = r["open_at_rss"] >= 0.99 * n
     cost = f"{per_stream_kb:.1f} KB a stream" if mostly_open else "no cost a stream: over 1% failed or ended"
-    print(f"{'edge rss, all streams open':<28} {r['rss_open']:>9.1f} MB  (+{grown:.1f} MB for "
-          f"{r['open_at_rss']} open; {cost})")
+    print(
+        f"{'edge rss, all streams open':<28} {r['rss_open']:>9.1f} MB  (+{grown:.1f} MB for "
+        f"{r['open_at_rss']} open; {cost})"
+    )
     print(f"{'edge rss, end of hold':<28} {r['rss_hold']:>9.1f} MB")
     print(f"{'edge rss, streams closed':<28} {r['rss_closed']:>9.1f} MB")
-    print(f"{'streams answered 200':<28} {r['answered']:>9} of {n}, all answered or failed after "
-          f"{r['open_seconds']:.1f} s ({r['answered'] / r['open_seconds']:.0f} answered/s)")
+    print(
+        f"{'streams answered 200':<28} {r['answered']:>9} of {n}, all answered or failed after "
+        f"{r['open_seconds']:.1f} s ({r['answered'] / r['open_seconds']:.0f} answered/s)"
+    )
     print(f"{'streams live in hold':<28} {r['live']:>9} of {n}")
-    print(f"{'token events/s in hold':<28} {r['events_per_s']:>9.0f} (the engine makes ~{engine_rate:.0f} for the "
-          f"{r['open_at_hold']} streams open)")
+    print(
+        f"{'token events/s in hold':<28} {r['events_per_s']:>9.0f} (the engine makes ~{engine_rate:.0f} for the "
+        f"{r['open_at_hold']} streams open)"
+    )
     for phase in ("open", "hold"):
         ran, waited = r[f"loop_{phase}"]
-        print(f"{'edge event loop, ' + phase:<28} {ran * 100:>8.0f}% of a core running, {waited * 100:.0f}% "
-              "waiting for a core")
-    print(f"{'edge in flight, open/closed':<28} {gauge(r['in_flight_open']):>9} / {gauge(r['in_flight_closed'])}")
+        print(
+            f"{'edge event loop, ' + phase:<28} {ran * 100:>8.0f}% of a core running, {waited * 100:.0f}% "
+            "waiting for a core"
+        )
+    print(
+        f"{'edge in flight, open/closed':<28} {gauge(r['in_flight_open']):>9} / {gauge(r['in_flight_closed'])}"
+    )
     print(f"{'errors':<28} {errors}")
     held = r["answered"] == n and r["live"] == n
-    at_10k = (f", {per_stream_kb * 10_000 / 1024 + r['rss_baseline']:.0f} MB at that rate for 10,000"
-              if mostly_open else "")
-    print(f"{n} streams held by one edge: {'yes' if held else 'no'}; {r['rss_open']:.0f} MB with "
-          f"{r['open_at_rss']} open{at_10k} (a bare Starlette SSE server: under 300 MB for 10,000)")
+    at_10k = (
+        f", {per_stream_kb * 10_000 / 1024 + r['rss_baseline']:.0f} MB at that rate for 10,000"
+        if mostly_open
+        else ""
+    )
+    print(
+        f"{n} streams held by one edge: {'yes' if held else 'no'}; {r['rss_open']:.0f} MB with "
+        f"{r['open_at_rss']} open{at_10k} (a bare Starlette SSE server: under 300 MB for 10,000)"
+    )
     return 0
 
 

@@ -39,7 +39,9 @@ ANSWER = "Shard it by user id, keep the user's rows together, and page through t
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", help="comma-separated shard DSNs (default: an embedded PostgreSQL)")
-    parser.add_argument("--embedded-shards", type=int, default=2, help="shard databases on the embedded server")
+    parser.add_argument(
+        "--embedded-shards", type=int, default=2, help="shard databases on the embedded server"
+    )
     parser.add_argument("--users", type=int, default=400)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
@@ -77,8 +79,10 @@ def report(result: dict, shard_count: int) -> None:
             print(f"  {shard:>5} {0:>8}")
             continue
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        print(f"  {shard:>5} {len(lat):>8} {len(lat) / result['elapsed']:>9.0f} "
-              f"{statistics.median(lat) * 1000:>8.2f} {p99 * 1000:>8.2f}")
+        print(
+            f"  {shard:>5} {len(lat):>8} {len(lat) / result['elapsed']:>9.0f} "
+            f"{statistics.median(lat) * 1000:>8.2f} {p99 * 1000:>8.2f}"
+        )
     print(f"  {'all':>5} {total:>8} {total / result['elapsed']:>9.0f}")
 
 
@@ -93,8 +97,17 @@ async def bench(dsns: list[str], args: argparse.Namespace) -> None:
 
         async def append(user: str, rng: random.Random) -> None:
             n = next(counter)
-            await repo.append_exchange(user, "c1", f"req-{n}", QUESTION, ANSWER, user_token_count=40,
-                                       assistant_token_count=130, model="bench", processing_time=0.5)
+            await repo.append_exchange(
+                user,
+                "c1",
+                f"req-{n}",
+                QUESTION,
+                ANSWER,
+                user_token_count=40,
+                assistant_token_count=130,
+                model="bench",
+                processing_time=0.5,
+            )
 
         async def history(user: str, rng: random.Random) -> None:
             await repo.list_messages(user, "c1", page_size=args.page)
@@ -105,10 +118,14 @@ async def bench(dsns: list[str], args: argparse.Namespace) -> None:
         # Every user has a conversation with history before the reads.
         for user in users:
             await repo.append_exchange(user, "c1", f"seed-{user}", QUESTION, ANSWER)
-        print(f"users per shard: {[sum(1 for u in users if shard_of(u, len(dsns)) == s) for s in range(len(dsns))]}")
-        for name, call in (("AppendExchange (2 messages, 1 statement)", append),
-                           (f"ListMessages (newest {args.page})", history),
-                           ("ListConversations", conversations)):
+        print(
+            f"users per shard: {[sum(1 for u in users if shard_of(u, len(dsns)) == s) for s in range(len(dsns))]}"
+        )
+        for name, call in (
+            ("AppendExchange (2 messages, 1 statement)", append),
+            (f"ListMessages (newest {args.page})", history),
+            ("ListConversations", conversations),
+        ):
             report(await run_phase(name, call, users, len(dsns), args), len(dsns))
         counts = [await pool.fetchval("SELECT count(*) FROM messages") for pool in pools]
         print(f"\nmessages per shard after the run: {counts}")
@@ -124,7 +141,7 @@ def main() -> None:
     if args.shards:
         asyncio.run(bench([d.strip() for d in args.shards.split(",") if d.strip()], args))
         return
-    from chatterbot.embedded import PostgresServer
+    from ops.embedded import PostgresServer
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         server = PostgresServer(Path(tmp) / "postgres")

@@ -39,7 +39,9 @@ _GET_BY_HASH = f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1"
 _LIST = f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id"
 _LIST_FOR_USER = f"SELECT {_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY created_at, key_id"
 # An exact key id wins over a prefix that happens to equal it; a prefix must name one key.
-_MATCHES = "SELECT key_id FROM api_keys WHERE key_id = $1 OR prefix = $1 ORDER BY (key_id = $1) DESC FOR UPDATE"
+_MATCHES = (
+    "SELECT key_id FROM api_keys WHERE key_id = $1 OR prefix = $1 ORDER BY (key_id = $1) DESC FOR UPDATE"
+)
 _REVOKE = f"""
 UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1
 RETURNING {_COLUMNS}
@@ -79,13 +81,23 @@ class ApiKeyRepository:
             raise InvalidInput(f"a {kind} key acts for every user; it takes no user_id")
         if len(name) > MAX_NAME:
             raise InvalidInput(f"name is longer than {MAX_NAME} characters")
-        for label, value in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
+        for label, value in (
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
             if not 0 <= value <= _INT4_MAX:
                 raise InvalidInput(f"{label} {value} is out of range")
         try:
             row = await self.pool.fetchrow(
-                _CREATE, secrets.token_hex(8), key_hash, prefix, kind, user_id or None, name,
-                requests_per_minute, tokens_per_minute,
+                _CREATE,
+                secrets.token_hex(8),
+                key_hash,
+                prefix,
+                kind,
+                user_id or None,
+                name,
+                requests_per_minute,
+                tokens_per_minute,
             )
         except asyncpg.exceptions.UniqueViolationError:
             raise InvalidInput("a key with this hash exists already") from None
@@ -114,7 +126,9 @@ class ApiKeyRepository:
             if not matches:
                 raise NotFound(f"no API key with id or prefix {key_id_or_prefix!r}")
             if len(matches) > 1 and matches[0] != key_id_or_prefix:
-                raise InvalidInput(f"{len(matches)} keys have the prefix {key_id_or_prefix!r}: use the key id")
+                raise InvalidInput(
+                    f"{len(matches)} keys have the prefix {key_id_or_prefix!r}: use the key id"
+                )
             row = await conn.fetchrow(_REVOKE, matches[0])
         assert row is not None
         return ApiKeyRecord(**row)

@@ -44,7 +44,8 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     tasks = [
         asyncio.create_task(_purge_expired_job_results(repo), name="purge-expired-job-results"),
         asyncio.create_task(
-            keep_partitions_ahead(repo.ensure_partitions, PARTITIONS_INTERVAL_SECONDS), name="message-partitions"
+            keep_partitions_ahead(repo.ensure_partitions, PARTITIONS_INTERVAL_SECONDS),
+            name="message-partitions",
         ),
     ]
 

@@ -38,12 +38,31 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "conversations": ("user_id", "conversation_id", "title", "created_at", "updated_at", "message_count"),
     "exchange_requests": ("user_id", "request_id", "conversation_id", "created_at"),
     "messages": (
-        "user_id", "message_id", "conversation_id", "role", "content", "token_count", "processing_time",
-        "model", "request_id", "created_at",
+        "user_id",
+        "message_id",
+        "conversation_id",
+        "role",
+        "content",
+        "token_count",
+        "processing_time",
+        "model",
+        "request_id",
+        "created_at",
     ),
     "job_results": (
-        "user_id", "correlation_id", "status", "response", "conversation_id", "processing_time", "error",
-        "finish_reason", "prompt_tokens", "completion_tokens", "created_at", "updated_at", "expires_at",
+        "user_id",
+        "correlation_id",
+        "status",
+        "response",
+        "conversation_id",
+        "processing_time",
+        "error",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "created_at",
+        "updated_at",
+        "expires_at",
     ),
 }
 
@@ -196,7 +215,10 @@ async def shard_counts(dsns: list[str]) -> list[ShardCounts]:
     for index, dsn in enumerate(dsns):
         conn = await asyncpg.connect(dsn)
         try:
-            users = [r[0] for r in await conn.fetch("SELECT user_id FROM users UNION SELECT user_id FROM job_results")]
+            users = [
+                r[0]
+                for r in await conn.fetch("SELECT user_id FROM users UNION SELECT user_id FROM job_results")
+            ]
             tables = {
                 t: await conn.fetchval(f"SELECT count(*) FROM {t}")
                 for t in ("users", "conversations", "messages", "job_results")

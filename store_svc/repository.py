@@ -402,7 +402,9 @@ class StoreRepository:
             raise InvalidInput("before_message_id must not be negative")
         size = _page_size(page_size, MAX_MESSAGE_PAGE_SIZE)
         async with self.shards.reader(user_id) as db:
-            rows = await db.fetch(_LIST_MESSAGES, user_id, conversation_id, before_message_id or _NO_CURSOR, size + 1)
+            rows = await db.fetch(
+                _LIST_MESSAGES, user_id, conversation_id, before_message_id or _NO_CURSOR, size + 1
+            )
         if not rows:
             raise _conversation_not_found(conversation_id)
         if rows[0]["message_id"] is None:
@@ -487,15 +489,15 @@ class StoreRepository:
         async with self.shards.writer(result.user_id) as db:
             row = await db.fetchrow(
                 _PUT_JOB_RESULT,
-            result.user_id,
-            result.correlation_id,
-            result.status,
-            result.response,
-            result.conversation_id,
-            result.processing_time,
-            result.error,
-            result.finish_reason,
-            result.prompt_tokens,
+                result.user_id,
+                result.correlation_id,
+                result.status,
+                result.response,
+                result.conversation_id,
+                result.processing_time,
+                result.error,
+                result.finish_reason,
+                result.prompt_tokens,
                 result.completion_tokens,
                 float(ttl),
             )

@@ -174,14 +174,21 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         record = await self.keys.create(
-            request.key_hash, request.prefix, kind, user_id=request.user_id, name=request.name,
-            requests_per_minute=request.requests_per_minute, tokens_per_minute=request.tokens_per_minute,
+            request.key_hash,
+            request.prefix,
+            kind,
+            user_id=request.user_id,
+            name=request.name,
+            requests_per_minute=request.requests_per_minute,
+            tokens_per_minute=request.tokens_per_minute,
         )
         return store_pb2.CreateApiKeyResponse(api_key=record_to_pb(record))
 
     @_status_codes
     async def GetApiKey(self, request, context):
-        return store_pb2.GetApiKeyResponse(api_key=record_to_pb(await self.keys.get_by_hash(request.key_hash)))
+        return store_pb2.GetApiKeyResponse(
+            api_key=record_to_pb(await self.keys.get_by_hash(request.key_hash))
+        )
 
     @_status_codes
     async def ListApiKeys(self, request, context):

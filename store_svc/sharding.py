@@ -63,7 +63,9 @@ class ShardSpec:
     replica_dsn: str = ""
 
 
-def shard_specs(shards: Sequence[str], replicas: Sequence[str] = (), fallback_dsn: str = "") -> list[ShardSpec]:
+def shard_specs(
+    shards: Sequence[str], replicas: Sequence[str] = (), fallback_dsn: str = ""
+) -> list[ShardSpec]:
     """The shard list from settings: `shards`, or else `fallback_dsn` as the only shard; replicas by position."""
     dsns = list(shards) or ([fallback_dsn] if fallback_dsn else [])
     if len(replicas) > len(dsns):

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc
 from context_svc.turns import context_key, decode_turn
-from tests.conftest import API_KEY, ShardConnections
+from tests.meshes import API_KEY, ShardConnections
 
 
 def stored_messages(pg: ShardConnections, user_id: str, conversation_id: str) -> list[tuple[str, str]]:
@@ -45,7 +45,10 @@ def test_chat_answers_through_the_whole_mesh(edge, pg, valkey):
         ("assistant", body["response"]),
     ]
     turns = context_turns(valkey, "user-mesh-1", body["conversation_id"])
-    assert [(t["role"], t["content"]) for t in turns] == [("user", "Hello, mesh!"), ("assistant", body["response"])]
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("user", "Hello, mesh!"),
+        ("assistant", body["response"]),
+    ]
     assert all(t["tokens"] > 0 for t in turns)
 
 
@@ -55,7 +58,11 @@ def test_second_chat_sees_the_first_turn_in_its_context(edge):
     assert "2 messages" in first["response"]
     second = edge.post(
         "/chat",
-        json={"message": "What is my name?", "user_id": "user-mesh-2", "conversation_id": first["conversation_id"]},
+        json={
+            "message": "What is my name?",
+            "user_id": "user-mesh-2",
+            "conversation_id": first["conversation_id"],
+        },
     ).json()
     assert second["conversation_id"] == first["conversation_id"]
     # System prompt, the first question, the first answer and the new question.
@@ -68,32 +75,48 @@ def store_history_reads(mesh) -> float:
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "chatterbot_grpc_server_handled_total" and sample.labels["method"].endswith("ListMessages")
+        if sample.name == "chatterbot_grpc_server_handled_total"
+        and sample.labels["method"].endswith("ListMessages")
     )
 
 
 def test_a_conversations_first_turn_is_cached_without_reading_history(mesh, edge, valkey):
     reads = store_history_reads(mesh)
     first = edge.post("/chat", json={"message": "A fresh start", "user_id": "user-mesh-fresh"}).json()
-    second = edge.post("/chat", json={"message": "And on", "user_id": "user-mesh-fresh",
-                                      "conversation_id": first["conversation_id"]}).json()
+    second = edge.post(
+        "/chat",
+        json={"message": "And on", "user_id": "user-mesh-fresh", "conversation_id": first["conversation_id"]},
+    ).json()
     assert "4 messages" in second["response"]
-    edge.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Fresh, the OpenAI way"}],
-                                            "user": "user-mesh-fresh"}).raise_for_status()
+    edge.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Fresh, the OpenAI way"}], "user": "user-mesh-fresh"},
+    ).raise_for_status()
     assert store_history_reads(mesh) == reads
     # A conversation made empty: reading its context asks history (once); storing its first exchange does not.
     made = edge.post("/conversations", json={"user_id": "user-mesh-fresh", "title": "Empty"}).json()
-    edge.post("/chat", json={"message": "Into the empty one", "user_id": "user-mesh-fresh",
-                             "conversation_id": made["conversation_id"]}).raise_for_status()
+    edge.post(
+        "/chat",
+        json={
+            "message": "Into the empty one",
+            "user_id": "user-mesh-fresh",
+            "conversation_id": made["conversation_id"],
+        },
+    ).raise_for_status()
     assert store_history_reads(mesh) == reads + 1
     assert len(context_turns(valkey, "user-mesh-fresh", first["conversation_id"])) == 4
     assert len(context_turns(valkey, "user-mesh-fresh", made["conversation_id"])) == 2
 
 
 def test_context_strings_reach_the_model_but_not_the_history(edge, pg):
-    r = edge.post("/chat", json={"message": "Hi", "user_id": "user-mesh-3", "context": ["The user likes tea."]})
+    r = edge.post(
+        "/chat", json={"message": "Hi", "user_id": "user-mesh-3", "context": ["The user likes tea."]}
+    )
     assert "3 messages" in r.json()["response"]
-    assert [role for role, _ in stored_messages(pg, "user-mesh-3", r.json()["conversation_id"])] == ["user", "assistant"]
+    assert [role for role, _ in stored_messages(pg, "user-mesh-3", r.json()["conversation_id"])] == [
+        "user",
+        "assistant",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -143,10 +166,12 @@ def test_health_covers_every_service_and_server(edge):
 
 
 def test_streamed_chat_sends_tokens_then_done(edge, pg):
-    with edge.stream("POST", "/chat", json={"message": "Stream it", "user_id": "user-mesh-4", "stream": True}) as r:
+    with edge.stream(
+        "POST", "/chat", json={"message": "Stream it", "user_id": "user-mesh-4", "stream": True}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        data = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     events = [orjson.loads(d) for d in data[:-1]]
     assert events[-1]["done"] is True and events[-1]["finish_reason"] in ("stop", "length")
@@ -177,8 +202,9 @@ def test_grpc_chat_with_key_metadata(mesh):
 def test_repeated_request_id_stores_one_exchange(mesh, pg):
     with grpc.insecure_channel(mesh.services["chat"].url) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        turn = chat_pb2.ChatTurn(user_id="user-idem", message="Once only", request_id="req-idem-1",
-                                 conversation_id="conv-idem")
+        turn = chat_pb2.ChatTurn(
+            user_id="user-idem", message="Once only", request_id="req-idem-1", conversation_id="conv-idem"
+        )
         first = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", API_KEY),), timeout=10)
         again = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", API_KEY),), timeout=10)
     assert again.response == first.response

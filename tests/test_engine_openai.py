@@ -513,7 +513,9 @@ async def test_vllm_serve_aborts_when_the_stream_is_closed(
         assert time.monotonic() < deadline, "vllm serve still runs the abandoned request"
         await asyncio.sleep(0.1)
     generated = await asyncio.to_thread(vllm_server.metric, "vllm:generation_tokens_total") - generated
-    assert 3 <= generated < ABANDONED_MAX_TOKENS, f"vllm serve generated {generated} tokens for the abandoned request"
+    assert 3 <= generated < ABANDONED_MAX_TOKENS, (
+        f"vllm serve generated {generated} tokens for the abandoned request"
+    )
 
 
 @pytest.mark.vllm

@@ -10,18 +10,24 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from chatterbot.embedded import free_port
-from chatterbot.launcher import ServiceProcess
 from chatterbot.settings import Settings
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+from ops.embedded import free_port
+from ops.launcher import ServiceProcess
 
 
 @pytest.fixture
 def slow_inference(tmp_path):
     """inference_svc alone, generating one token every 20 ms."""
     port = free_port()
-    settings = Settings(_env_file=None, inference_addr=f"127.0.0.1:{port}", sim_ttft_ms=10, sim_itl_ms=20, sim_mean_output_tokens=10_000,
-                        shutdown_grace_seconds=10)
+    settings = Settings(
+        _env_file=None,
+        inference_addr=f"127.0.0.1:{port}",
+        sim_ttft_ms=10,
+        sim_itl_ms=20,
+        sim_mean_output_tokens=10_000,
+        shutdown_grace_seconds=10,
+    )
     service = ServiceProcess("inference", tmp_path, port, settings.to_env())
     service.start()
     try:
@@ -78,4 +84,6 @@ def test_generate_rejects_invalid_requests(slow_inference):
             list(stub.Generate(request, timeout=5))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models
-        assert [(m.engine, m.state, m.is_default) for m in models] == [("sim", inference_pb2.MODEL_STATE_READY, True)]
+        assert [(m.engine, m.state, m.is_default) for m in models] == [
+            ("sim", inference_pb2.MODEL_STATE_READY, True)
+        ]

@@ -148,19 +148,19 @@ async def test_stopped_target_opens_the_breaker_then_recovers_end_to_end(echo):
     async with guarded(port, stub_factory=health_pb2_grpc.HealthStub) as client:
         recorder = Recorder()
         client.breaker.circuit.add_listener(recorder)
-        reply = await client.unary("Check", health_pb2.HealthCheckRequest())
+        reply = await client.call(client.stub.Check, health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
         await server.stop(None)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.unary("Check", health_pb2.HealthCheckRequest())
+            await client.call(client.stub.Check, health_pb2.HealthCheckRequest())
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert calls_with_code(client, "Check", "UNAVAILABLE") == 3  # retry_attempts tries
         assert client.breaker.state == "open"
 
         started = time.perf_counter()
         with pytest.raises(CircuitOpenError) as open_err:
-            await client.unary("Check", health_pb2.HealthCheckRequest())
+            await client.call(client.stub.Check, health_pb2.HealthCheckRequest())
         assert time.perf_counter() - started < 0.25  # no call made: far below any deadline
         assert open_err.value.target == client.target
         assert 0 < retry_after_of(open_err.value) <= RESET
@@ -174,7 +174,7 @@ async def test_stopped_target_opens_the_breaker_then_recovers_end_to_end(echo):
             while True:
                 await asyncio.sleep(client.breaker.retry_after + 0.01)
                 try:
-                    reply = await client.unary("Check", health_pb2.HealthCheckRequest())
+                    reply = await client.call(client.stub.Check, health_pb2.HealthCheckRequest())
                     break
                 except (CircuitOpenError, grpc.aio.AioRpcError):
                     assert time.monotonic() < deadline, recorder.states
@@ -191,7 +191,7 @@ async def test_an_opening_breaker_stops_the_retries(echo):
     await server.stop(None)
     async with guarded(port, breaker_fail_max=2, retry_attempts=5) as client:
         with pytest.raises(CircuitOpenError):
-            await client.unary("Unary", b"hi")
+            await client.call(client.stub.Unary, b"hi")
         assert calls_with_code(client, "Unary", "UNAVAILABLE") == 2
         assert calls_with_code(client, "Unary", "CIRCUIT_OPEN") == 1
 
@@ -204,7 +204,7 @@ async def test_unavailable_on_first_attempt_is_retried(echo, server):
 
     echo.unary_behaviour = flaky
     async with guarded(server) as client:
-        assert await client.unary("Unary", b"hi") == b"second try: hi"
+        assert await client.call(client.stub.Unary, b"hi") == b"second try: hi"
         assert echo.unary_calls == 2
         assert client.breaker.fail_counter == 0
 
@@ -216,7 +216,7 @@ async def test_retry_false_tries_once(echo, server):
     echo.unary_behaviour = down
     async with guarded(server) as client:
         with pytest.raises(grpc.aio.AioRpcError):
-            await client.unary("Unary", b"hi", retry=False)
+            await client.call(client.stub.Unary, b"hi", retry=False)
         assert echo.unary_calls == 1
         assert client.breaker.fail_counter == 1
 
@@ -229,7 +229,7 @@ async def test_invalid_argument_is_neither_retried_nor_counted(echo, server):
     async with guarded(server) as client:
         for _ in range(client.breaker.circuit.fail_max + 1):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await client.unary("Unary", b"hi")
+                await client.call(client.stub.Unary, b"hi")
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert echo.unary_calls == client.breaker.circuit.fail_max + 1
         assert client.breaker.state == "closed" and client.breaker.fail_counter == 0
@@ -247,7 +247,7 @@ async def test_unavailable_dependency_is_passed_through_neither_retried_nor_coun
     async with guarded(server) as client:
         for _ in range(client.breaker.circuit.fail_max + 1):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await client.unary("Unary", b"hi")
+                await client.call(client.stub.Unary, b"hi")
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert err.value.details() == "redis is unavailable"
             assert dependency_of(err.value) == "redis"
@@ -265,7 +265,7 @@ async def test_stream_is_never_retried_after_it_yielded(echo, server):
     async with guarded(server) as client:
         received = []
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for message in client.stream("Stream", b"go"):
+            async for message in client.stream(client.stub.Stream, b"go"):
                 received.append(message)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert received == [b"first"]
@@ -281,7 +281,7 @@ async def test_stream_is_retried_while_nothing_was_received(echo, server):
 
     echo.stream_behaviour = unavailable_once
     async with guarded(server) as client:
-        assert [m async for m in client.stream("Stream", b"go")] == [b"hello"]
+        assert [m async for m in client.stream(client.stub.Stream, b"go")] == [b"hello"]
         assert echo.stream_calls == 2
         assert client.breaker.fail_counter == 0
 
@@ -293,7 +293,7 @@ async def test_empty_stream_ends_cleanly_and_counts_as_success(echo, server):
 
     echo.stream_behaviour = nothing
     async with guarded(server) as client:
-        assert [m async for m in client.stream("Stream", b"go")] == []
+        assert [m async for m in client.stream(client.stub.Stream, b"go")] == []
         assert echo.stream_calls == 1
         assert calls_with_code(client, "Stream", "OK") == 1
 
@@ -306,13 +306,13 @@ async def test_consumer_leaving_a_stream_early_cancels_the_server_call(echo, ser
 
     echo.stream_behaviour = endless
     async with guarded(server) as client:
-        async for _ in client.stream("Stream", b"go"):
+        async for _ in client.stream(client.stub.Stream, b"go"):
             break
         await asyncio.wait_for(echo.stream_cancelled.wait(), 2)
         assert client.breaker.state == "closed" and client.breaker.fail_counter == 0
 
         echo.stream_cancelled.clear()
-        async with contextlib.aclosing(client.stream("Stream", b"go")) as tokens:
+        async with contextlib.aclosing(client.stream(client.stub.Stream, b"go")) as tokens:
             assert await anext(tokens) == b"token"
         await asyncio.wait_for(echo.stream_cancelled.wait(), 2)
         assert calls_with_code(client, "Stream", "CANCELLED") == 2
@@ -330,7 +330,7 @@ async def test_cancelled_consumer_cancels_the_server_call(echo, server):
         started = asyncio.Event()
 
         async def consume() -> None:
-            async with contextlib.aclosing(client.stream("Stream", b"go")) as tokens:
+            async with contextlib.aclosing(client.stream(client.stub.Stream, b"go")) as tokens:
                 async for _ in tokens:
                     started.set()
 
@@ -357,7 +357,7 @@ async def test_a_cancelled_unary_caller_cancels_the_server_call(echo, server):
 
     echo.unary_behaviour = forever
     async with guarded(server) as client:
-        caller = asyncio.create_task(client.unary("Unary", b"go"))
+        caller = asyncio.create_task(client.call(client.stub.Unary, b"go"))
         await asyncio.wait_for(entered.wait(), 2)
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -386,8 +386,8 @@ async def test_every_call_carries_the_callers_trace_context(echo, server):
     token = otel_context.attach(parent)
     try:
         async with guarded(server) as client:
-            await client.unary("Unary", b"hi", metadata=(("x-api-key", "k"),))
-            async for _ in client.stream("Stream", b"hi"):
+            await client.call(client.stub.Unary, b"hi", metadata=(("x-api-key", "k"),))
+            async for _ in client.stream(client.stub.Stream, b"hi"):
                 pass
     finally:
         otel_context.detach(token)
@@ -407,9 +407,9 @@ async def test_every_call_gets_a_deadline(echo, server):
     echo.stream_behaviour = slow_stream
     async with guarded(server, deadline_seconds=0.3, stream_deadline_seconds=0.3) as client:
         for call in (
-            lambda: client.unary("Unary", b"hi"),
-            lambda: client.unary("Unary", b"hi", timeout=0.1),
-            lambda: anext(client.stream("Stream", b"hi")),
+            lambda: client.call(client.stub.Unary, b"hi"),
+            lambda: client.call(client.stub.Unary, b"hi", timeout=0.1),
+            lambda: anext(client.stream(client.stub.Stream, b"hi")),
         ):
             started = time.perf_counter()
             with pytest.raises(grpc.aio.AioRpcError) as err:

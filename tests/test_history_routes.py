@@ -10,7 +10,7 @@ import httpx
 
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, context_pb2_grpc
 from context_svc.turns import context_key
-from tests.conftest import API_KEY
+from tests.meshes import API_KEY
 
 
 def new_user() -> str:

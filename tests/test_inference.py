@@ -10,7 +10,6 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from chatterbot.embedded import free_port
 from chatterbot.settings import Settings
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 from inference_svc import metrics
@@ -20,18 +19,26 @@ from inference_svc.generation import Generator, coalesce
 from inference_svc.models import ModelRegistry
 from inference_svc.result_cache import ResultCache, cache_key
 from inference_svc.servicer import InferenceServicer
+from ops.embedded import free_port
 
 
 def sim_settings(**overrides) -> Settings:
-    values = {"sim_ttft_ms": 5, "sim_prefill_ms_per_token": 0, "sim_itl_ms": 1, "sim_itl_at_max_ms": 1,
-              "sim_mean_output_tokens": 10_000, "result_cache_ttl_seconds": 60}
+    values = {
+        "sim_ttft_ms": 5,
+        "sim_prefill_ms_per_token": 0,
+        "sim_itl_ms": 1,
+        "sim_itl_at_max_ms": 1,
+        "sim_mean_output_tokens": 10_000,
+        "result_cache_ttl_seconds": 60,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)
 
 
 def request(text: str = "hello", max_tokens: int = 20, **kw) -> GenerationRequest:
-    return GenerationRequest(request_id=kw.pop("request_id", text), messages=[Message("user", text)],
-                             max_tokens=max_tokens, **kw)
+    return GenerationRequest(
+        request_id=kw.pop("request_id", text), messages=[Message("user", text)], max_tokens=max_tokens, **kw
+    )
 
 
 class Service:
@@ -39,10 +46,15 @@ class Service:
 
     def __init__(self, settings: Settings, redis_client=None) -> None:
         self.models = ModelRegistry.from_settings(settings)
-        self.generator = Generator(self.models, ResultCache(redis_client, settings.result_cache_ttl_seconds),
-                                   settings.inference_max_waiting)
+        self.generator = Generator(
+            self.models,
+            ResultCache(redis_client, settings.result_cache_ttl_seconds),
+            settings.inference_max_waiting,
+        )
         self.server = grpc.aio.server()
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.generator), self.server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.generator), self.server
+        )
         self.address = f"127.0.0.1:{free_port()}"
         self.server.add_insecure_port(self.address)
 
@@ -63,13 +75,16 @@ class Service:
         return self.models.primary
 
 
-def generate_request(text: str, max_tokens: int = 20, temperature: float = 0.7, seed: int | None = None,
-                     model: str = "") -> inference_pb2.GenerateRequest:
+def generate_request(
+    text: str, max_tokens: int = 20, temperature: float = 0.7, seed: int | None = None, model: str = ""
+) -> inference_pb2.GenerateRequest:
     sampling = types_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
     if seed is not None:
         sampling.seed = seed
     return inference_pb2.GenerateRequest(
-        model=model, messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)], sampling=sampling
+        model=model,
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
+        sampling=sampling,
     )
 
 
@@ -92,8 +107,9 @@ async def test_sim_stream_is_ordered_complete_and_deterministic():
 
 
 async def test_sim_answers_stop_on_their_own_around_the_mean_length():
-    engine = SimEngine.from_settings(sim_settings(sim_mean_output_tokens=40, sim_itl_ms=0, sim_itl_at_max_ms=0,
-                                                  sim_ttft_ms=0))
+    engine = SimEngine.from_settings(
+        sim_settings(sim_mean_output_tokens=40, sim_itl_ms=0, sim_itl_at_max_ms=0, sim_ttft_ms=0)
+    )
     await engine.start()
     lengths, reasons = [], []
     for i in range(60):
@@ -125,8 +141,9 @@ async def test_sim_runs_at_most_max_num_seqs_and_queues_the_rest_fifo():
 @pytest.mark.parametrize("concurrency", [1, 8], ids=["one-sequence", "max_num_seqs"])
 async def test_sim_timing_follows_its_model(concurrency):
     """TTFT and inter-token latency within a loose tolerance of the model, at 1 and at max_num_seqs."""
-    settings = sim_settings(sim_ttft_ms=60, sim_prefill_ms_per_token=0, sim_itl_ms=10, sim_itl_at_max_ms=30,
-                            sim_max_num_seqs=8)
+    settings = sim_settings(
+        sim_ttft_ms=60, sim_prefill_ms_per_token=0, sim_itl_ms=10, sim_itl_at_max_ms=30, sim_max_num_seqs=8
+    )
     engine = SimEngine.from_settings(settings)
     await engine.start()
     expected_itl = engine.timing.itl(concurrency)
@@ -198,7 +215,10 @@ async def test_cache_hit_returns_identical_text_and_skips_the_engine(valkey_clie
             return "".join(c.text for c in chunks), chunks
 
         tokens = metrics.TOKENS.labels(model)._value.get()
-        hits, misses = metrics.CACHE_HITS.labels(model)._value.get(), metrics.CACHE_MISSES.labels(model)._value.get()
+        hits, misses = (
+            metrics.CACHE_HITS.labels(model)._value.get(),
+            metrics.CACHE_MISSES.labels(model)._value.get(),
+        )
         first, _ = await answer(generate_request("deterministic", max_tokens=64, temperature=0.0))
         generated = metrics.TOKENS.labels(model)._value.get() - tokens
         assert generated == 64
@@ -207,15 +227,24 @@ async def test_cache_hit_returns_identical_text_and_skips_the_engine(valkey_clie
         assert metrics.TOKENS.labels(model)._value.get() - tokens == generated  # the engine was not asked
         assert metrics.CACHE_HITS.labels(model)._value.get() == hits + 1
         assert metrics.CACHE_MISSES.labels(model)._value.get() == misses + 1
-        assert chunks[-1].usage.completion_tokens == 64 and chunks[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH
+        assert (
+            chunks[-1].usage.completion_tokens == 64
+            and chunks[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH
+        )
         # Replayed in chunks of several tokens, not one message per token (the reader may merge them further).
-        replay = [d async for _, d in svc.generator.generate(
-            request("deterministic", max_tokens=64, temperature=0.0, request_id="r"))]
+        replay = [
+            d
+            async for _, d in svc.generator.generate(
+                request("deterministic", max_tokens=64, temperature=0.0, request_id="r")
+            )
+        ]
         assert 1 < len(replay) < 64 and sum(d.token_count for d in replay) == 64
         assert "".join(d.text for d in replay) == first
 
         seeded, _ = await answer(generate_request("seeded", max_tokens=16, temperature=0.9, seed=11))
-        assert seeded == (await answer(generate_request("seeded", max_tokens=16, temperature=0.9, seed=11)))[0]
+        assert (
+            seeded == (await answer(generate_request("seeded", max_tokens=16, temperature=0.9, seed=11)))[0]
+        )
         assert metrics.CACHE_HITS.labels(model)._value.get() == hits + 3
 
         keys_before = len(await valkey_client.keys("gen:*"))
@@ -228,7 +257,9 @@ async def test_cache_hit_returns_identical_text_and_skips_the_engine(valkey_clie
 
 async def test_a_whole_answer_comes_as_one_message_with_the_streamed_text():
     async with Service(sim_settings(result_cache_ttl_seconds=0)) as svc:
-        streamed = [c async for c in svc.stub.Generate(generate_request("all at once", max_tokens=40, seed=5))]
+        streamed = [
+            c async for c in svc.stub.Generate(generate_request("all at once", max_tokens=40, seed=5))
+        ]
         req = generate_request("all at once", max_tokens=40, seed=5)
         req.whole = True
         [answer] = [c async for c in svc.stub.Generate(req)]

@@ -10,56 +10,10 @@ import httpx
 import orjson
 import pytest
 
-from chatterbot.embedded import free_port
-from chatterbot.launcher import Mesh, ServiceProcess
-from tests.conftest import ADMIN_KEY, API_KEY, own_mesh
-
-
-def wait_done(edge: httpx.Client, correlation_id: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = edge.get(f"/check-response/{correlation_id}")
-        assert r.status_code == 200, r.text
-        body = r.json()
-        if body.get("status") != "pending" or time.monotonic() > deadline:
-            return body
-        time.sleep(0.1)
-
-
-def read_stream(
-    edge: httpx.Client, correlation_id: str, last_event_id: str | None = None, stop_after: int | None = None
-) -> list[tuple[str, str, str]]:
-    """(id, event, data) of each SSE event, up to stop_after events (then the connection is dropped)."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events, current = [], {"id": "", "event": "message", "data": ""}
-    with edge.stream("GET", f"/stream/{correlation_id}", headers=headers, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("id:"):
-                current["id"] = line[3:].strip()
-            elif line.startswith("event:"):
-                current["event"] = line[6:].strip()
-            elif line.startswith("data:"):
-                current["data"] = line[5:].strip()
-            elif line == "" and current["data"]:
-                events.append((current["id"], current["event"], current["data"]))
-                current = {"id": "", "event": "message", "data": ""}
-                if stop_after is not None and len(events) >= stop_after:
-                    break
-    return events
-
-
-def tokens_after_last_restart(events: list[tuple[str, str, str]]) -> str:
-    text: list[str] = []
-    for _, kind, data in events:
-        if kind != "message" or data == "[DONE]":
-            continue
-        body = orjson.loads(data)
-        if body.get("restart"):
-            text = []
-        text.append(body["token"])
-    return "".join(text)
+from ops.embedded import free_port
+from ops.launcher import Mesh, ServiceProcess
+from tests.clients import read_stream, tokens_after_last_restart, wait_done
+from tests.meshes import ADMIN_KEY, API_KEY, own_mesh
 
 
 def test_async_chat_answers_through_check_response(edge, pg):
@@ -143,7 +97,9 @@ def test_replays_leave_no_consumer_behind(edge):
     # NATS caps a stream's consumers (1,000 by default): a replay's consumer goes as soon as it is read, not
     # after the 30 s it would take to expire.
     deadline = time.monotonic() + 5
-    while (count := edge.get("/debug/queue-stats", headers=admin).json()["response_queue"]["consumer_count"]) > before:
+    while (
+        count := edge.get("/debug/queue-stats", headers=admin).json()["response_queue"]["consumer_count"]
+    ) > before:
         assert time.monotonic() < deadline, f"{count - before} replay consumers left behind"
         time.sleep(0.1)
 
@@ -222,15 +178,25 @@ def cid_user(correlation_id: str) -> str:
 @pytest.fixture(scope="module")
 def paced_mesh(servers, tmp_path_factory) -> Iterator[Mesh]:
     """A mesh whose answers start after a second and then take a few seconds; keep-alives every 0.2 s."""
-    with own_mesh(servers, tmp_path_factory, "jobs-paced-mesh", own_nats=True, sse_keepalive_seconds=0.2,
-                  sim_ttft_ms=1000, sim_itl_ms=20, sim_itl_at_max_ms=20, sim_mean_output_tokens=10_000) as mesh:
+    with own_mesh(
+        servers,
+        tmp_path_factory,
+        "jobs-paced-mesh",
+        own_nats=True,
+        sse_keepalive_seconds=0.2,
+        sim_ttft_ms=1000,
+        sim_itl_ms=20,
+        sim_itl_at_max_ms=20,
+        sim_mean_output_tokens=10_000,
+    ) as mesh:
         yield mesh
 
 
 def test_an_idle_stream_gets_keepalive_comments(paced_mesh):
     with httpx.Client(base_url=paced_mesh.edge_url, headers={"X-API-Key": API_KEY}, timeout=30) as edge:
-        cid = edge.post("/stream-chat", json={"message": "take your time", "user_id": "user-paced-1",
-                                              "max_tokens": 10}).json()["correlation_id"]
+        cid = edge.post(
+            "/stream-chat", json={"message": "take your time", "user_id": "user-paced-1", "max_tokens": 10}
+        ).json()["correlation_id"]
         lines = []
         with edge.stream("GET", f"/stream/{cid}") as r:
             for line in r.iter_lines():
@@ -247,8 +213,9 @@ def test_a_draining_edge_ends_queued_streams_and_another_replica_resumes_them(pa
     edge_process.env["CHATTERBOT_METRICS_PORT"] = "0"
     edge_process.start()
     with httpx.Client(base_url=edge_process.url, headers={"X-API-Key": API_KEY}, timeout=30) as draining:
-        cid = draining.post("/stream-chat", json={"message": "hand me over", "user_id": "user-paced-2",
-                                                  "max_tokens": 150}).json()["correlation_id"]
+        cid = draining.post(
+            "/stream-chat", json={"message": "hand me over", "user_id": "user-paced-2", "max_tokens": 150}
+        ).json()["correlation_id"]
         first: list[tuple[str, str, str]] = []
         began = time.monotonic()
         with draining.stream("GET", f"/stream/{cid}") as r:

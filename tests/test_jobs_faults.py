@@ -9,26 +9,35 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
 import orjson
 import pytest
 
-from chatterbot.embedded import free_port
 from chatterbot.jetstream import JOBS_STREAM, PRIORITIES
-from chatterbot.launcher import Mesh, ServiceProcess
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, types_pb2
-from tests.conftest import API_KEY, own_mesh
-from tests.test_jobs import read_stream, tokens_after_last_restart, wait_done
+from ops.embedded import free_port
+from ops.launcher import Mesh, ServiceProcess
+from tests.clients import read_stream, tokens_after_last_restart, wait_done
+from tests.meshes import API_KEY, own_mesh
 
 
 @pytest.fixture(scope="module")
 def slow_mesh(servers, tmp_path_factory) -> Iterator[Mesh]:
     with own_mesh(
-        servers, tmp_path_factory, "faults-mesh", own_nats=True,
-        sim_itl_ms=15, sim_itl_at_max_ms=15, sim_mean_output_tokens=10_000,
-        jobs_ack_wait_seconds=2.0, jobs_heartbeat_seconds=0.5, jobs_max_deliver=3, jobs_backoff_seconds=[0.2],
+        servers,
+        tmp_path_factory,
+        "faults-mesh",
+        own_nats=True,
+        sim_itl_ms=15,
+        sim_itl_at_max_ms=15,
+        sim_mean_output_tokens=10_000,
+        jobs_ack_wait_seconds=2.0,
+        jobs_heartbeat_seconds=0.5,
+        jobs_max_deliver=3,
+        jobs_backoff_seconds=[0.2],
         worker_concurrency=2,
     ) as mesh:
         yield mesh
@@ -139,7 +148,7 @@ def test_job_failing_every_try_goes_to_the_dead_letter_stream_and_replays(slow_m
 
 def cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "chatterbot", *args],
+        [str(Path(sys.executable).with_name("chatterbot")), *args],
         env=mesh.services["chat"].env,
         capture_output=True,
         text=True,

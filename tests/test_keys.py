@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import subprocess
-import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,43 +14,11 @@ import httpx
 import pytest
 
 from chatterbot.api_keys import ADMIN, SERVICE, USER, ApiKeyRecord, KeyResolver
-from chatterbot.launcher import Mesh
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc
-from tests.conftest import ADMIN_KEY, API_KEY
+from tests.clients import chat_body, create_key, keys_cli, new_user
+from tests.meshes import ADMIN_KEY, API_KEY
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class NewKey:
-    key: str
-    key_id: str
-
-
-def keys_cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
-    """`python -m chatterbot keys ...` with the mesh's settings, as an operator would run it."""
-    return subprocess.run(
-        [sys.executable, "-m", "chatterbot", "keys", *args],
-        env=mesh.services["chat"].env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )
-
-
-def create_key(mesh: Mesh, *args: str) -> NewKey:
-    """A new key from `chatterbot keys create ARGS`: the key (stdout) and its id (stderr)."""
-    out = keys_cli(mesh, "create", *args)
-    assert out.returncode == 0, out.stderr
-    key = out.stdout.strip()
-    key_id = re.search(r"^key (\w+):", out.stderr, re.M)
-    assert key.startswith("cb_") and key_id, (out.stdout, out.stderr)
-    return NewKey(key, key_id.group(1))
-
-
-def new_user() -> str:
-    return f"user-{uuid.uuid4().hex[:10]}"
-
-
-def chat_body(user: str, **extra) -> dict:
-    return {"message": "Hello", "user_id": user, "max_tokens": 10, **extra}
 
 
 @pytest.fixture
@@ -175,7 +139,9 @@ def test_a_user_key_acts_only_for_its_own_user(mesh, client):
 def test_a_user_key_cannot_see_another_users_queued_chat(mesh, client):
     user, stranger = new_user(), new_user()
     key = as_key(create_key(mesh, "--user", user).key)
-    theirs = client.post("/async-chat", json=chat_body(stranger), headers=as_key(API_KEY)).json()["correlation_id"]
+    theirs = client.post("/async-chat", json=chat_body(stranger), headers=as_key(API_KEY)).json()[
+        "correlation_id"
+    ]
     mine = client.post("/async-chat", json=chat_body(user), headers=key)
     assert mine.status_code == 200, mine.text
 
@@ -197,7 +163,13 @@ def test_only_admin_keys_reach_debug_routes(mesh, client):
     user_key = create_key(mesh, "--user", new_user()).key
     service_key = create_key(mesh, "--service").key
     admin_key = create_key(mesh, "--admin").key
-    for key, status in ((user_key, 403), (service_key, 403), (API_KEY, 403), (admin_key, 200), (ADMIN_KEY, 200)):
+    for key, status in (
+        (user_key, 403),
+        (service_key, 403),
+        (API_KEY, 403),
+        (admin_key, 200),
+        (ADMIN_KEY, 200),
+    ):
         r = client.get("/debug/queue-stats", headers=as_key(key))
         assert r.status_code == status, (key[:11], r.text)
     # An admin key also acts for any user.
@@ -212,7 +184,9 @@ def test_a_revoked_key_is_refused_within_the_cache_time(mesh, client):
     channel = grpc.insecure_channel(mesh.services["chat"].url)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     turn = chat_pb2.ChatTurn(user_id=user, message="Hello over gRPC", max_tokens=10)
-    stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", made.key),), timeout=10)  # cached there
+    stub.Chat(
+        chat_pb2.ChatRequest(turn=turn), metadata=(("x-api-key", made.key),), timeout=10
+    )  # cached there
 
     assert keys_cli(mesh, "revoke", made.key_id).returncode == 0
     revoked_at = time.monotonic()
@@ -240,37 +214,62 @@ def test_grpc_user_key_for_another_user_is_permission_denied(mesh):
     metadata = (("x-api-key", key),)
     with grpc.insecure_channel(mesh.services["chat"].url) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        reply = stub.Chat(chat_pb2.ChatRequest(turn=chat_pb2.ChatTurn(user_id=user, message="Hi", max_tokens=10)),
-                          metadata=metadata, timeout=10)
+        reply = stub.Chat(
+            chat_pb2.ChatRequest(turn=chat_pb2.ChatTurn(user_id=user, message="Hi", max_tokens=10)),
+            metadata=metadata,
+            timeout=10,
+        )
         assert reply.response
 
         denied = [
-            lambda: stub.Chat(chat_pb2.ChatRequest(turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")),
-                              metadata=metadata, timeout=10),
-            lambda: list(stub.StreamChat(chat_pb2.StreamChatRequest(
-                turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")), metadata=metadata, timeout=10)),
-            lambda: stub.SubmitChat(chat_pb2.SubmitChatRequest(
-                turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")), metadata=metadata, timeout=10),
-            lambda: stub.ListConversations(chat_pb2.ListConversationsRequest(user_id=stranger),
-                                           metadata=metadata, timeout=10),
-            lambda: stub.CreateConversation(chat_pb2.CreateConversationRequest(user_id=stranger),
-                                            metadata=metadata, timeout=10),
+            lambda: stub.Chat(
+                chat_pb2.ChatRequest(turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")),
+                metadata=metadata,
+                timeout=10,
+            ),
+            lambda: list(
+                stub.StreamChat(
+                    chat_pb2.StreamChatRequest(turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            ),
+            lambda: stub.SubmitChat(
+                chat_pb2.SubmitChatRequest(turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")),
+                metadata=metadata,
+                timeout=10,
+            ),
+            lambda: stub.ListConversations(
+                chat_pb2.ListConversationsRequest(user_id=stranger), metadata=metadata, timeout=10
+            ),
+            lambda: stub.CreateConversation(
+                chat_pb2.CreateConversationRequest(user_id=stranger), metadata=metadata, timeout=10
+            ),
         ]
         for call in denied:
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
 
-        theirs = stub.SubmitChat(chat_pb2.SubmitChatRequest(turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")),
-                                 metadata=(("x-api-key", API_KEY),), timeout=10).correlation_id
+        theirs = stub.SubmitChat(
+            chat_pb2.SubmitChatRequest(turn=chat_pb2.ChatTurn(user_id=stranger, message="Hi")),
+            metadata=(("x-api-key", API_KEY),),
+            timeout=10,
+        ).correlation_id
         with pytest.raises(grpc.RpcError) as err:
-            stub.GetChatResult(chat_pb2.GetChatResultRequest(correlation_id=theirs), metadata=metadata, timeout=10)
+            stub.GetChatResult(
+                chat_pb2.GetChatResultRequest(correlation_id=theirs), metadata=metadata, timeout=10
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
-        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
-                               ((("x-api-key", "cb_" + "y" * 43),), grpc.StatusCode.PERMISSION_DENIED)):
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("x-api-key", "cb_" + "y" * 43),), grpc.StatusCode.PERMISSION_DENIED),
+        ):
             with pytest.raises(grpc.RpcError) as err:
-                stub.ListConversations(chat_pb2.ListConversationsRequest(user_id=user), metadata=metadata, timeout=10)
+                stub.ListConversations(
+                    chat_pb2.ListConversationsRequest(user_id=user), metadata=metadata, timeout=10
+                )
             assert err.value.code() == code
 
 
@@ -290,8 +289,13 @@ async def test_the_resolver_caches_answers_briefly_and_shares_lookups():
                 return record
         return None
 
-    resolver = KeyResolver(service_keys=["static-s"], admin_keys=["static-a"], lookup=lookup, cache_seconds=5,
-                           clock=lambda: now[0])
+    resolver = KeyResolver(
+        service_keys=["static-s"],
+        admin_keys=["static-a"],
+        lookup=lookup,
+        cache_seconds=5,
+        clock=lambda: now[0],
+    )
     assert (await resolver.resolve("static-s")).kind == SERVICE
     assert (await resolver.resolve("static-a")).kind == ADMIN
     assert await resolver.resolve("not-shaped-like-a-key") is None

@@ -31,8 +31,12 @@ def test_chatterbot_up_reaches_healthy_and_stops_with_nothing_left(tmp_path, sto
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOT_")}
     env.update(CHATTERBOT_SIM_ITL_MS="1", CHATTERBOT_SIM_ITL_AT_MAX_MS="2", CHATTERBOT_SIM_TTFT_MS="5")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatterbot", "up", "--data-dir", str(tmp_path / "data")],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(Path(sys.executable).with_name("chatterbot")), "up", "--data-dir", str(tmp_path / "data")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         info = _wait_for_up_json(tmp_path / "data" / "up.json", proc, timeout=120)
@@ -41,8 +45,12 @@ def test_chatterbot_up_reaches_healthy_and_stops_with_nothing_left(tmp_path, sto
 
         health = httpx.get(f"{info['edge_url']}/health", timeout=10).json()
         assert health["status"] == "healthy", health
-        r = httpx.post(f"{info['edge_url']}/chat", headers={"X-API-Key": info["api_key"]}, timeout=30,
-                       json={"message": "hello from a fresh mesh", "user_id": "user-up"})
+        r = httpx.post(
+            f"{info['edge_url']}/chat",
+            headers={"X-API-Key": info["api_key"]},
+            timeout=30,
+            json={"message": "hello from a fresh mesh", "user_id": "user-up"},
+        )
         assert r.status_code == 200, r.text
 
         # Every process of the mesh: the launcher's children (servers, services) and theirs (postgres workers).
@@ -67,18 +75,32 @@ def test_chatterbot_up_keeps_data_and_keys_between_runs(tmp_path):
     seen = []
     for _ in range(2):
         (data / "up.json").unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "chatterbot", "up", "--data-dir", str(data)], env=env,
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("chatterbot")), "up", "--data-dir", str(data)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             info = _wait_for_up_json(data / "up.json", proc, timeout=120)
             headers = {"X-API-Key": info["api_key"]}
             if not seen:
-                r = httpx.post(f"{info['edge_url']}/chat", headers=headers, timeout=30,
-                               json={"message": "remember me", "user_id": "user-persist", "conversation_id": "c1"})
+                r = httpx.post(
+                    f"{info['edge_url']}/chat",
+                    headers=headers,
+                    timeout=30,
+                    json={"message": "remember me", "user_id": "user-persist", "conversation_id": "c1"},
+                )
                 assert r.status_code == 200, r.text
             else:
-                r = httpx.post(f"{info['edge_url']}/chat", headers=headers, timeout=30,
-                               json={"message": "still there?", "user_id": "user-persist", "conversation_id": "c1"})
+                r = httpx.post(
+                    f"{info['edge_url']}/chat",
+                    headers=headers,
+                    timeout=30,
+                    json={"message": "still there?", "user_id": "user-persist", "conversation_id": "c1"},
+                )
                 assert r.status_code == 200, r.text
                 assert "4 messages" in r.json()["response"]
             seen.append(info["api_key"])

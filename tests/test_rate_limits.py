@@ -13,10 +13,10 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from chatterbot.embedded import free_port
-from chatterbot.launcher import Mesh, ServiceProcess
-from tests.conftest import API_KEY
-from tests.test_keys import chat_body, create_key, new_user
+from ops.embedded import free_port
+from ops.launcher import Mesh, ServiceProcess
+from tests.clients import chat_body, create_key, new_user
+from tests.meshes import API_KEY
 
 
 @pytest.fixture
@@ -33,10 +33,17 @@ def as_key(key: str, **headers: str) -> dict[str, str]:
 def another_edge(mesh: Mesh, log_dir, **env: str) -> Iterator[httpx.Client]:
     """A second edge replica on the same mesh (and Redis, unless `env` says otherwise)."""
     port = free_port()
-    edge = ServiceProcess("edge", log_dir, port, {
-        **mesh.services["edge"].env, "CHATTERBOT_EDGE_PORT": str(port), "CHATTERBOT_METRICS_PORT": str(free_port()),
-        **env,
-    })
+    edge = ServiceProcess(
+        "edge",
+        log_dir,
+        port,
+        {
+            **mesh.services["edge"].env,
+            "CHATTERBOT_EDGE_PORT": str(port),
+            "CHATTERBOT_METRICS_PORT": str(free_port()),
+            **env,
+        },
+    )
     edge.start(timeout=60)
     try:
         with httpx.Client(base_url=edge.url, timeout=30) as c:
@@ -85,7 +92,12 @@ def test_chat_takes_20_requests_a_minute_per_key_by_default(mesh, client):
     r = client.get(f"/conversations/{user}", headers=key)
     assert r.status_code == 200 and "RateLimit-Limit" not in r.headers
     # ... and per key: another key's /chat is untouched.
-    assert client.post("/chat", json=chat_body(user), headers=as_key(create_key(mesh, "--service").key)).status_code == 200
+    assert (
+        client.post(
+            "/chat", json=chat_body(user), headers=as_key(create_key(mesh, "--service").key)
+        ).status_code
+        == 200
+    )
 
 
 def test_static_keys_are_exempt_from_rate_limits(client):

@@ -14,10 +14,10 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from chatterbot.embedded import free_port
-from chatterbot.launcher import Mesh, ServiceProcess
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
-from tests.conftest import API_KEY, own_mesh
+from ops.embedded import free_port
+from ops.launcher import Mesh, ServiceProcess
+from tests.meshes import API_KEY, own_mesh
 
 LIGHT_MODEL = "chatterbot-sim-1b"
 
@@ -34,8 +34,11 @@ class Collector:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 request = ExportTraceServiceRequest.FromString(body)
                 for resource_spans in request.resource_spans:
-                    service = next(a.value.string_value for a in resource_spans.resource.attributes
-                                   if a.key == "service.name")
+                    service = next(
+                        a.value.string_value
+                        for a in resource_spans.resource.attributes
+                        if a.key == "service.name"
+                    )
                     for scope in resource_spans.scope_spans:
                         for span in scope.spans:
                             collector.spans.append((service, span.trace_id.hex(), span.name))
@@ -90,8 +93,9 @@ def client(loaded_mesh) -> Iterator[httpx.Client]:
 
 
 @contextlib.contextmanager
-def waiting_sequences(mesh: Mesh, waiting: int, client: httpx.Client, rung: str,
-                      tokens: int = 3000) -> Iterator[None]:
+def waiting_sequences(
+    mesh: Mesh, waiting: int, client: httpx.Client, rung: str, tokens: int = 3000
+) -> Iterator[None]:
     """Hold the primary model's one slot and `waiting` more sequences in its queue (each generating `tokens`
     tokens at 20 ms) until the block ends."""
     channel = grpc.insecure_channel(mesh.services["inference"].url)
@@ -199,7 +203,9 @@ def test_edge_sheds_past_its_in_flight_cap(loaded_mesh, tmp_path):
                 assert c.get("/health").status_code == 200  # probes are never shed
             # The slot frees once the edge sees the disconnect and the generation is cancelled.
             deadline = time.monotonic() + 10
-            while (r := c.post("/chat", json={"message": "now?", "user_id": "user-cap", "max_tokens": 10})).status_code == 503:
+            while (
+                r := c.post("/chat", json={"message": "now?", "user_id": "user-cap", "max_tokens": 10})
+            ).status_code == 503:
                 assert time.monotonic() < deadline, "the held stream's slot was never released"
                 time.sleep(0.1)
             assert r.status_code == 200, r.text
@@ -208,8 +214,12 @@ def test_edge_sheds_past_its_in_flight_cap(loaded_mesh, tmp_path):
 
 
 def test_bad_requests_get_problem_bodies_never_500(client):
-    too_big = client.post("/chat", content=b"{" + b" " * 2_000_000 + b"}", headers={"Content-Type": "application/json"})
-    assert too_big.status_code == 413 and too_big.headers["content-type"].startswith("application/problem+json")
+    too_big = client.post(
+        "/chat", content=b"{" + b" " * 2_000_000 + b"}", headers={"Content-Type": "application/json"}
+    )
+    assert too_big.status_code == 413 and too_big.headers["content-type"].startswith(
+        "application/problem+json"
+    )
     unknown = client.get("/no/such/route")
     assert unknown.status_code == 404 and unknown.json()["status"] == 404
     wrong_method = client.put("/chat", json={})
@@ -218,12 +228,20 @@ def test_bad_requests_get_problem_bodies_never_500(client):
 
 def test_trace_context_flows_from_the_edge_through_every_grpc_hop(client, collector):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    r = client.post("/chat", json={"message": "trace me", "user_id": "user-trace", "max_tokens": 10},
-                    headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    r = client.post(
+        "/chat",
+        json={"message": "trace me", "user_id": "user-trace", "max_tokens": 10},
+        headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+    )
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + 15
-    expected = {"chatterbot-edge", "chatterbot-chat", "chatterbot-context", "chatterbot-inference",
-                "chatterbot-store"}
+    expected = {
+        "chatterbot-edge",
+        "chatterbot-chat",
+        "chatterbot-context",
+        "chatterbot-inference",
+        "chatterbot-store",
+    }
     while collector.services_in(trace_id) != expected and time.monotonic() < deadline:
         time.sleep(0.2)
     assert collector.services_in(trace_id) == expected

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import API_KEY
+from tests.meshes import API_KEY
 
 MAX_EXAMPLES = 15
 
@@ -15,14 +15,23 @@ def test_openapi_document_holds_under_fuzzing(mesh, tmp_path):
     st = Path(sys.executable).parent / "st"
     result = subprocess.run(
         [
-            str(st), "run", f"{mesh.edge_url}/openapi.json",
-            "--checks", "not_a_server_error,response_schema_conformance",
-            "--max-examples", str(MAX_EXAMPLES),
-            "--header", f"X-API-Key: {API_KEY}",
-            "--request-timeout", "30",
+            str(st),
+            "run",
+            f"{mesh.edge_url}/openapi.json",
+            "--checks",
+            "not_a_server_error,response_schema_conformance",
+            "--max-examples",
+            str(MAX_EXAMPLES),
+            "--header",
+            f"X-API-Key: {API_KEY}",
+            "--request-timeout",
+            "30",
             "--generation-deterministic",
             "--no-color",
         ],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

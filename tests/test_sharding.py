@@ -219,7 +219,13 @@ async def test_an_interrupted_rebalance_continues_where_it_stopped(servers):
 
         # The rest by the command an operator runs.
         out = subprocess.run(
-            [sys.executable, "-m", "chatterbot", "shards", "rebalance", "--shards", ",".join(dsns)],
+            [
+                str(Path(sys.executable).with_name("chatterbot")),
+                "shards",
+                "rebalance",
+                "--shards",
+                ",".join(dsns),
+            ],
             capture_output=True,
             text=True,
             cwd=REPO_ROOT,
@@ -235,7 +241,13 @@ async def test_an_interrupted_rebalance_continues_where_it_stopped(servers):
         assert again.moved_users == 0 and again.complete
 
         status = subprocess.run(
-            [sys.executable, "-m", "chatterbot", "shards", "status", "--shards", ",".join(dsns)],
+            [
+                str(Path(sys.executable).with_name("chatterbot")),
+                "shards",
+                "status",
+                "--shards",
+                ",".join(dsns),
+            ],
             capture_output=True,
             text=True,
             cwd=REPO_ROOT,
@@ -272,7 +284,7 @@ def test_migrate_applies_to_every_shard_and_reruns_as_a_no_op(servers):
         dsns.append(servers.postgres.dsn(f"{prefix}_{i}"))
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-m", "chatterbot", "migrate", "--shards", ",".join(dsns)],
+            [str(Path(sys.executable).with_name("chatterbot")), "migrate", "--shards", ",".join(dsns)],
             capture_output=True,
             text=True,
             cwd=REPO_ROOT,

@@ -11,9 +11,9 @@ import asyncpg
 import grpc
 import pytest
 
-from chatterbot.embedded import PostgresServer
 from chatterbot.settings import Settings
 from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
+from ops.embedded import PostgresServer
 from store_svc.errors import InvalidInput, NotFound
 from store_svc.main import app
 from store_svc.migrate import upgrade, upgrade_async

@@ -15,10 +15,10 @@ from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.disconnects import unless_disconnected
-from edge.sse import EventStreamResponse, with_pings
 from edge.problems import ProblemError, problem_for_downstream
-from edge.rate_limits import RATE_LIMITED_RESPONSE
 from edge.protocol import ChatRequest, ChatResponse, Problem
+from edge.rate_limits import RATE_LIMITED_RESPONSE
+from edge.sse import EventStreamResponse, with_pings
 
 router = APIRouter(tags=["chat"])
 
@@ -56,7 +56,10 @@ def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn
 @router.post(
     "/chat",
     response_model=ChatResponse,
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "The answer, or a stream"}},
+    responses={
+        **_ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "The answer, or a stream"},
+    },
 )
 async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(require_key)):
     """Run one chat turn. With `stream: true` the answer arrives as `data: {"token", "done"}` events."""
@@ -68,15 +71,17 @@ async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(req
         return await _stream(state.chat, turn, metadata, state.settings.sse_keepalive_seconds)
     try:
         reply = await unless_disconnected(
-            request, state.chat.unary("Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata))
+            request, state.chat.call(state.chat.stub.Chat, chat_pb2.ChatRequest(turn=turn), metadata=metadata)
+        )
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
-    return ChatResponse(response=reply.response, conversation_id=reply.conversation_id,
-                        processing_time=reply.processing_time)
+    return ChatResponse(
+        response=reply.response, conversation_id=reply.conversation_id, processing_time=reply.processing_time
+    )
 
 
 async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, keepalive_seconds: float) -> EventStreamResponse:
-    stream = chat.stream("StreamChat", chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
+    stream = chat.stream(chat.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
     try:
         # Wait for the first message so that an unavailable mesh is a 503, not a broken stream.
         first = await anext(stream)
@@ -91,23 +96,33 @@ async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, keepalive_seconds: fl
             while True:
                 seq += 1
                 if message.finish_reason:
-                    yield {"id": str(seq), "data": orjson.dumps({
-                        "token": "",
-                        "done": True,
-                        "conversation_id": message.conversation_id,
-                        "finish_reason": FINISH_REASONS.get(message.finish_reason, "stop"),
-                        "usage": {"prompt_tokens": message.usage.prompt_tokens,
-                                  "completion_tokens": message.usage.completion_tokens,
-                                  "total_tokens": message.usage.total_tokens},
-                        "processing_time": message.processing_time,
-                    }).decode()}
+                    yield {
+                        "id": str(seq),
+                        "data": orjson.dumps(
+                            {
+                                "token": "",
+                                "done": True,
+                                "conversation_id": message.conversation_id,
+                                "finish_reason": FINISH_REASONS.get(message.finish_reason, "stop"),
+                                "usage": {
+                                    "prompt_tokens": message.usage.prompt_tokens,
+                                    "completion_tokens": message.usage.completion_tokens,
+                                    "total_tokens": message.usage.total_tokens,
+                                },
+                                "processing_time": message.processing_time,
+                            }
+                        ).decode(),
+                    }
                     yield {"id": str(seq + 1), "data": "[DONE]"}
                     return
                 yield {"id": str(seq), "data": orjson.dumps({"token": message.text, "done": False}).decode()}
                 message = await anext(stream)
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             problem = problem_for_downstream(exc)
-            yield {"event": "error", "data": orjson.dumps({"status": problem.status, "detail": problem.detail}).decode()}
+            yield {
+                "event": "error",
+                "data": orjson.dumps({"status": problem.status, "detail": problem.detail}).decode(),
+            }
         finally:
             # Closing the guarded stream cancels the gRPC call, and with it the generation.
             await stream.aclose()

@@ -11,7 +11,6 @@ from chatterbot.breaker import CircuitOpenError
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, check_user, require_key
 from edge.problems import problem_for_downstream
-from edge.rate_limits import RATE_LIMITED_RESPONSE
 from edge.protocol import (
     CONVERSATION_ID_PATTERN,
     Conversation,
@@ -23,6 +22,7 @@ from edge.protocol import (
     HistoryMessage,
     Problem,
 )
+from edge.rate_limits import RATE_LIMITED_RESPONSE
 
 router = APIRouter(tags=["history"])
 
@@ -40,8 +40,11 @@ ConversationId = Path(pattern=CONVERSATION_ID_PATTERN)
 
 
 async def _call(request: Request, caller: Caller, method: str, message):
+    chat = request.app.state.chat
     try:
-        return await request.app.state.chat.unary(method, message, metadata=((API_KEY_METADATA, caller.key),))
+        return await chat.call(
+            getattr(chat.stub, method), message, metadata=((API_KEY_METADATA, caller.key),)
+        )
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
 
@@ -70,8 +73,12 @@ async def list_conversations(
 ) -> ConversationList:
     """The user's conversations, most recently updated first."""
     check_user(caller, user_id)
-    reply = await _call(request, caller, "ListConversations", chat_pb2.ListConversationsRequest(
-        user_id=user_id, page_size=limit, page_token=page_token or ""))
+    reply = await _call(
+        request,
+        caller,
+        "ListConversations",
+        chat_pb2.ListConversationsRequest(user_id=user_id, page_size=limit, page_token=page_token or ""),
+    )
     return ConversationList(
         user_id=user_id,
         conversations=[_conversation(c) for c in reply.conversations],
@@ -85,8 +92,12 @@ async def create_conversation(
 ) -> Conversation:
     """A new, empty conversation; chat in it with its `conversation_id`."""
     check_user(caller, body.user_id)
-    reply = await _call(request, caller, "CreateConversation", chat_pb2.CreateConversationRequest(
-        user_id=body.user_id, title=body.title))
+    reply = await _call(
+        request,
+        caller,
+        "CreateConversation",
+        chat_pb2.CreateConversationRequest(user_id=body.user_id, title=body.title),
+    )
     return _conversation(reply.conversation)
 
 
@@ -101,8 +112,14 @@ async def history(
 ) -> History:
     """A conversation's messages, oldest first; page towards older ones with `before`."""
     check_user(caller, user_id)
-    reply = await _call(request, caller, "ListMessages", chat_pb2.ListMessagesRequest(
-        user_id=user_id, conversation_id=conversation_id, page_size=limit, before_message_id=before or 0))
+    reply = await _call(
+        request,
+        caller,
+        "ListMessages",
+        chat_pb2.ListMessagesRequest(
+            user_id=user_id, conversation_id=conversation_id, page_size=limit, before_message_id=before or 0
+        ),
+    )
     return History(
         user_id=user_id,
         conversation_id=conversation_id,
@@ -131,8 +148,14 @@ async def rename_conversation(
 ) -> Conversation:
     """Rename one of the user's conversations."""
     check_user(caller, body.user_id)
-    reply = await _call(request, caller, "RenameConversation", chat_pb2.RenameConversationRequest(
-        user_id=body.user_id, conversation_id=conversation_id, title=body.title))
+    reply = await _call(
+        request,
+        caller,
+        "RenameConversation",
+        chat_pb2.RenameConversationRequest(
+            user_id=body.user_id, conversation_id=conversation_id, title=body.title
+        ),
+    )
     return _conversation(reply.conversation)
 
 
@@ -145,6 +168,10 @@ async def delete_conversation(
 ) -> ConversationDeleted:
     """Delete one of the user's conversations, its messages and its cached context."""
     check_user(caller, user_id)
-    reply = await _call(request, caller, "DeleteConversation", chat_pb2.DeleteConversationRequest(
-        user_id=user_id, conversation_id=conversation_id))
+    reply = await _call(
+        request,
+        caller,
+        "DeleteConversation",
+        chat_pb2.DeleteConversationRequest(user_id=user_id, conversation_id=conversation_id),
+    )
     return ConversationDeleted(conversation_id=conversation_id, deleted_messages=reply.message_count)

@@ -13,11 +13,10 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from chatterbot.api_keys import API_KEY_METADATA
 from chatterbot.breaker import CircuitOpenError
-from chatterbot.jetstream import JOBS_STREAM, PRIORITIES, DLQ_STREAM, EVENTS_STREAM
+from chatterbot.jetstream import DLQ_STREAM, EVENTS_STREAM, JOBS_STREAM, PRIORITIES
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_admin, require_key
 from edge.problems import ProblemError, problem_for_downstream
-from edge.sse import EventStreamResponse
 from edge.protocol import (
     AsyncChatAccepted,
     ChatRequest,
@@ -29,6 +28,7 @@ from edge.protocol import (
     StreamChatAccepted,
 )
 from edge.routes.chat import _ERRORS, to_chat_turn
+from edge.sse import EventStreamResponse
 
 router = APIRouter(tags=["queued chats"])
 _NOT_FOUND = {404: {"model": Problem, "description": "Unknown correlation id"}}
@@ -39,8 +39,9 @@ def _metadata(caller: Caller) -> tuple:
 
 
 async def _call(request: Request, method: str, message, caller: Caller):
+    chat = request.app.state.chat
     try:
-        return await request.app.state.chat.unary(method, message, metadata=_metadata(caller))
+        return await chat.call(getattr(chat.stub, method), message, metadata=_metadata(caller))
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
 
@@ -48,7 +49,9 @@ async def _call(request: Request, method: str, message, caller: Caller):
 async def _submit(body: ChatRequest, request: Request, caller: Caller, priority: int) -> str:
     turn = to_chat_turn(body, request.app.state.settings.max_message_chars)
     await authorize_turn(request, caller, body.user_id, body.max_tokens)
-    reply = await _call(request, "SubmitChat", chat_pb2.SubmitChatRequest(turn=turn, priority=priority), caller)
+    reply = await _call(
+        request, "SubmitChat", chat_pb2.SubmitChatRequest(turn=turn, priority=priority), caller
+    )
     return reply.correlation_id
 
 
@@ -56,16 +59,21 @@ async def _submit(body: ChatRequest, request: Request, caller: Caller, priority:
 async def async_chat(body: ChatRequest, request: Request, caller: Caller = Depends(require_key)):
     """Queue a turn; poll `check_endpoint` for the answer."""
     cid = await _submit(body, request, caller, types_pb2.JOB_PRIORITY_INTERACTIVE)
-    return AsyncChatAccepted(status="processing", message="Your request is being processed", correlation_id=cid,
-                             check_endpoint=f"/check-response/{cid}")
+    return AsyncChatAccepted(
+        status="processing",
+        message="Your request is being processed",
+        correlation_id=cid,
+        check_endpoint=f"/check-response/{cid}",
+    )
 
 
 @router.post("/stream-chat", response_model=StreamChatAccepted, responses=_ERRORS)
 async def stream_chat(body: ChatRequest, request: Request, caller: Caller = Depends(require_key)):
     """Queue a turn at streaming priority; read its tokens from `stream_endpoint`."""
     cid = await _submit(body, request, caller, types_pb2.JOB_PRIORITY_STREAMING)
-    return StreamChatAccepted(status="streaming", message="Stream is ready", correlation_id=cid,
-                              stream_endpoint=f"/stream/{cid}")
+    return StreamChatAccepted(
+        status="streaming", message="Stream is ready", correlation_id=cid, stream_endpoint=f"/stream/{cid}"
+    )
 
 
 @router.get(
@@ -75,21 +83,28 @@ async def stream_chat(body: ChatRequest, request: Request, caller: Caller = Depe
 )
 async def check_response(correlation_id: str, request: Request, caller: Caller = Depends(require_key)):
     """The answer when done; `pending` while queued or running; `failed` after the last try."""
-    r = await _call(request, "GetChatResult", chat_pb2.GetChatResultRequest(correlation_id=correlation_id), caller)
+    r = await _call(
+        request, "GetChatResult", chat_pb2.GetChatResultRequest(correlation_id=correlation_id), caller
+    )
     if r.status == types_pb2.JOB_STATUS_SUCCEEDED:
-        return CheckResponseDone(response=r.response, conversation_id=r.conversation_id,
-                                 processing_time=r.processing_time)
+        return CheckResponseDone(
+            response=r.response, conversation_id=r.conversation_id, processing_time=r.processing_time
+        )
     if r.status in (types_pb2.JOB_STATUS_FAILED, types_pb2.JOB_STATUS_CANCELLED):
         return CheckResponseFailed(status="failed", correlation_id=correlation_id, error=r.error or "failed")
-    return CheckResponsePending(status="pending", correlation_id=correlation_id,
-                                message="Your request is still being processed")
+    return CheckResponsePending(
+        status="pending", correlation_id=correlation_id, message="Your request is still being processed"
+    )
 
 
 def _sse(event: dict) -> dict:
     """A job event as an SSE event: the seed's {token, done} body, plus details on the last one."""
     if event.get("error"):
-        return {"id": str(event["seq"]), "event": "error",
-                "data": orjson.dumps({"error": event["error"], "done": True}).decode()}
+        return {
+            "id": str(event["seq"]),
+            "event": "error",
+            "data": orjson.dumps({"error": event["error"], "done": True}).decode(),
+        }
     body = {"token": event.get("token", ""), "done": bool(event.get("done"))}
     if event.get("restart"):
         body["restart"] = True
@@ -101,8 +116,11 @@ def _sse(event: dict) -> dict:
 
 @router.get(
     "/stream/{correlation_id}",
-    responses={**_ERRORS, **_NOT_FOUND, 200: {"content": {"text/event-stream": {}},
-                                              "description": "data: {token, done} events, then [DONE]"}},
+    responses={
+        **_ERRORS,
+        **_NOT_FOUND,
+        200: {"content": {"text/event-stream": {}}, "description": "data: {token, done} events, then [DONE]"},
+    },
 )
 async def stream(
     correlation_id: str,
@@ -112,8 +130,9 @@ async def stream(
 ):
     """Token events of a queued turn. Reconnect with `Last-Event-ID` to continue after the last event seen;
     a finished job is replayed whole while its events are retained."""
-    result = await _call(request, "GetChatResult", chat_pb2.GetChatResultRequest(correlation_id=correlation_id),
-                         caller)
+    result = await _call(
+        request, "GetChatResult", chat_pb2.GetChatResultRequest(correlation_id=correlation_id), caller
+    )
     try:
         after = int(last_event_id) if last_event_id else 0
     except ValueError:
@@ -137,7 +156,9 @@ async def stream(
         if seen == after and result.status == types_pb2.JOB_STATUS_SUCCEEDED:
             # Finished and no longer retained: the stored answer, whole.
             yield _sse({"seq": after + 1, "token": result.response})
-            yield _sse({"seq": after + 2, "token": "", "done": True, "conversation_id": result.conversation_id})
+            yield _sse(
+                {"seq": after + 2, "token": "", "done": True, "conversation_id": result.conversation_id}
+            )
             yield {"id": str(after + 3), "data": "[DONE]"}
 
     # Draining, the edge ends these streams at once (EventFanout.drain): the client resumes on another replica
@@ -149,8 +170,10 @@ async def stream(
 async def cancel_stream(correlation_id: str, request: Request, caller: Caller = Depends(require_key)):
     """Cancel a queued turn and its generation."""
     r = await _call(request, "CancelChat", chat_pb2.CancelChatRequest(correlation_id=correlation_id), caller)
-    return {"status": types_pb2.JobStatus.Name(r.status).removeprefix("JOB_STATUS_").lower(),
-            "correlation_id": correlation_id}
+    return {
+        "status": types_pb2.JobStatus.Name(r.status).removeprefix("JOB_STATUS_").lower(),
+        "correlation_id": correlation_id,
+    }
 
 
 @router.get("/debug/queue-stats", response_model=QueueStats, responses={**_ERRORS})
@@ -180,7 +203,14 @@ async def queue_stats(request: Request, caller: Caller = Depends(require_admin))
 
     return QueueStats(
         chat_queue=queue("streaming", "interactive"),
-        response_queue={"message_count": events.state.messages, "consumer_count": events.state.consumer_count},
+        response_queue={
+            "message_count": events.state.messages,
+            "consumer_count": events.state.consumer_count,
+        },
         batch_queue=queue("batch"),
-        jetstream={"consumers": consumers, "events_retained": events.state.messages, "dlq_size": dlq.state.messages},
+        jetstream={
+            "consumers": consumers,
+            "events_retained": events.state.messages,
+            "dlq_size": dlq.state.messages,
+        },
     )

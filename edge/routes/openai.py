@@ -17,7 +17,6 @@ import grpc
 import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from edge.responses import JSONBytesResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,11 +25,12 @@ from chatterbot.breaker import CircuitOpenError
 from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
-from edge.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelList, OpenAIProblem
 from edge.disconnects import unless_disconnected
-from edge.sse import EventStreamResponse, with_pings
+from edge.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelList, OpenAIProblem
 from edge.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_for_downstream
 from edge.protocol import CONVERSATION_ID_PATTERN
+from edge.responses import JSONBytesResponse
+from edge.sse import EventStreamResponse, with_pings
 
 FINISH_REASONS = {
     types_pb2.FINISH_REASON_STOP: "stop",
@@ -60,8 +60,13 @@ def error_object(status: int, message: str | None, param: str | None = None) -> 
     return {"message": message or HTTPStatus(status).phrase, "type": kind, "param": param, "code": status}
 
 
-def openai_problem(status: int, detail: str | None, headers: dict[str, str] | None = None,
-                   errors: list[dict] | None = None, param: str | None = None) -> JSONBytesResponse:
+def openai_problem(
+    status: int,
+    detail: str | None,
+    headers: dict[str, str] | None = None,
+    errors: list[dict] | None = None,
+    param: str | None = None,
+) -> JSONBytesResponse:
     """A problem response (RFC 9457) that OpenAI's SDKs also understand."""
     body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
     if detail:
@@ -118,7 +123,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def to_chat_turn(body: ChatCompletionRequest, settings: Settings, conversation_id: str | None) -> chat_pb2.ChatTurn:
+def to_chat_turn(
+    body: ChatCompletionRequest, settings: Settings, conversation_id: str | None
+) -> chat_pb2.ChatTurn:
     """The chat turn of a completion request: its messages are the whole prompt."""
     messages = [types_pb2.ChatMessage(role=_ROLES[m.role], content=m.text) for m in body.messages]
     last = messages[-1].content
@@ -144,8 +151,11 @@ def to_chat_turn(body: ChatCompletionRequest, settings: Settings, conversation_i
 
 
 def _usage(usage: types_pb2.Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 @router.post(
@@ -153,10 +163,12 @@ def _usage(usage: types_pb2.Usage) -> dict[str, int]:
     response_model=ChatCompletion,
     responses={
         **_ERRORS,
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-              "description": "The completion, or with `stream: true` `data:` events each holding a "
-                             "`chat.completion.chunk` (see ChatCompletionChunk in edge/openai_protocol.py), "
-                             "ending with `data: [DONE]`"},
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "The completion, or with `stream: true` `data:` events each holding a "
+            "`chat.completion.chunk` (see ChatCompletionChunk in edge/openai_protocol.py), "
+            "ending with `data: [DONE]`",
+        },
     },
 )
 async def chat_completions(
@@ -164,9 +176,10 @@ async def chat_completions(
     request: Request,
     caller: Caller = Depends(require_key),
     x_conversation_id: str | None = Header(
-        None, pattern=CONVERSATION_ID_PATTERN,
+        None,
+        pattern=CONVERSATION_ID_PATTERN,
         description="Store the exchange in this conversation. Omitted: a conversation derived from the user and "
-                    "the first user message, so resending a growing conversation keeps to one stored conversation",
+        "the first user message, so resending a growing conversation keeps to one stored conversation",
     ),
 ):
     """Generate the next assistant message of `messages` (OpenAI's chat completions API)."""
@@ -179,12 +192,26 @@ async def chat_completions(
     metadata = ((API_KEY_METADATA, caller.key),)
     created = int(time.time())
     if body.stream:
-        return await _stream(state.chat, turn, metadata, body, created, body.model or settings.model_name,
-                             settings.sse_keepalive_seconds)
+        return await _stream(
+            state.chat,
+            turn,
+            metadata,
+            body,
+            created,
+            body.model or settings.model_name,
+            settings.sse_keepalive_seconds,
+        )
     try:
         # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
-        reply = await unless_disconnected(request, state.chat.unary(
-            "Chat", chat_pb2.ChatRequest(turn=turn), metadata=metadata, timeout=settings.stream_deadline_seconds))
+        reply = await unless_disconnected(
+            request,
+            state.chat.call(
+                state.chat.stub.Chat,
+                chat_pb2.ChatRequest(turn=turn),
+                metadata=metadata,
+                timeout=settings.stream_deadline_seconds,
+            ),
+        )
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
     completion = {
@@ -192,20 +219,29 @@ async def chat_completions(
         "object": "chat.completion",
         "created": created,
         "model": reply.model or body.model or settings.model_name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": reply.response, "refusal": None},
-            "logprobs": None,
-            "finish_reason": FINISH_REASONS.get(reply.finish_reason, "stop"),
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.response, "refusal": None},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(reply.finish_reason, "stop"),
+            }
+        ],
         "usage": _usage(reply.usage),
     }
     return JSONBytesResponse(completion, headers={"X-Conversation-Id": reply.conversation_id})
 
 
-async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, body: ChatCompletionRequest, created: int,
-                  model: str, keepalive_seconds: float) -> EventStreamResponse:
-    stream = chat.stream("StreamChat", chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
+async def _stream(
+    chat,
+    turn: chat_pb2.ChatTurn,
+    metadata,
+    body: ChatCompletionRequest,
+    created: int,
+    model: str,
+    keepalive_seconds: float,
+) -> EventStreamResponse:
+    stream = chat.stream(chat.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
     try:
         # Wait for the first message so that an unavailable mesh is a 503, not a broken stream.
         first = await anext(stream)
@@ -220,7 +256,10 @@ async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, body: ChatCompletionR
 
     def chunk(delta: dict, finish_reason: str | None = None, answered_by: str = model) -> dict:
         data: dict[str, Any] = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": answered_by,
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": answered_by,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
         if include_usage:
@@ -238,10 +277,18 @@ async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, body: ChatCompletionR
             answered_by = message.model or model
             yield chunk({}, FINISH_REASONS.get(message.finish_reason, "stop"), answered_by)
             if include_usage:
-                yield {"data": orjson.dumps({
-                    "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": answered_by,
-                    "choices": [], "usage": _usage(message.usage),
-                }).decode()}
+                yield {
+                    "data": orjson.dumps(
+                        {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": answered_by,
+                            "choices": [],
+                            "usage": _usage(message.usage),
+                        }
+                    ).decode()
+                }
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             # OpenAI's SDKs raise an APIError for an event that carries `error`.
             problem = problem_for_downstream(exc)
@@ -260,13 +307,20 @@ async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, body: ChatCompletionR
 async def list_models(request: Request, caller: Caller = Depends(require_key)):
     """The models the inference service serves (OpenAI's model list)."""
     try:
-        reply = await request.app.state.chat.unary(
-            "ListModels", chat_pb2.ChatServiceListModelsRequest(), metadata=((API_KEY_METADATA, caller.key),)
+        reply = await request.app.state.chat.call(
+            request.app.state.chat.stub.ListModels,
+            chat_pb2.ChatServiceListModelsRequest(),
+            metadata=((API_KEY_METADATA, caller.key),),
         )
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         raise problem_for_downstream(exc) from None
     created = int(time.time())
-    return JSONBytesResponse({
-        "object": "list",
-        "data": [{"id": m.id, "object": "model", "created": created, "owned_by": "chatterbot"} for m in reply.models],
-    })
+    return JSONBytesResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": m.id, "object": "model", "created": created, "owned_by": "chatterbot"}
+                for m in reply.models
+            ],
+        }
+    )

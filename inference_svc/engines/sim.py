@@ -35,10 +35,49 @@ from inference_svc.engines.base import (
 )
 
 _WORDS = [
-    "the", "a", "model", "answer", "token", "stream", "context", "budget", "cluster", "latency", "request",
-    "reply", "shard", "queue", "replica", "cache", "prompt", "engine", "batch", "sequence", "user", "history",
-    "message", "simulated", "turn", "vector", "kernel", "memory", "page", "window", "signal", "output", "input",
-    "value", "system", "service", "network", "store", "result", "event", "worker", "deadline", "breaker",
+    "the",
+    "a",
+    "model",
+    "answer",
+    "token",
+    "stream",
+    "context",
+    "budget",
+    "cluster",
+    "latency",
+    "request",
+    "reply",
+    "shard",
+    "queue",
+    "replica",
+    "cache",
+    "prompt",
+    "engine",
+    "batch",
+    "sequence",
+    "user",
+    "history",
+    "message",
+    "simulated",
+    "turn",
+    "vector",
+    "kernel",
+    "memory",
+    "page",
+    "window",
+    "signal",
+    "output",
+    "input",
+    "value",
+    "system",
+    "service",
+    "network",
+    "store",
+    "result",
+    "event",
+    "worker",
+    "deadline",
+    "breaker",
 ]
 
 
@@ -80,8 +119,9 @@ class SimEngine:
 
     name = "sim"
 
-    def __init__(self, model: str, timing: SimTiming, seed: int = 0, max_model_len: int = 8192,
-                 is_default: bool = True) -> None:
+    def __init__(
+        self, model: str, timing: SimTiming, seed: int = 0, max_model_len: int = 8192, is_default: bool = True
+    ) -> None:
         self.model = model
         self.timing = timing
         self.seed = seed
@@ -94,9 +134,16 @@ class SimEngine:
         self._state = EngineState.LOADING
 
     @classmethod
-    def from_settings(cls, settings: Settings, model: str | None = None, is_default: bool = True) -> SimEngine:
-        return cls(model or settings.model_name, SimTiming.from_settings(settings), settings.sim_seed,
-                   settings.sim_max_model_len, is_default)
+    def from_settings(
+        cls, settings: Settings, model: str | None = None, is_default: bool = True
+    ) -> SimEngine:
+        return cls(
+            model or settings.model_name,
+            SimTiming.from_settings(settings),
+            settings.sim_seed,
+            settings.sim_max_model_len,
+            is_default,
+        )
 
     async def start(self) -> None:
         self._state = EngineState.READY
@@ -123,7 +170,9 @@ class SimEngine:
             raise UnknownModel(request.model)
         prompt_tokens = sum(approx_token_count(m.content) for m in request.messages)
         if prompt_tokens >= self.max_model_len:
-            raise InvalidRequest(f"prompt has {prompt_tokens} tokens; the model's window is {self.max_model_len}")
+            raise InvalidRequest(
+                f"prompt has {prompt_tokens} tokens; the model's window is {self.max_model_len}"
+            )
         words, finish = self._script(request, prompt_tokens)
         loop = asyncio.get_running_loop()
         arrived = time.perf_counter()

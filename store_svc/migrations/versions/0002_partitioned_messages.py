@@ -111,7 +111,9 @@ def upgrade() -> None:
         """
     )
     op.execute(ENSURE_PARTITIONS)
-    op.execute("SELECT messages_ensure_partitions(3, coalesce((SELECT min(created_at) FROM messages_0001), now()))")
+    op.execute(
+        "SELECT messages_ensure_partitions(3, coalesce((SELECT min(created_at) FROM messages_0001), now()))"
+    )
 
     op.execute(
         """
@@ -143,7 +145,9 @@ def upgrade() -> None:
         ORDER BY user_id, request_id, message_id
         """
     )
-    op.execute("SELECT setval('message_ids', coalesce((SELECT max(message_id) FROM messages_0001), 0) + 1, false)")
+    op.execute(
+        "SELECT setval('message_ids', coalesce((SELECT max(message_id) FROM messages_0001), 0) + 1, false)"
+    )
     op.execute("DROP TABLE messages_0001")
 
     op.execute(

@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chatterbot.embedded import (
+from chatterbot.settings import Settings
+from ops.embedded import (
     EmbeddedServer,
     NatsServer,
     PostgresServer,
@@ -28,7 +29,6 @@ from chatterbot.embedded import (
     free_port,
     port_is_free,
 )
-from chatterbot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,16 @@ START_ORDER = ("store", "context", "inference", "chat", "worker", "edge")
 
 
 class ServiceProcess(EmbeddedServer):
-    """One ChatterBot service run as `python -m chatterbot serve <name>`; ready when its health says so."""
+    """One ChatterBot service run as `python -m ops serve <name>`; ready when its health says so."""
 
-    def __init__(self, name: str, log_dir: Path, port: int, env: dict[str, str], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, name: str, log_dir: Path, port: int, env: dict[str, str], host: str = "127.0.0.1"
+    ) -> None:
         super().__init__(name, log_dir, host=host, port=port)
         self.env = env
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "chatterbot", "serve", self.name]
+        return [sys.executable, "-m", "ops", "serve", self.name]
 
     def _popen_kwargs(self) -> dict[str, Any]:
         return {"env": self.env}
@@ -68,7 +70,9 @@ class ServiceProcess(EmbeddedServer):
                 return False
         with grpc.insecure_channel(self.url) as channel:
             try:
-                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                response = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
             except grpc.RpcError:
                 return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -147,7 +151,11 @@ class Mesh:
 
     def _port(self, configured: int, taken: set[int]) -> int:
         """The configured port when free (and wanted), else a free one; never one handed out already."""
-        port = configured if configured and self.prefer_configured_ports and port_is_free(configured) else free_port()
+        port = (
+            configured
+            if configured and self.prefer_configured_ports and port_is_free(configured)
+            else free_port()
+        )
         while port in taken:
             port = free_port()
         taken.add(port)
@@ -169,7 +177,11 @@ class Mesh:
             **os.environ,
             **s.to_env(),
             **server_env,
-            **{f"CHATTERBOT_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items() if name != "edge"},
+            **{
+                f"CHATTERBOT_{name.upper()}_ADDR": f"127.0.0.1:{port}"
+                for name, port in ports.items()
+                if name != "edge"
+            },
             "CHATTERBOT_EDGE_PORT": str(ports["edge"]),
             "CHATTERBOT_API_KEYS": ",".join(api_keys),
             "CHATTERBOT_ADMIN_KEYS": ",".join(admin_keys),
@@ -204,8 +216,10 @@ class Mesh:
             "api_key": self.keys.api_key,
             "admin_key": self.keys.admin_key,
             "grpc": {name: svc.url for name, svc in self.services.items() if name not in ("edge", "worker")},
-            "metrics": {name: f"http://127.0.0.1:{svc.env['CHATTERBOT_METRICS_PORT']}/metrics"
-                        for name, svc in self.services.items()},
+            "metrics": {
+                name: f"http://127.0.0.1:{svc.env['CHATTERBOT_METRICS_PORT']}/metrics"
+                for name, svc in self.services.items()
+            },
             "servers": {
                 "nats": self.services["chat"].env["CHATTERBOT_NATS_URL"],
                 "redis": self.services["chat"].env["CHATTERBOT_REDIS_URL"],
@@ -219,4 +233,3 @@ class Mesh:
         path = self.data_dir / "up.json"
         path.write_text(json.dumps(self.up_info(), indent=2))
         path.chmod(0o600)
-

@@ -429,7 +429,7 @@ class NatsServer(EmbeddedServer):
 
     def _prepare(self) -> None:
         self.config_path.write_text(
-            "# Written by chatterbot.embedded on every start; edits here are overwritten.\n"
+            "# Written by ops.embedded on every start; edits here are overwritten.\n"
             f"server_name: {json.dumps(self.name)}\n"
             f"host: {json.dumps(self.host)}\n"
             f"port: {self.port}\n"
@@ -615,8 +615,15 @@ class PostgresServer(EmbeddedServer):
         except KeyError:
             try:
                 subprocess.run(
-                    ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                     _PG_SYSTEM_USER],
+                    [
+                        "useradd",
+                        "--system",
+                        "--user-group",
+                        "--no-create-home",
+                        "--shell",
+                        "/usr/sbin/nologin",
+                        _PG_SYSTEM_USER,
+                    ],
                     check=True,
                     capture_output=True,
                     text=True,

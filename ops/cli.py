@@ -29,8 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from chatterbot.launcher import Mesh
     from chatterbot.logs import configure_logging
+    from ops.launcher import Mesh
 
     settings = get_settings()
     configure_logging("launcher", settings.log_level, json_output=False)
@@ -55,7 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             failed = [name for name, svc in mesh.services.items() if not svc.is_running]
             if failed:
-                logging.getLogger("chatterbot.launcher").error("service exited: %s; stopping the mesh", failed)
+                logging.getLogger("ops.launcher").error("service exited: %s; stopping the mesh", failed)
                 return 1
     finally:
         mesh.stop()
@@ -93,17 +93,24 @@ def cmd_shards_rebalance(args: argparse.Namespace) -> int:
 
     dsns = _shard_dsns(args)
     if len(dsns) < 2:
-        print("rebalancing needs two or more shards (CHATTERBOT_POSTGRES_SHARDS or --shards)", file=sys.stderr)
+        print(
+            "rebalancing needs two or more shards (CHATTERBOT_POSTGRES_SHARDS or --shards)", file=sys.stderr
+        )
         return 2
     report = asyncio.run(rebalance(dsns, concurrency=args.concurrency, max_users=args.max_users))
-    print(f"scanned {report.scanned_users} users on {len(dsns)} shards, moved {report.moved_users}", flush=True)
+    print(
+        f"scanned {report.scanned_users} users on {len(dsns)} shards, moved {report.moved_users}", flush=True
+    )
     for (source, target), users in sorted(report.moves.items()):
         print(f"  shard {source} -> shard {target}: {users} users")
     if report.moved_rows:
         print("  rows moved: " + ", ".join(f"{t} {n}" for t, n in sorted(report.moved_rows.items())))
     if report.stranded_users:
-        print(f"{len(report.stranded_users)} users have rows on an old shard after their move (left in place): "
-              + ", ".join(report.stranded_users[:20]), file=sys.stderr)
+        print(
+            f"{len(report.stranded_users)} users have rows on an old shard after their move (left in place): "
+            + ", ".join(report.stranded_users[:20]),
+            file=sys.stderr,
+        )
         return 1
     print("complete" if report.complete else "stopped at --max-users; run again to continue", flush=True)
     return 0
@@ -118,10 +125,14 @@ def cmd_shards_status(args: argparse.Namespace) -> int:
     if not dsns:
         print("set CHATTERBOT_POSTGRES_SHARDS or CHATTERBOT_POSTGRES_DSN, or pass --shards", file=sys.stderr)
         return 2
-    print(f"{'shard':>5} {'users':>9} {'conversations':>13} {'messages':>10} {'job_results':>11} {'misplaced':>9}")
+    print(
+        f"{'shard':>5} {'users':>9} {'conversations':>13} {'messages':>10} {'job_results':>11} {'misplaced':>9}"
+    )
     for c in asyncio.run(shard_counts(dsns)):
-        print(f"{c.index:>5} {c.users:>9} {c.conversations:>13} {c.messages:>10} {c.job_results:>11} "
-              f"{c.misplaced_users:>9}")
+        print(
+            f"{c.index:>5} {c.users:>9} {c.conversations:>13} {c.messages:>10} {c.job_results:>11} "
+            f"{c.misplaced_users:>9}"
+        )
     return 0
 
 
@@ -154,8 +165,13 @@ async def _dlq(args: argparse.Namespace) -> int:
             deps = JobDeps(js, nc, store, settings.job_result_ttl_seconds)
 
             async def pending_again(job) -> None:
-                await put_result(deps, job.correlation_id, job.user_id, types_pb2.JOB_STATUS_PENDING,
-                                 conversation_id=job.conversation_id)
+                await put_result(
+                    deps,
+                    job.correlation_id,
+                    job.user_id,
+                    types_pb2.JOB_STATUS_PENDING,
+                    conversation_id=job.conversation_id,
+                )
 
             try:
                 job = await replay(js, args.correlation_id, pending_again)
@@ -210,36 +226,59 @@ async def _keys(args: argparse.Namespace) -> int:
                 print("--user must be 3 to 50 characters (as user_id is everywhere)", file=sys.stderr)
                 return 2
             key = api_keys.generate_key()
-            reply = await store.unary("CreateApiKey", store_pb2.CreateApiKeyRequest(
-                key_hash=api_keys.hash_key(key), prefix=api_keys.display_prefix(key), kind=api_keys.kind_to_pb(kind),
-                user_id=args.user or "", name=args.name, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
-            ), retry=False)
+            reply = await store.call(
+                store.stub.CreateApiKey,
+                store_pb2.CreateApiKeyRequest(
+                    key_hash=api_keys.hash_key(key),
+                    prefix=api_keys.display_prefix(key),
+                    kind=api_keys.kind_to_pb(kind),
+                    user_id=args.user or "",
+                    name=args.name,
+                    requests_per_minute=args.rpm,
+                    tokens_per_minute=args.tpm,
+                ),
+                retry=False,
+            )
             record = api_keys.record_from_pb(reply.api_key)
             # The key alone on stdout (KEY=$(chatterbot keys create ...)); the rest on stderr.
             print(key, flush=True)
-            print(f"key {record.key_id}: {_describe(record)}. This is the only time the key is shown.",
-                  file=sys.stderr)
+            print(
+                f"key {record.key_id}: {_describe(record)}. This is the only time the key is shown.",
+                file=sys.stderr,
+            )
             return 0
         if args.keys_command == "list":
-            reply = await store.unary("ListApiKeys", store_pb2.ListApiKeysRequest(user_id=args.user or ""))
+            reply = await store.call(
+                store.stub.ListApiKeys, store_pb2.ListApiKeysRequest(user_id=args.user or "")
+            )
             records = [api_keys.record_from_pb(pb) for pb in reply.api_keys]
-            print(f"{'id':<16} {'prefix':<11} {'kind':<7} {'user':<20} {'rpm':>6} {'tpm':>8} "
-                  f"{'created':<19} {'revoked':<19} name")
+            print(
+                f"{'id':<16} {'prefix':<11} {'kind':<7} {'user':<20} {'rpm':>6} {'tpm':>8} "
+                f"{'created':<19} {'revoked':<19} name"
+            )
             for r in records:
-                print(f"{r.key_id:<16} {r.prefix:<11} {r.kind:<7} {r.user_id or '-':<20} "
-                      f"{r.requests_per_minute or '-':>6} {r.tokens_per_minute or '-':>8} {_when(r.created_at):<19} "
-                      f"{_when(r.revoked_at):<19} {r.name}")
+                print(
+                    f"{r.key_id:<16} {r.prefix:<11} {r.kind:<7} {r.user_id or '-':<20} "
+                    f"{r.requests_per_minute or '-':>6} {r.tokens_per_minute or '-':>8} {_when(r.created_at):<19} "
+                    f"{_when(r.revoked_at):<19} {r.name}"
+                )
             print(f"{len(records)} key(s), {sum(r.revoked for r in records)} revoked", file=sys.stderr)
             return 0
         target = args.key
         if target.startswith(api_keys.KEY_PREFIX) and len(target) > api_keys.DISPLAY_PREFIX_CHARS:
             # The whole key: find its id by its hash.
-            found = await store.unary("GetApiKey", store_pb2.GetApiKeyRequest(key_hash=api_keys.hash_key(target)))
+            found = await store.call(
+                store.stub.GetApiKey, store_pb2.GetApiKeyRequest(key_hash=api_keys.hash_key(target))
+            )
             target = found.api_key.key_id
-        reply = await store.unary("RevokeApiKey", store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target))
+        reply = await store.call(
+            store.stub.RevokeApiKey, store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target)
+        )
         record = api_keys.record_from_pb(reply.api_key)
-        print(f"revoked {record.key_id} ({record.prefix}, {_describe(record)}) at {_when(record.revoked_at)} UTC; "
-              f"edges and chat services stop accepting it within {get_settings().api_key_cache_seconds:g} s")
+        print(
+            f"revoked {record.key_id} ({record.prefix}, {_describe(record)}) at {_when(record.revoked_at)} UTC; "
+            f"edges and chat services stop accepting it within {get_settings().api_key_cache_seconds:g} s"
+        )
         return 0
     except grpc.aio.AioRpcError as exc:
         print(f"store_svc at {addr}: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -260,8 +299,10 @@ def _count(text: str) -> int:
 
 def _describe(record) -> str:
     who = f"user key for {record.user_id!r}" if record.kind == "user" else f"{record.kind} key"
-    limits = [f"{record.requests_per_minute} requests/min" if record.requests_per_minute else "",
-              f"{record.tokens_per_minute} tokens/min" if record.tokens_per_minute else ""]
+    limits = [
+        f"{record.requests_per_minute} requests/min" if record.requests_per_minute else "",
+        f"{record.tokens_per_minute} tokens/min" if record.tokens_per_minute else "",
+    ]
     return ", ".join([who, *filter(None, limits)] + ([f"name {record.name!r}"] if record.name else []))
 
 
@@ -280,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatterbot", description="ChatterBot chat backend")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the whole mesh on this machine (embedded servers unless URLs are set)")
+    up = sub.add_parser(
+        "up", help="start the whole mesh on this machine (embedded servers unless URLs are set)"
+    )
     up.add_argument("--data-dir", help="where data, logs and keys live (default: CHATTERBOT_DATA_DIR)")
     up.set_defaults(func=cmd_up)
 
@@ -299,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance = shards.add_parser(
         "rebalance", help="after the shard list grew, move the users whose shard changed (resumable)"
     )
-    rebalance.add_argument("--shards", help="comma-separated shard DSNs (default: CHATTERBOT_POSTGRES_SHARDS)")
+    rebalance.add_argument(
+        "--shards", help="comma-separated shard DSNs (default: CHATTERBOT_POSTGRES_SHARDS)"
+    )
     rebalance.add_argument("--concurrency", type=int, default=4, help="users moved at once")
     rebalance.add_argument("--max-users", type=int, default=None, help="stop after moving this many")
     rebalance.set_defaults(func=cmd_shards_rebalance)
@@ -307,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--shards", help="comma-separated shard DSNs (default: CHATTERBOT_POSTGRES_SHARDS)")
     status.set_defaults(func=cmd_shards_status)
 
-    dlq = sub.add_parser("dlq", help="jobs that failed their last try").add_subparsers(dest="dlq_command",
-                                                                                       required=True)
+    dlq = sub.add_parser("dlq", help="jobs that failed their last try").add_subparsers(
+        dest="dlq_command", required=True
+    )
     dlq.add_parser("list", help="list dead-lettered jobs").set_defaults(func=cmd_dlq)
     dlq_replay = dlq.add_parser("replay", help="queue a dead-lettered job again")
     dlq_replay.add_argument("correlation_id")
@@ -323,8 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--user", metavar="USER_ID", help="a user key: acts only for this user_id")
     who.add_argument("--service", action="store_true", help="a service key: acts for any user_id")
     who.add_argument("--admin", action="store_true", help="an admin key: any user_id, and /debug routes")
-    create.add_argument("--rpm", type=_count, default=0, help="requests per minute across every route (0: none)")
-    create.add_argument("--tpm", type=_count, default=0, help="tokens (max_tokens asked for) per minute (0: none)")
+    create.add_argument(
+        "--rpm", type=_count, default=0, help="requests per minute across every route (0: none)"
+    )
+    create.add_argument(
+        "--tpm", type=_count, default=0, help="tokens (max_tokens asked for) per minute (0: none)"
+    )
     create.add_argument("--name", default="", help="a note on who or what uses it")
     create.add_argument("--store", help=store_help)
     create.set_defaults(func=cmd_keys)
@@ -337,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--store", help=store_help)
     revoke.set_defaults(func=cmd_keys)
 
-    example = sub.add_parser("env-example", help="print every setting with its default (the .env.example text)")
+    example = sub.add_parser(
+        "env-example", help="print every setting with its default (the .env.example text)"
+    )
     example.set_defaults(func=cmd_env_example)
     return parser
 

@@ -1,5 +1,0 @@
-import sys
-
-from chatterbot.cli import main
-
-sys.exit(main())

@@ -1,0 +1,118 @@
+"""The wire vocabulary every component speaks: role and finish-reason names, id rules, usage, text rules.
+
+Each fact is written here once. The proto enums are the typed form; the names are what JSON bodies, job
+events and engines use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from chatterbot.v1 import types_pb2
+
+# --- roles ---
+
+ROLE_NAMES: Final[Mapping[int, str]] = {
+    types_pb2.ROLE_SYSTEM: "system",
+    types_pb2.ROLE_USER: "user",
+    types_pb2.ROLE_ASSISTANT: "assistant",
+}
+ROLE_VALUES: Final[Mapping[str, int]] = {name: value for value, name in ROLE_NAMES.items()}
+# Roles a whole prompt (ChatTurn.messages) may hold.
+PROMPT_ROLES: Final[frozenset[int]] = frozenset(ROLE_NAMES)
+
+
+def role_name(role: int) -> str:
+    """The JSON name of a Role; raises KeyError for ROLE_UNSPECIFIED or an unknown value."""
+    return ROLE_NAMES[role]
+
+
+def role_value(name: str) -> int:
+    """The Role of a JSON name; ROLE_UNSPECIFIED for a name the mesh does not know."""
+    return ROLE_VALUES.get(name, types_pb2.ROLE_UNSPECIFIED)
+
+
+# --- finish reasons ---
+
+FINISH_NAMES: Final[Mapping[int, str]] = {
+    types_pb2.FINISH_REASON_STOP: "stop",
+    types_pb2.FINISH_REASON_LENGTH: "length",
+    types_pb2.FINISH_REASON_ABORT: "abort",
+}
+FINISH_VALUES: Final[Mapping[str, int]] = {name: value for value, name in FINISH_NAMES.items()}
+
+
+def finish_name(reason: int) -> str | None:
+    """The JSON name of a FinishReason; None while unspecified (a turn still running)."""
+    return FINISH_NAMES.get(reason)
+
+
+def finish_value(name: str | None, default: int = types_pb2.FINISH_REASON_STOP) -> int:
+    """The FinishReason of a JSON name; `default` for an empty or unknown name."""
+    return FINISH_VALUES.get(name or "", default)
+
+
+# --- usage ---
+
+
+def usage_pb(prompt_tokens: int, completion_tokens: int) -> types_pb2.Usage:
+    """A Usage message; the total is always the sum."""
+    return types_pb2.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def usage_dict(usage: types_pb2.Usage) -> dict[str, int]:
+    """A Usage message as JSON bodies and job events carry it."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def usage_from_dict(usage: Mapping[str, Any] | None) -> types_pb2.Usage:
+    """The Usage of a JSON object (missing counts are 0)."""
+    usage = usage or {}
+    return usage_pb(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
+# --- ids ---
+
+USER_ID_MIN: Final = 3
+USER_ID_MAX: Final = 50
+CONVERSATION_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+REQUEST_ID_MAX: Final = 128
+_CONVERSATION_ID = re.compile(CONVERSATION_ID_PATTERN)
+
+
+def is_user_id(user_id: str) -> bool:
+    """Whether `user_id` follows the seed API's rule (3 to 50 characters)."""
+    return USER_ID_MIN <= len(user_id) <= USER_ID_MAX
+
+
+def is_conversation_id(conversation_id: str) -> bool:
+    """Whether `conversation_id` is 1 to 64 of A-Z a-z 0-9 _ . : -."""
+    return _CONVERSATION_ID.match(conversation_id) is not None
+
+
+USER_ID_RULE: Final = f"{USER_ID_MIN} to {USER_ID_MAX} characters"
+CONVERSATION_ID_RULE: Final = "1 to 64 of A-Z a-z 0-9 _ . : -"
+
+
+# --- text the store can keep ---
+
+
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL could not store `text` (a NUL, or a lone surrogate that is not Unicode), or None."""
+    if "\x00" in text:
+        return "must not contain the NUL character (U+0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode: lone surrogate U+{ord(text[exc.start]):04X} at position {exc.start}"
+    return None
