@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/chatterbot/v1/*.proto)
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: up test install proto proto-check lint buf-lint buf-breaking env-example clean
+.PHONY: up test install proto proto-check lint format buf-lint buf-breaking buf-breaking-ci env-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,11 +43,25 @@ buf-lint:
 buf-breaking:
 	$(BUF) breaking --against '.git#branch=main'
 
+# CI: when the last commit changed proto/, its contracts must not break those of the commit before it.
+buf-breaking-ci:
+	@if git rev-parse -q --verify HEAD~1 >/dev/null && ! git diff --quiet HEAD~1 HEAD -- proto; then \
+		$(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: proto/ unchanged since the previous commit"; fi
+
 env-example: $(STAMP)
 	$(BIN)/chatterbot env-example > .env.example
 
+# Lint, formatting, types and layers: what CI and pre-commit run.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
