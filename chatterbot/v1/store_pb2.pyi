@@ -1,6 +1,7 @@
 import datetime
 
 from chatterbot.v1 import types_pb2 as _types_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -251,7 +252,7 @@ class GetJobResultResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("key_id", "prefix", "kind", "user_id", "name", "requests_per_minute", "tokens_per_minute", "create_time", "revoke_time")
+    __slots__ = ("key_id", "prefix", "kind", "user_id", "name", "requests_per_minute", "tokens_per_minute", "create_time", "revoke_time", "route_limits")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +262,7 @@ class ApiKey(_message.Message):
     TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     prefix: str
     kind: ApiKeyKind
@@ -270,10 +272,19 @@ class ApiKey(_message.Message):
     tokens_per_minute: int
     create_time: _timestamp_pb2.Timestamp
     revoke_time: _timestamp_pb2.Timestamp
-    def __init__(self, key_id: _Optional[str] = ..., prefix: _Optional[str] = ..., kind: _Optional[_Union[ApiKeyKind, str]] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    route_limits: _containers.RepeatedCompositeFieldContainer[RouteLimit]
+    def __init__(self, key_id: _Optional[str] = ..., prefix: _Optional[str] = ..., kind: _Optional[_Union[ApiKeyKind, str]] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., route_limits: _Optional[_Iterable[_Union[RouteLimit, _Mapping]]] = ...) -> None: ...
+
+class RouteLimit(_message.Message):
+    __slots__ = ("route", "limit")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    limit: str
+    def __init__(self, route: _Optional[str] = ..., limit: _Optional[str] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
-    __slots__ = ("key_hash", "prefix", "kind", "user_id", "name", "requests_per_minute", "tokens_per_minute")
+    __slots__ = ("key_hash", "prefix", "kind", "user_id", "name", "requests_per_minute", "tokens_per_minute", "route_limits")
     KEY_HASH_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +292,7 @@ class CreateApiKeyRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     key_hash: bytes
     prefix: str
     kind: ApiKeyKind
@@ -288,7 +300,8 @@ class CreateApiKeyRequest(_message.Message):
     name: str
     requests_per_minute: int
     tokens_per_minute: int
-    def __init__(self, key_hash: _Optional[bytes] = ..., prefix: _Optional[str] = ..., kind: _Optional[_Union[ApiKeyKind, str]] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
+    route_limits: _containers.RepeatedCompositeFieldContainer[RouteLimit]
+    def __init__(self, key_hash: _Optional[bytes] = ..., prefix: _Optional[str] = ..., kind: _Optional[_Union[ApiKeyKind, str]] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., route_limits: _Optional[_Iterable[_Union[RouteLimit, _Mapping]]] = ...) -> None: ...
 
 class CreateApiKeyResponse(_message.Message):
     __slots__ = ("api_key",)
@@ -327,6 +340,22 @@ class RevokeApiKeyRequest(_message.Message):
     def __init__(self, key_id_or_prefix: _Optional[str] = ...) -> None: ...
 
 class RevokeApiKeyResponse(_message.Message):
+    __slots__ = ("api_key",)
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    api_key: ApiKey
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+
+class UpdateApiKeyRequest(_message.Message):
+    __slots__ = ("key_id_or_prefix", "api_key", "update_mask")
+    KEY_ID_OR_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    key_id_or_prefix: str
+    api_key: ApiKey
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, key_id_or_prefix: _Optional[str] = ..., api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class UpdateApiKeyResponse(_message.Message):
     __slots__ = ("api_key",)
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     api_key: ApiKey

@@ -111,6 +111,11 @@ class StoreServiceStub:
                 request_serializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.UpdateApiKey = channel.unary_unary(
+                '/chatterbot.v1.StoreService/UpdateApiKey',
+                request_serializer=chatterbot_dot_v1_dot_store__pb2.UpdateApiKeyRequest.SerializeToString,
+                response_deserializer=chatterbot_dot_v1_dot_store__pb2.UpdateApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -216,6 +221,13 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateApiKey(self, request, context):
+        """UpdateApiKey changes a key's limits (the fields named by update_mask) without issuing a new key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -293,6 +305,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'UpdateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApiKey,
+                    request_deserializer=chatterbot_dot_v1_dot_store__pb2.UpdateApiKeyRequest.FromString,
+                    response_serializer=chatterbot_dot_v1_dot_store__pb2.UpdateApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -702,6 +719,33 @@ class StoreService:
             '/chatterbot.v1.StoreService/RevokeApiKey',
             chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyRequest.SerializeToString,
             chatterbot_dot_v1_dot_store__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatterbot.v1.StoreService/UpdateApiKey',
+            chatterbot_dot_v1_dot_store__pb2.UpdateApiKeyRequest.SerializeToString,
+            chatterbot_dot_v1_dot_store__pb2.UpdateApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

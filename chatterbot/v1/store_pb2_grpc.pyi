@@ -61,6 +61,8 @@ class StoreServiceStub:
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListApiKeysRequest, _store_pb2.ListApiKeysResponse]
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.RevokeApiKeyRequest, _store_pb2.RevokeApiKeyResponse]
     """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged."""
+    UpdateApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.UpdateApiKeyRequest, _store_pb2.UpdateApiKeyResponse]
+    """UpdateApiKey changes a key's limits (the fields named by update_mask) without issuing a new key."""
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -95,6 +97,8 @@ class StoreServiceAsyncStub(StoreServiceStub):
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_store_pb2.ListApiKeysRequest, _store_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.RevokeApiKeyRequest, _store_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged."""
+    UpdateApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.UpdateApiKeyRequest, _store_pb2.UpdateApiKeyResponse]  # type: ignore[assignment]
+    """UpdateApiKey changes a key's limits (the fields named by update_mask) without issuing a new key."""
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """StoreService keeps users, conversations, messages and job results in PostgreSQL, sharded by user id.
@@ -216,5 +220,13 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.RevokeApiKeyResponse, _abc.Awaitable[_store_pb2.RevokeApiKeyResponse]]:
         """RevokeApiKey is idempotent: revoking a revoked key returns it unchanged."""
+
+    @_abc_1.abstractmethod
+    def UpdateApiKey(
+        self,
+        request: _store_pb2.UpdateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.UpdateApiKeyResponse, _abc.Awaitable[_store_pb2.UpdateApiKeyResponse]]:
+        """UpdateApiKey changes a key's limits (the fields named by update_mask) without issuing a new key."""
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
