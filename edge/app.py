@@ -14,7 +14,8 @@ from chatterbot.events import EventFanout
 from chatterbot.guarded_client import GuardedClient
 from chatterbot.jetstream import connect, disconnect
 from chatterbot.settings import Settings
-from chatterbot.v1 import chat_pb2_grpc, store_pb2_grpc
+from chatterbot.v1 import store_pb2_grpc
+from edge.chat_client import new_chat_client
 from edge.disconnects import install_disconnect_handler
 from edge.health import MeshHealth
 from edge.middleware import EdgeGuard
@@ -29,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.chat = GuardedClient("chat", settings.chat_addr, chat_pb2_grpc.ChatServiceStub, settings)
+        app.state.chat = new_chat_client(settings)
         # API keys made by `chatterbot keys` are looked up in store_svc (cached briefly); limits count in Redis.
         app.state.store = GuardedClient(
             "store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings

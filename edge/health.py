@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -50,14 +52,14 @@ class MeshHealth:
             max_reconnect_attempts=0,
         )
         try:
-            await nc.flush(timeout=CHECK_TIMEOUT)
+            await nc.flush(timeout=math.ceil(CHECK_TIMEOUT))  # whole seconds, as nats-py types it
             return True
         finally:
             await nc.close()
 
     async def components(self) -> dict[str, str]:
         checks: dict[str, Callable[[], Awaitable[bool]]] = {
-            s: (lambda s=s: self._serving(s)) for s in GRPC_PROCESSES
+            s: functools.partial(self._serving, s) for s in GRPC_PROCESSES
         }
         checks["postgres"] = lambda: self._serving("store", DEPENDENCY_PREFIX + "postgres")
         checks["redis"] = self._redis

@@ -1,17 +1,19 @@
 """The public contract of the OpenAI-compatible routes: request and response bodies of `/v1/chat/completions`
 and `/v1/models`, shaped like OpenAI's chat API (the subset ChatterBot serves).
 
-Requests are validated here. Responses are documented here but built as plain dicts by the routes (they are
-serialized once, with orjson, on the hot path); `tests/test_openai_api.py` checks them with the official SDK.
+Requests are validated here, every text the store keeps included (`StoredText`). Responses are built from these
+models; a stream's chunks are rendered once per stream and filled per token (`edge.json_templates`), so the hot
+path runs no validation. `tests/test_openai_api.py` checks them with the official SDK.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.protocol import Problem
+from chatterbot import wire
+from edge.protocol import FinishReason, Problem, StoredText, Usage, storable
 
 # The most a turn may generate, as for POST /chat.
 MAX_COMPLETION_TOKENS = 1024
@@ -50,6 +52,17 @@ class ChatCompletionMessage(BaseModel):
     )
     name: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _storable_content(cls, content: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        # Checked after the union is resolved, so an error names `content`, not a member of the union.
+        if isinstance(content, str):
+            storable(content)
+        elif content is not None:
+            for part in content:
+                storable(part.text)
+        return content
+
     @model_validator(mode="after")
     def _content_present(self) -> ChatCompletionMessage:
         if self.content is None and self.role != "assistant":
@@ -81,7 +94,9 @@ class ChatCompletionRequest(BaseModel):
         max_length=MAX_MESSAGES,
         description="The whole conversation so far, oldest first; the last one is the user's new message",
     )
-    model: str = Field("", max_length=256, description="An id from GET /v1/models; empty: the default model")
+    model: StoredText = Field(
+        "", max_length=256, description="An id from GET /v1/models; empty: the default model"
+    )
     stream: bool = Field(False, description="Answer as `chat.completion.chunk` server-sent events")
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(
@@ -99,14 +114,21 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=2**64 - 1, description="Reproducible sampling; such answers may be cached"
     )
-    user: str | None = Field(
+    user: StoredText | None = Field(
         None,
-        min_length=3,
-        max_length=50,
+        min_length=wire.USER_ID_MIN,
+        max_length=wire.USER_ID_MAX,
         description="Whose history the exchange is stored in (the seed API's user_id); omitted: the configured "
         "default user (CHATTERBOT_OPENAI_DEFAULT_USER)",
     )
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated")
+
+    @field_validator("stop")
+    @classmethod
+    def _storable_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for sequence in [stop] if isinstance(stop, str) else stop or []:
+            storable(sequence)
+        return stop
 
     @model_validator(mode="after")
     def _valid_prompt(self) -> ChatCompletionRequest:
@@ -132,14 +154,6 @@ class ChatCompletionRequest(BaseModel):
 
 
 # --- responses ---
-
-FinishReason = Literal["stop", "length", "abort"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class AssistantMessage(BaseModel):
@@ -210,6 +224,12 @@ class ErrorObject(BaseModel):
     )
     param: str | None = Field(None, description="The offending request field, when one is to blame")
     code: int = Field(description="The HTTP status")
+
+
+class StreamErrorEvent(BaseModel):
+    """A `data:` event of a stream that failed after it began; OpenAI's SDKs raise an APIError for it."""
+
+    error: ErrorObject
 
 
 class OpenAIProblem(Problem):

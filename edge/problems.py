@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Sequence
 from http import HTTPStatus
+from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import retry_after_of
-from edge.responses import JSONBytesResponse
+from edge.protocol import UNSTORABLE_TEXT, FieldError, Problem
+from edge.responses import ModelResponse
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+T = TypeVar("T")
 
 
 class ProblemError(Exception):
@@ -27,22 +32,73 @@ class ProblemError(Exception):
         self.headers = headers or {}
 
 
+def render_problem(problem: Problem, headers: dict[str, str] | None = None) -> ModelResponse:
+    """`problem` as a response with its status."""
+    return ModelResponse(problem, status_code=problem.status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
 def problem_response(
     status: int,
     detail: str | None = None,
     headers: dict[str, str] | None = None,
-    errors: list[dict] | None = None,
-) -> JSONBytesResponse:
-    body: dict = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
-    if detail:
-        body["detail"] = detail
-    if errors is not None:
-        body["errors"] = errors
-    return JSONBytesResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+    errors: list[FieldError] | None = None,
+) -> Response:
+    """A problem response; `detail` (when not empty) and `errors` (when given) are sent."""
+    problem = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail or None, errors=errors)
+    return render_problem(problem, headers)
+
+
+# pydantic's JSON parser refuses a string with a lone surrogate escape ("\ud800") before any validator runs.
+_NOT_UNICODE = "string_unicode"
+_NOT_UNICODE_MSG = "is not valid Unicode: lone surrogate (a \\uD800-\\uDFFF escape without its pair)"
+# Error types whose message is written to follow the field's name: `message must not contain ...`.
+_AFTER_NAME = frozenset({UNSTORABLE_TEXT, _NOT_UNICODE})
+
+
+def field_errors(errors: Sequence[Any]) -> list[FieldError]:
+    """The errors of a RequestValidationError as problem `errors`; `Value error, ` prefixes dropped."""
+    return [
+        FieldError(
+            loc=list(e.get("loc", ())),
+            msg=_NOT_UNICODE_MSG
+            if e.get("type") == _NOT_UNICODE
+            else str(e.get("msg", "")).removeprefix("Value error, "),
+            type=str(e.get("type", "")),
+        )
+        for e in errors
+    ]
+
+
+def field_name(error: FieldError) -> str:
+    """The dotted path of the field an error is about (`messages.0.content`), without the `body` part."""
+    loc = [str(part) for part in error.loc]
+    return ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)
+
+
+def describe(errors: list[FieldError], limit: int = 3) -> str:
+    """A sentence naming the first `limit` invalid fields and why: `message must not contain ...`."""
+    described = []
+    for error in errors[:limit]:
+        name = field_name(error)
+        if not name:
+            described.append(error.msg)
+        elif error.type in _AFTER_NAME:
+            described.append(f"{name} {error.msg}")
+        else:
+            described.append(f"{name}: {error.msg}")
+    return "the request is not valid: " + "; ".join(described)
 
 
 def _retry_after_header(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds or 1)))}
+
+
+async def downstream(call: Awaitable[T]) -> T:
+    """The result of a call to chat_svc; its failure as the ProblemError to answer with."""
+    try:
+        return await call
+    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+        raise problem_for_downstream(exc) from None
 
 
 def problem_for_downstream(exc: BaseException) -> ProblemError:
@@ -79,19 +135,16 @@ def install_problem_handlers(app: FastAPI) -> None:
     """Every error leaves the edge as a problem body, validation errors as 422."""
 
     @app.exception_handler(ProblemError)
-    async def _problem(request: Request, exc: ProblemError):
+    async def _problem(request: Request, exc: ProblemError) -> Response:
         return problem_response(exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
-        return problem_response(422, "the request body is not valid", errors=errors)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = field_errors(exc.errors())
+        return problem_response(422, describe(errors), errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         return problem_response(
             exc.status_code,
             exc.detail if isinstance(exc.detail, str) else None,

@@ -1,12 +1,50 @@
-"""The public contract of the edge: request and response bodies of the seed API."""
+"""The public contract of the edge: request and response bodies of the seed API.
+
+Every text a turn or a conversation stores is checked here (`StoredText`), so a body the store could not keep
+(a NUL, a lone surrogate) is a 422 before any work runs.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, cast, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
-CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+from chatterbot import wire
+
+# Written as types so that the bodies document them; they must be the wire's names.
+FinishReason = Literal["stop", "length", "abort"]
+RoleName = Literal["system", "user", "assistant"]
+assert set(get_args(FinishReason)) == set(wire.FINISH_NAMES.values())
+assert set(get_args(RoleName)) == set(wire.ROLE_NAMES.values())
+
+
+def finish_reason(reason: int) -> FinishReason:
+    """The JSON name of a finished turn's FinishReason; `stop` where the mesh did not say."""
+    return cast(FinishReason, wire.finish_name(reason) or "stop")
+
+
+def role_name(role: int) -> RoleName:
+    """The JSON name of a stored message's Role; `user` for one the edge does not know."""
+    return cast(RoleName, wire.ROLE_NAMES.get(role, "user"))
+
+
+# The validation error type of text the store cannot keep; its message reads after the field's name.
+UNSTORABLE_TEXT = "unstorable_text"
+
+
+def storable(text: str) -> str:
+    """`text`, or a validation error saying why the store could not keep it."""
+    problem = wire.text_problem(text)
+    if problem is not None:
+        raise PydanticCustomError(UNSTORABLE_TEXT, problem)
+    return text
+
+
+StoredText = Annotated[str, AfterValidator(storable)]
+UserId = Annotated[StoredText, Field(min_length=wire.USER_ID_MIN, max_length=wire.USER_ID_MAX)]
+ConversationId = Annotated[str, Field(pattern=wire.CONVERSATION_ID_PATTERN)]
 
 
 class ChatRequest(BaseModel):
@@ -14,16 +52,16 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    message: str = Field(
+    message: StoredText = Field(
         min_length=1, max_length=2000, description="The user's message; the limit is configurable"
     )
-    user_id: str = Field(min_length=3, max_length=50)
-    context: list[str] = Field(
+    user_id: UserId
+    context: list[StoredText] = Field(
         default_factory=list, max_length=10, description="Extra context for this turn only"
     )
     max_tokens: int = Field(256, ge=10, le=1024)
     temperature: float = Field(0.7, ge=0.1, le=1.0)
-    conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_PATTERN)
+    conversation_id: ConversationId | None = None
     stream: bool = Field(False, description="Answer as a text/event-stream instead of one JSON body")
 
 
@@ -33,15 +71,41 @@ class ChatResponse(BaseModel):
     processing_time: float = Field(description="Seconds the turn took")
 
 
+class Usage(BaseModel):
+    """Tokens of a turn; the total is the sum."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class StreamEvent(BaseModel):
-    """One `data:` event of a chat stream; the last one has done=true and the turn's details."""
+    """One `data:` event of a chat stream; the last one has done=true and the turn's details. Fields that are
+    not set are left out (a token event is `{"token", "done"}`)."""
 
     token: str
     done: bool
+    restart: bool | None = Field(
+        None, description="Queued streams: a retry begins, discard the tokens received so far"
+    )
     conversation_id: str | None = None
-    finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
     processing_time: float | None = None
+
+
+class StreamError(BaseModel):
+    """The `event: error` of a `POST /chat` stream that failed after it began."""
+
+    status: int
+    detail: str | None
+
+
+class JobStreamError(BaseModel):
+    """The `event: error` of a queued stream whose job failed or was cancelled."""
+
+    error: str
+    done: bool = True
 
 
 class Degradation(BaseModel):
@@ -59,14 +123,32 @@ class HealthResponse(BaseModel):
     reasons: list[str] = Field(default_factory=list, description="Why the status is degraded")
 
 
+class ProbeStatus(BaseModel):
+    """Body of `/livez` and `/readyz`."""
+
+    status: Literal["ok", "ready"]
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class FieldError(BaseModel):
+    """One reason a request is not valid."""
+
+    loc: list[str | int] = Field(description="Where: body, query, path or header, then the field's path")
+    msg: str
+    type: str
+
+
 class Problem(BaseModel):
-    """RFC 9457 problem details, the body of every error response."""
+    """RFC 9457 problem details, the body of every error response; `detail` and `errors` only when known."""
 
     type: str = "about:blank"
     title: str
     status: int
-    detail: str | None = None
-    errors: list[dict] | None = None
+    detail: str | None = Field(None, exclude_if=_is_none)
+    errors: list[FieldError] | None = Field(None, exclude_if=_is_none)
 
 
 class AsyncChatAccepted(BaseModel):
@@ -101,9 +183,31 @@ class CheckResponseFailed(BaseModel):
     error: str
 
 
+class StreamCancelled(BaseModel):
+    """Body of `DELETE /stream/{correlation_id}`: the job's status after the cancel."""
+
+    status: str = Field(description="e.g. cancelled, or succeeded/failed when it had already ended")
+    correlation_id: str
+
+
 class QueueCounts(BaseModel):
     message_count: int
     consumer_count: int
+
+
+class ConsumerStats(BaseModel):
+    """One priority's durable JetStream consumer."""
+
+    pending: int
+    ack_pending: int
+    redelivered: int
+    waiting_pulls: int
+
+
+class JetStreamStats(BaseModel):
+    consumers: dict[str, ConsumerStats] = Field(description="By priority: streaming, interactive, batch")
+    events_retained: int
+    dlq_size: int
 
 
 class QueueStats(BaseModel):
@@ -112,7 +216,7 @@ class QueueStats(BaseModel):
     chat_queue: QueueCounts
     response_queue: QueueCounts
     batch_queue: QueueCounts
-    jetstream: dict
+    jetstream: JetStreamStats
 
 
 # --- conversations and history ---
@@ -121,15 +225,15 @@ class QueueStats(BaseModel):
 class ConversationCreate(BaseModel):
     """Body of `POST /conversations`."""
 
-    user_id: str = Field(min_length=3, max_length=50)
-    title: str = Field("", max_length=200, description="Empty gives the default title")
+    user_id: UserId
+    title: StoredText = Field("", max_length=200, description="Empty gives the default title")
 
 
 class ConversationTitle(BaseModel):
     """Body of `PUT /conversations/{conversation_id}/title`."""
 
-    user_id: str = Field(min_length=3, max_length=50)
-    title: str = Field(min_length=1, max_length=200)
+    user_id: UserId
+    title: StoredText = Field(min_length=1, max_length=200)
 
 
 class Conversation(BaseModel):
@@ -150,7 +254,7 @@ class ConversationList(BaseModel):
 
 class HistoryMessage(BaseModel):
     message_id: int = Field(description="Increasing within a user; the `before` cursor")
-    role: Literal["system", "user", "assistant"]
+    role: RoleName
     content: str
     token_count: int
     created_at: str = Field(description="RFC 3339")

@@ -37,8 +37,10 @@ import redis.exceptions
 from fastapi import Request
 from limits import RateLimitItem, RateLimitItemPerMinute, parse, parse_many
 from limits.aio.storage import RedisStorage
+from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
+from limits.util import WindowStats
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -142,7 +144,7 @@ class RateLimits:
         self._skip_until = 0.0
 
     async def close(self) -> None:
-        if self.storage is not None:
+        if self.storage is not None and isinstance(self.storage.bridge, RedispyBridge):
             await self.storage.bridge.storage.aclose()
 
     # --- requests and tokens per key ---
@@ -270,7 +272,7 @@ class RateLimits:
         _headers_of(request).update(headers)
         raise ProblemError(429, detail, headers)
 
-    def _reject_auth(self, request: Request, item: RateLimitItem, stats) -> None:
+    def _reject_auth(self, request: Request, item: RateLimitItem, stats: WindowStats | None) -> None:
         quota = _quota(item, stats.reset_time, 0) if stats is not None else Quota(item.amount, 0, 60)
         RATE_LIMITED.labels(_route_of(request), "auth_failures").inc()
         raise ProblemError(

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -32,20 +33,36 @@ _HEADERS = {
 }
 
 
+# The spec's line ends, and only those: str.splitlines() would also break at U+2028, U+2029, U+0085 and
+# \x0b \x0c \x1c-\x1e, which JSON leaves raw inside strings, and so split one JSON body over two data lines.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def encode(event: Mapping[str, str]) -> bytes:
-    """One event in the text/event-stream format."""
+    """One event in the text/event-stream format; `data` with line ends becomes one `data:` line per line."""
     lines = []
     if "id" in event:
         lines.append(f"id: {event['id']}")
     if "event" in event:
         lines.append(f"event: {event['event']}")
-    lines.extend(f"data: {line}" for line in str(event.get("data", "")).splitlines() or [""])
+    data = str(event.get("data", ""))
+    if "\n" in data or "\r" in data:
+        lines.extend(f"data: {line}" for line in _LINE_END.split(data))
+    else:
+        lines.append(f"data: {data}")  # JSON bodies: never a raw line end
     return (_SEP.join(lines) + _SEP + _SEP).encode()
+
+
+async def close_iterator(source: AsyncIterator[Any]) -> None:
+    """Close `source` if it can be closed (an async generator, a guarded gRPC stream): its resources go now."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def with_pings(source: AsyncIterator[T], seconds: float) -> AsyncIterator[T | None]:
     """The items of `source`, and None whenever `seconds` pass without one."""
-    pending: asyncio.Future | None = None
+    pending: asyncio.Future[T] | None = None
     try:
         while True:
             if pending is None:
@@ -66,8 +83,7 @@ async def with_pings(source: AsyncIterator[T], seconds: float) -> AsyncIterator[
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await pending
-        with contextlib.suppress(AttributeError):
-            await source.aclose()
+        await close_iterator(source)
 
 
 class EventStreamResponse(Response):
@@ -90,8 +106,7 @@ class EventStreamResponse(Response):
         except ClientDisconnected:
             pass  # nobody to tell; the events' source is closed below
         finally:
-            with contextlib.suppress(AttributeError):
-                await self.events.aclose()  # type: ignore[attr-defined]
+            await close_iterator(self.events)
 
     async def _pump(self, send: Send) -> None:
         async for event in self.events:

@@ -1,11 +1,12 @@
 """Generate: pick the model, answer from the result cache when the request is deterministic, refuse when
-the engine's queue is full, otherwise stream from the engine."""
+the engine's queue is full, otherwise stream from the engine, measuring it the same way for every engine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from inference_svc import metrics
@@ -22,7 +23,7 @@ class Generator:
 
     async def generate(
         self, request: GenerationRequest, cache_only: bool = False
-    ) -> AsyncIterator[tuple[str, Delta]]:
+    ) -> AsyncGenerator[tuple[str, Delta], None]:
         """Yield (model id, delta); closing the iterator early aborts the generation in the engine.
 
         With `cache_only`, only a cached answer is given; anything else is refused as Overloaded."""
@@ -45,7 +46,7 @@ class Generator:
             metrics.REJECTED.labels(model).inc()
             raise Overloaded(f"{engine.load().waiting} requests are waiting for {model}; retry later")
         produced: list[Delta] = []
-        async with contextlib.aclosing(engine.generate(request)) as deltas:
+        async with contextlib.aclosing(measured(model, engine.generate(request))) as deltas:
             async for delta in deltas:
                 if key is not None:
                     produced.append(delta)
@@ -54,38 +55,82 @@ class Generator:
             await self.cache.put(key, produced)
 
 
-async def coalesce(source: AsyncIterator[tuple[str, Delta]]) -> AsyncIterator[tuple[str, Delta]]:
+async def measured(model: str, deltas: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
+    """An engine's deltas, unchanged, with the engine metrics observed: here once, the same for every engine.
+
+    Time to first token runs from the request reaching the engine (queueing included) to the first delta that
+    carries tokens. A later delta of n tokens observes n inter-token latencies of its gap / n, as vLLM counts
+    tokens that come out of one step together. The final delta adds the prompt tokens. A stream is aborted
+    when the engine ends it with finish_reason "abort", or when its consumer closes it or is cancelled before
+    the final delta; an engine error is a failure, not an abort. Closing this closes the engine's iterator.
+    """
+    arrived = last = time.perf_counter()
+    first = True
+    ended = failed = False
+    async with contextlib.aclosing(deltas) as source:
+        try:
+            async for delta in source:
+                n = delta.token_count
+                if n > 0:
+                    now = time.perf_counter()
+                    if first:
+                        metrics.TTFT.labels(model).observe(now - arrived)
+                        first = False
+                    else:
+                        itl = metrics.ITL.labels(model)
+                        for _ in range(n):
+                            itl.observe((now - last) / n)
+                    last = now
+                    metrics.TOKENS.labels(model).inc(n)
+                if delta.finish_reason is not None:
+                    ended = True
+                    metrics.PROMPT_TOKENS.labels(model).inc(delta.prompt_tokens)
+                    if delta.finish_reason == "abort":
+                        metrics.ABORTS.labels(model).inc()
+                yield delta
+        except Exception:
+            failed = True
+            raise
+        finally:
+            # GeneratorExit (closed) and CancelledError get here without setting either flag.
+            if not ended and not failed:
+                metrics.ABORTS.labels(model).inc()
+
+
+async def coalesce(
+    source: AsyncGenerator[tuple[str, Delta], None],
+) -> AsyncGenerator[tuple[str, Delta], None]:
     """Forward deltas as they come; when the reader is behind, send everything ready as one merged delta.
 
     The source runs in its own task feeding a queue, so a slow reader never slows the engine, and a reader
     that goes away (the call is cancelled) cancels the task, which closes the source: the engine's abort.
     """
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
+    # None marks the end of the source; an exception is handed to the reader, which raises it.
+    queue: asyncio.Queue[tuple[str, Delta] | Exception | None] = asyncio.Queue()
 
     async def pump() -> None:
         try:
             async with contextlib.aclosing(source) as items:
                 async for item in items:
                     queue.put_nowait(item)
-            queue.put_nowait(done)
-        except Exception as exc:  # handed to the reader, which raises it
+            queue.put_nowait(None)
+        except Exception as exc:
             queue.put_nowait(exc)
 
     task = asyncio.create_task(pump())
     try:
         while True:
             item = await queue.get()
-            if item is done:
+            if item is None:
                 return
             if isinstance(item, Exception):
                 raise item
             model, delta = item
             while not queue.empty():
                 peek = queue.get_nowait()
-                if peek is done or isinstance(peek, Exception):
+                if peek is None or isinstance(peek, Exception):
                     yield model, delta
-                    if peek is done:
+                    if peek is None:
                         return
                     raise peek
                 _, more = peek
@@ -103,7 +148,9 @@ async def coalesce(source: AsyncIterator[tuple[str, Delta]]) -> AsyncIterator[tu
             await task
 
 
-async def whole(source: AsyncIterator[tuple[str, Delta]]) -> AsyncIterator[tuple[str, Delta]]:
+async def whole(
+    source: AsyncGenerator[tuple[str, Delta], None],
+) -> AsyncGenerator[tuple[str, Delta], None]:
     """The whole answer as one delta, once the source is done; closing it early closes the source."""
     text: list[str] = []
     tokens = 0

@@ -13,7 +13,7 @@ from chatterbot.v1 import inference_pb2, inference_pb2_grpc
 from inference_svc.generation import Generator
 from inference_svc.models import ModelRegistry
 from inference_svc.result_cache import ResultCache
-from inference_svc.servicer import InferenceServicer
+from inference_svc.servicer import InferenceServicer, engine_status
 
 
 @asynccontextmanager
@@ -37,6 +37,7 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             ],
             service_names=[inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name],
             probes={"engine": engine_ready},
+            error_translators=[engine_status],
         )
     finally:
         await models.stop()

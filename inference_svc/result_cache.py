@@ -65,13 +65,18 @@ class ResultCache:
 
     @property
     def enabled(self) -> bool:
-        return self.client is not None and self.ttl_seconds > 0
+        return self._client() is not None
+
+    def _client(self) -> redis.Redis | None:
+        """The client while caching is on, else None."""
+        return self.client if self.ttl_seconds > 0 else None
 
     async def get(self, key: str) -> list[Delta] | None:
-        if not self.enabled:
+        client = self._client()
+        if client is None:
             return None
         try:
-            raw = await self.client.get(key)
+            raw = await client.get(key)
         except (redis.RedisError, OSError):
             log.warning("result cache unavailable", exc_info=True)
             return None
@@ -80,7 +85,8 @@ class ResultCache:
         return [Delta(*item) for item in orjson.loads(raw)]
 
     async def put(self, key: str, deltas: list[Delta]) -> None:
-        if not self.enabled or not deltas:
+        client = self._client()
+        if client is None or not deltas:
             return
         payload = orjson.dumps(
             [
@@ -89,6 +95,6 @@ class ResultCache:
             ]
         )
         try:
-            await self.client.set(key, payload, ex=self.ttl_seconds)
+            await client.set(key, payload, ex=self.ttl_seconds)
         except (redis.RedisError, OSError):
             log.warning("result cache unavailable", exc_info=True)

@@ -1,12 +1,24 @@
-"""gRPC face of the engines: translates GenerateRequest into a GenerationRequest and deltas back."""
+"""gRPC face of the engines: translates GenerateRequest into a GenerationRequest, deltas back, and engine
+errors into status (`engine_status`, registered with the server's StatusInterceptor by inference_svc.main)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
-from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+from chatterbot.status import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StatusError,
+    Unavailable,
+)
+from chatterbot.v1 import inference_pb2, inference_pb2_grpc
+from chatterbot.wire import finish_value, role_name, usage_pb
 from inference_svc.engines.base import (
     EngineError,
     EngineState,
@@ -21,12 +33,6 @@ from inference_svc.engines.base import (
 )
 from inference_svc.generation import Generator, coalesce, whole
 
-_ROLES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
-_FINISH = {
-    "stop": types_pb2.FINISH_REASON_STOP,
-    "length": types_pb2.FINISH_REASON_LENGTH,
-    "abort": types_pb2.FINISH_REASON_ABORT,
-}
 _MODEL_STATE = {
     EngineState.LOADING: inference_pb2.MODEL_STATE_LOADING,
     EngineState.READY: inference_pb2.MODEL_STATE_READY,
@@ -41,9 +47,11 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
         raise ValueError("messages must not be empty")
     messages = []
     for i, m in enumerate(request.messages):
-        if m.role not in _ROLES:
-            raise ValueError(f"messages[{i}].role must be system, user or assistant")
-        messages.append(Message(_ROLES[m.role], m.content))
+        try:
+            role = role_name(m.role)
+        except KeyError:
+            raise ValueError(f"messages[{i}].role must be system, user or assistant") from None
+        messages.append(Message(role, m.content))
     s = request.sampling
     max_tokens = s.max_tokens or 256
     if max_tokens > MAX_TOKENS_LIMIT:
@@ -64,50 +72,58 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
     )
 
 
-_STATUS = {
-    UnknownModel: grpc.StatusCode.NOT_FOUND,
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
-    EngineTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    UpstreamRejected: grpc.StatusCode.FAILED_PRECONDITION,
+# First match wins; Overloaded also says when to come back (see engine_status).
+_STATUS: dict[type[EngineError], type[StatusError]] = {
+    UnknownModel: NotFound,
+    InvalidRequest: InvalidArgument,
+    Overloaded: ResourceExhausted,
+    EngineUnavailable: Unavailable,
+    EngineTimeout: DeadlineExceeded,
+    UpstreamRejected: FailedPrecondition,
 }
 
 
-def status_for(exc: EngineError) -> grpc.StatusCode:
-    for kind, code in _STATUS.items():
+def engine_status(exc: BaseException) -> StatusError | None:
+    """The status an engine error ends the call with (INTERNAL for an unknown kind); None for anything else."""
+    if not isinstance(exc, EngineError):
+        return None
+    details = str(exc) or type(exc).__name__
+    if isinstance(exc, Overloaded):
+        return ResourceExhausted(details, metadata=(("retry-after", "1"),))
+    for kind, status in _STATUS.items():
         if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
+            return status(details)
+    error = StatusError(details)
+    error.code = grpc.StatusCode.INTERNAL
+    return error
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
 
-    async def Generate(self, request, context):
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
             gen_request = to_generation_request(request)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            # Cancelling the RPC closes this chain down to the engine: that is the abort.
-            deltas = self.generator.generate(gen_request, cache_only=request.cache_only)
-            async for model, delta in whole(deltas) if request.whole else coalesce(deltas):
-                response = inference_pb2.GenerateResponse(
-                    text=delta.text, token_count=delta.token_count, model=model
-                )
-                if delta.finish_reason:
-                    response.finish_reason = _FINISH[delta.finish_reason]
-                    response.usage.prompt_tokens = delta.prompt_tokens
-                    response.usage.completion_tokens = delta.completion_tokens
-                    response.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
-                yield response
-        except EngineError as exc:
-            metadata = (("retry-after", "1"),) if isinstance(exc, Overloaded) else ()
-            await context.abort(status_for(exc), str(exc) or type(exc).__name__, trailing_metadata=metadata)
+            raise InvalidArgument(str(exc)) from exc
+        # Cancelling the RPC closes this chain down to the engine: that is the abort. Engine errors propagate
+        # to the StatusInterceptor, which answers them with engine_status.
+        deltas = self.generator.generate(gen_request, cache_only=request.cache_only)
+        async for model, delta in whole(deltas) if request.whole else coalesce(deltas):
+            response = inference_pb2.GenerateResponse(
+                text=delta.text, token_count=delta.token_count, model=model
+            )
+            if delta.finish_reason:
+                response.finish_reason = finish_value(delta.finish_reason)
+                response.usage.CopyFrom(usage_pb(delta.prompt_tokens, delta.completion_tokens))
+            yield response
 
-    async def ListModels(self, request, context):
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
         models = []
         for m in self.generator.models.models():
             load = self.generator.models.engines[m.id].load()

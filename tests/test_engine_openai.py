@@ -41,10 +41,13 @@ from inference_svc.engines.base import (
     UpstreamRejected,
 )
 from inference_svc.engines.openai import OpenAIEngine
+from inference_svc.generation import measured
 
 API_KEY = "test-key"
 HELLO = [Message("system", "You are terse."), Message("user", "Hello, how are you today?")]
 WORDS = ["Hello", ",", " world", "!", " Bye"]
+# Line breaks to str.splitlines() (and to httpx's aiter_lines), but not to SSE, and JSON leaves them unescaped.
+SEPARATORS = {"u2028": "\u2028", "u2029": "\u2029", "u0085": "\u0085"}
 
 
 def free_port() -> int:
@@ -94,6 +97,21 @@ def chunk(content: str | None = None, finish: str | None = None, usage: dict | N
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def separated(separator: str) -> list[str]:
+    """Words whose content carries `separator` at the start, inside and at the end."""
+    return [f"{separator}line", f"one{separator}two", f"end{separator}", separator]
+
+
+def from_words(words: list[str]) -> bytes:
+    """A whole upstream answer: a content chunk per word, the finish, usage and [DONE]."""
+    return (
+        b"".join(chunk(word) for word in words)
+        + chunk(finish="length")
+        + chunk(usage={"prompt_tokens": 11, "completion_tokens": len(words), "total_tokens": 11 + len(words)})
+        + b"data: [DONE]\n\n"
+    )
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "Error", "code": status}}, status_code=status)
 
@@ -125,12 +143,32 @@ def make_app(upstream: Upstream) -> Starlette:
             return error(statuses[model], f"{model} says no")
         if model == "missing":
             return error(404, "The model `missing` does not exist.")
+        if model == "not-sse":  # ignores stream: true
+            return JSONResponse({"id": "chatcmpl-1", "object": "chat.completion", "choices": []})
         if model == "slow-headers":
             await asyncio.sleep(5)
         return StreamingResponse(stream(model), media_type="text/event-stream")
 
     async def stream(model: str) -> AsyncIterator[bytes]:
         try:
+            if model in SEPARATORS:
+                yield from_words(separated(SEPARATORS[model]))
+                return
+            if model == "split-reads":
+                # Each event arrives in pieces: mid-"data:", mid-JSON, inside a UTF-8 sequence, between CR and LF.
+                for event in from_words(WORDS).replace(b"\n", b"\r\n").split(b"\r\n\r\n")[:-1]:
+                    event += b"\r\n\r\n"
+                    for piece in (event[:3], event[3:40], event[40:-3], event[-3:-1], event[-1:]):
+                        yield piece
+                        await asyncio.sleep(0.01)
+                return
+            if model == "chatty":
+                # Keep-alive comments (with and without text), a bare field, a retry hint, named events.
+                for word in WORDS:
+                    yield b":\n\n: ping\n\nretry: 1000\n\n"
+                    yield b"event: message\nid: 7\n" + chunk(word)
+                yield b":\n" + chunk(finish="stop") + b": bye\n\ndata: [DONE]\n\n"
+                return
             yield (
                 b"data: "
                 + orjson.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
@@ -216,6 +254,36 @@ async def test_stream_is_complete_in_order_with_upstream_usage(upstream) -> None
     assert state.headers[-1]["x-request-id"] == "r-ok"
 
 
+@pytest.mark.parametrize("name", SEPARATORS)
+async def test_content_with_unicode_line_separators_comes_through_intact(upstream, name) -> None:
+    base_url, _ = upstream
+    aborts = metrics.ABORTS.labels("chatterbot-model")._value.get()
+    async with started(base_url, name) as engine:
+        deltas = [d async for d in measured("chatterbot-model", engine.generate(request(f"r-{name}")))]
+        *body, last = deltas
+        assert [d.text for d in body] == separated(SEPARATORS[name])
+        assert (last.finish_reason, last.completion_tokens) == ("length", 4)
+        assert engine.state() is EngineState.READY  # not a failed upstream
+    assert metrics.ABORTS.labels("chatterbot-model")._value.get() == aborts
+
+
+async def test_events_split_across_reads_are_put_back_together(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "split-reads") as engine:
+        *body, last = await collect(engine, request("r-split-reads"))
+    assert [d.text for d in body] == WORDS
+    assert (last.finish_reason, last.completion_tokens) == ("length", len(WORDS))
+
+
+async def test_comments_keep_alives_and_other_fields_are_ignored(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "chatty") as engine:
+        *body, last = await collect(engine, request("r-chatty"))
+        assert engine.state() is EngineState.READY
+    assert [d.text for d in body] == WORDS
+    assert last.finish_reason == "stop"
+
+
 async def test_usage_is_counted_when_the_upstream_sends_none(upstream) -> None:
     base_url, _ = upstream
     async with started(base_url, "no-usage") as engine:
@@ -264,6 +332,7 @@ async def test_health_recovers_when_a_stream_succeeds(upstream) -> None:
         ("down", API_KEY, EngineUnavailable),
         ("error-event", API_KEY, EngineUnavailable),
         ("cut-off", API_KEY, EngineUnavailable),
+        ("not-sse", API_KEY, EngineUnavailable),
     ],
 )
 async def test_upstream_errors_map_to_engine_errors(upstream, model, api_key, expected) -> None:
@@ -306,7 +375,7 @@ async def test_closing_the_stream_disconnects_from_the_upstream(upstream) -> Non
     state.disconnected.clear()
     aborts = metrics.ABORTS.labels("chatterbot-model")._value.get()
     async with started(base_url, "endless") as engine:
-        stream = engine.generate(request("r-endless"))
+        stream = measured("chatterbot-model", engine.generate(request("r-endless")))
         async for _ in stream:
             if state.chunks_sent >= 3:
                 break

@@ -28,6 +28,7 @@ from inference_svc.engines.base import (  # noqa: E402
     UnknownModel,
 )
 from inference_svc.engines.vllm import VllmEngine  # noqa: E402
+from inference_svc.generation import measured  # noqa: E402
 from tests.tiny_model import build_tiny_llama  # noqa: E402
 
 MODEL_ID = "tiny-llama"
@@ -87,6 +88,11 @@ def request(request_id: str, **overrides) -> GenerationRequest:
 
 async def collect(engine: VllmEngine, req: GenerationRequest) -> list[Delta]:
     return [d async for d in engine.generate(req)]
+
+
+async def collect_measured(engine: VllmEngine, req: GenerationRequest) -> list[Delta]:
+    """As InferenceService streams it: through the engine metrics of inference_svc.generation."""
+    return [d async for d in measured(MODEL_ID, engine.generate(req))]
 
 
 async def settled(engine: VllmEngine, timeout: float = 5.0) -> EngineLoad:
@@ -163,7 +169,7 @@ async def test_stop_string_ends_the_stream_with_finish_reason_stop(engine: VllmE
 
 async def test_closing_the_stream_aborts_the_request_in_the_engine(engine: VllmEngine) -> None:
     aborts = metrics.ABORTS.labels(MODEL_ID)._value.get()
-    stream = engine.generate(request("closed", max_tokens=LONG))
+    stream = measured(MODEL_ID, engine.generate(request("closed", max_tokens=LONG)))
     received = 0
     async for delta in stream:
         received += delta.token_count
@@ -254,7 +260,7 @@ async def test_concurrent_streams_are_batched_and_counted(engine: VllmEngine) ->
     sampler = asyncio.create_task(sample())
     try:
         results = await asyncio.gather(
-            *(collect(engine, request(f"batch-{i}", max_tokens=32)) for i in range(6))
+            *(collect_measured(engine, request(f"batch-{i}", max_tokens=32)) for i in range(6))
         )
     finally:
         sampler.cancel()

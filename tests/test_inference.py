@@ -5,20 +5,34 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import AsyncGenerator
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from chatterbot.settings import Settings
+from chatterbot.status import StatusInterceptor
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 from inference_svc import metrics
-from inference_svc.engines.base import GenerationRequest, Message
+from inference_svc.engines.base import (
+    Delta,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerationRequest,
+    InvalidRequest,
+    Message,
+    Overloaded,
+    UnknownModel,
+    UpstreamRejected,
+)
 from inference_svc.engines.sim import SimEngine
-from inference_svc.generation import Generator, coalesce
+from inference_svc.generation import Generator, coalesce, measured
 from inference_svc.models import ModelRegistry
 from inference_svc.result_cache import ResultCache, cache_key
-from inference_svc.servicer import InferenceServicer
+from inference_svc.servicer import InferenceServicer, engine_status
 from ops.embedded import free_port
 
 
@@ -42,7 +56,7 @@ def request(text: str = "hello", max_tokens: int = 20, **kw) -> GenerationReques
 
 
 class Service:
-    """inference_svc's servicer on a real gRPC server in this event loop."""
+    """inference_svc's servicer on a real gRPC server in this event loop, with its error translator."""
 
     def __init__(self, settings: Settings, redis_client=None) -> None:
         self.models = ModelRegistry.from_settings(settings)
@@ -51,7 +65,7 @@ class Service:
             ResultCache(redis_client, settings.result_cache_ttl_seconds),
             settings.inference_max_waiting,
         )
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor([engine_status])])
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.generator), self.server
         )
@@ -305,3 +319,132 @@ async def test_a_reader_that_falls_behind_gets_coalesced_deltas():
     assert sum(d.token_count for d in rest) == 199
     assert len(rest) < 50
     assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 200
+
+
+# --- engine metrics, measured once in generation.py for every engine ---
+
+
+def sample(name: str, model: str) -> float:
+    """One sample of the engine metrics for `model`, as Prometheus would scrape it (0 before the first)."""
+    return REGISTRY.get_sample_value(name, {"model": model}) or 0.0
+
+
+TTFT_COUNT = "chatterbot_engine_time_to_first_token_seconds_count"
+ITL_COUNT = "chatterbot_engine_inter_token_latency_seconds_count"
+ITL_SUM = "chatterbot_engine_inter_token_latency_seconds_sum"
+TOKENS = "chatterbot_engine_generated_tokens_total"
+PROMPT_TOKENS = "chatterbot_engine_prompt_tokens_total"
+ABORTS = "chatterbot_engine_aborted_requests_total"
+
+
+async def test_a_generation_is_measured_once_ttft_tokens_and_prompt():
+    engine = SimEngine.from_settings(sim_settings(model_name="metrics-model"))
+    await engine.start()
+    generator = Generator(ModelRegistry([engine]), ResultCache(None, 0), max_waiting=10)
+    names = (TTFT_COUNT, ITL_COUNT, TOKENS, PROMPT_TOKENS, ABORTS)
+    before = {name: sample(name, "metrics-model") for name in names}
+
+    deltas = [d async for _, d in generator.generate(request("measure me", max_tokens=25))]
+
+    last = deltas[-1]
+    assert last.completion_tokens == 25
+    after = {name: sample(name, "metrics-model") - before[name] for name in names}
+    assert after == {
+        TTFT_COUNT: 1,
+        ITL_COUNT: 24,  # one token a delta: a gap between each pair
+        TOKENS: last.completion_tokens,
+        PROMPT_TOKENS: last.prompt_tokens,
+        ABORTS: 0,
+    }
+
+
+async def test_a_cancelled_stream_counts_one_abort():
+    async with Service(sim_settings(model_name="abort-model", sim_itl_ms=20, sim_itl_at_max_ms=20)) as svc:
+        aborts, ttft = sample(ABORTS, "abort-model"), sample(TTFT_COUNT, "abort-model")
+        call = svc.stub.Generate(generate_request("cancel me", max_tokens=500))
+        await call.read()
+        call.cancel()
+        for _ in range(100):
+            if svc.engine.load().running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert sample(ABORTS, "abort-model") == aborts + 1
+        assert sample(TTFT_COUNT, "abort-model") == ttft + 1
+
+
+async def test_a_refused_request_is_not_an_abort():
+    engine = SimEngine.from_settings(sim_settings(model_name="refused-model", sim_max_model_len=16))
+    await engine.start()
+    generator = Generator(ModelRegistry([engine]), ResultCache(None, 0), max_waiting=10)
+    aborts = sample(ABORTS, "refused-model")
+    with pytest.raises(InvalidRequest):
+        [d async for d in generator.generate(request("far too long for the window " * 10))]
+    assert sample(ABORTS, "refused-model") == aborts
+
+
+async def test_a_delta_of_several_tokens_observes_one_latency_per_token():
+    """As vLLM counts tokens that come out of one step together: n observations of gap / n."""
+
+    async def engine() -> AsyncGenerator[Delta, None]:
+        yield Delta("first", 1)
+        await asyncio.sleep(0.2)
+        yield Delta(" four more tokens", 4)
+        yield Delta("", 0, "stop", prompt_tokens=3, completion_tokens=5)
+
+    count, total = sample(ITL_COUNT, "packed-model"), sample(ITL_SUM, "packed-model")
+    tokens = sample(TOKENS, "packed-model")
+    assert len([d async for d in measured("packed-model", engine())]) == 3
+    assert sample(ITL_COUNT, "packed-model") == count + 4
+    assert 0.19 < sample(ITL_SUM, "packed-model") - total < 0.3  # four quarters of the gap
+    assert sample(TOKENS, "packed-model") == tokens + 5
+
+
+async def test_an_abort_the_engine_reports_counts_once():
+    async def engine() -> AsyncGenerator[Delta, None]:
+        yield Delta("partial", 1)
+        yield Delta("", 0, "abort", prompt_tokens=2, completion_tokens=1)
+
+    aborts = sample(ABORTS, "aborted-model")
+    assert [d.finish_reason async for d in measured("aborted-model", engine())] == [None, "abort"]
+    assert sample(ABORTS, "aborted-model") == aborts + 1
+
+
+# --- errors as gRPC status ---
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UnknownModel("nope"), grpc.StatusCode.NOT_FOUND),
+        (InvalidRequest("too long"), grpc.StatusCode.INVALID_ARGUMENT),
+        (Overloaded("busy"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (EngineUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
+        (EngineTimeout("slow"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (UpstreamRejected("bad key"), grpc.StatusCode.FAILED_PRECONDITION),
+        (EngineError("odd"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_engine_errors_translate_to_their_status(error, code):
+    status = engine_status(error)
+    assert status is not None
+    assert (status.code, status.details) == (code, str(error))
+    assert status.metadata == ((("retry-after", "1"),) if isinstance(error, Overloaded) else ())
+
+
+def test_other_errors_are_left_to_other_translators():
+    assert engine_status(ValueError("not an engine error")) is None
+    assert engine_status(UnknownModel()).details == "UnknownModel"  # never an empty message
+
+
+async def test_an_invalid_request_is_invalid_argument():
+    async with Service(sim_settings()) as svc:
+        bad = generate_request("hi")
+        bad.messages[0].role = types_pb2.ROLE_UNSPECIFIED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await svc.stub.Generate(bad).read()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == "messages[0].role must be system, user or assistant"
+        too_many = generate_request("hi", max_tokens=40_000)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await svc.stub.Generate(too_many).read()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

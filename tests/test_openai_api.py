@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chat_svc.servicer import to_turn_input
 from chat_svc.turn import TurnInput, conversation_id_for
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, types_pb2
-from edge.protocol import CONVERSATION_ID_PATTERN
+from chatterbot.wire import CONVERSATION_ID_PATTERN
 from ops.launcher import Mesh
 from tests.meshes import API_KEY, ShardConnections, own_mesh
 

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-import orjson
 from fastapi import APIRouter, Depends, Request
 
-from chatterbot.api_keys import API_KEY_METADATA
+from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.logs import correlation_id as log_correlation_id
-from chatterbot.v1 import chat_pb2, types_pb2
+from chatterbot.v1 import chat_pb2
 from edge.auth import Caller, authorize_turn, require_key
+from edge.chat_client import ChatClient, Metadata, chat_client, metadata
 from edge.disconnects import unless_disconnected
-from edge.problems import ProblemError, problem_for_downstream
-from edge.protocol import ChatRequest, ChatResponse, Problem
+from edge.json_templates import JSONTemplate
+from edge.middleware import StreamMeter
+from edge.problems import ProblemError, downstream, problem_for_downstream
+from edge.protocol import (
+    ChatRequest,
+    ChatResponse,
+    Problem,
+    StreamError,
+    StreamEvent,
+    Usage,
+    finish_reason,
+)
 from edge.rate_limits import RATE_LIMITED_RESPONSE
-from edge.sse import EventStreamResponse, with_pings
+from edge.sse import EventStreamResponse, close_iterator, with_pings
 
 router = APIRouter(tags=["chat"])
 
-FINISH_REASONS = {
-    types_pb2.FINISH_REASON_STOP: "stop",
-    types_pb2.FINISH_REASON_LENGTH: "length",
-    types_pb2.FINISH_REASON_ABORT: "abort",
-}
-_ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing API key"},
     403: {"model": Problem, "description": "Invalid API key, or a user key acting for another user_id"},
     422: {"model": Problem, "description": "Invalid body"},
@@ -35,6 +41,10 @@ _ERRORS = {
     503: {"model": Problem, "description": "A service is unavailable; see Retry-After"},
     504: {"model": Problem, "description": "The answer took too long"},
 }
+# `{"token": ..., "done": false}`, every token event of a chat stream (queued streams' too).
+token_event = JSONTemplate(
+    lambda text: StreamEvent.model_construct(token=text, done=False), exclude_unset=True
+)
 
 
 def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn:
@@ -57,74 +67,84 @@ def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn
     "/chat",
     response_model=ChatResponse,
     responses={
-        **_ERRORS,
+        **ERRORS,
         200: {"content": {"text/event-stream": {}}, "description": "The answer, or a stream"},
     },
 )
-async def chat(body: ChatRequest, request: Request, caller: Caller = Depends(require_key)):
+async def chat(
+    body: ChatRequest,
+    request: Request,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> ChatResponse | EventStreamResponse:
     """Run one chat turn. With `stream: true` the answer arrives as `data: {"token", "done"}` events."""
-    state = request.app.state
-    turn = to_chat_turn(body, state.settings.max_message_chars)
+    settings = request.app.state.settings
+    turn = to_chat_turn(body, settings.max_message_chars)
     await authorize_turn(request, caller, body.user_id, body.max_tokens)
-    metadata = ((API_KEY_METADATA, caller.key),)
     if body.stream:
-        return await _stream(state.chat, turn, metadata, state.settings.sse_keepalive_seconds)
-    try:
-        reply = await unless_disconnected(
-            request, state.chat.call(state.chat.stub.Chat, chat_pb2.ChatRequest(turn=turn), metadata=metadata)
+        return await _stream(
+            client, turn, metadata(caller), settings.sse_keepalive_seconds, StreamMeter(request, "/chat")
         )
-    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        raise problem_for_downstream(exc) from None
+    reply: chat_pb2.ChatResponse = await downstream(
+        unless_disconnected(
+            request,
+            client.call(client.stub.Chat, chat_pb2.ChatRequest(turn=turn), metadata=metadata(caller)),
+        )
+    )
     return ChatResponse(
         response=reply.response, conversation_id=reply.conversation_id, processing_time=reply.processing_time
     )
 
 
-async def _stream(chat, turn: chat_pb2.ChatTurn, metadata, keepalive_seconds: float) -> EventStreamResponse:
-    stream = chat.stream(chat.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
+def done_event(message: chat_pb2.StreamChatResponse) -> str:
+    """The last event of a chat stream: no token, and the turn's details."""
+    return StreamEvent(
+        token="",
+        done=True,
+        conversation_id=message.conversation_id,
+        finish_reason=finish_reason(message.finish_reason),
+        usage=Usage(**wire.usage_dict(message.usage)),
+        processing_time=message.processing_time,
+    ).model_dump_json(exclude_unset=True)
+
+
+async def _stream(
+    client: ChatClient,
+    turn: chat_pb2.ChatTurn,
+    call_metadata: Metadata,
+    keepalive_seconds: float,
+    meter: StreamMeter,
+) -> EventStreamResponse:
+    stream: AsyncIterator[chat_pb2.StreamChatResponse] = client.stream(
+        client.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=call_metadata
+    )
     try:
         # Wait for the first message so that an unavailable mesh is a 503, not a broken stream.
         first = await anext(stream)
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        await stream.aclose()
+        await close_iterator(stream)
         raise problem_for_downstream(exc) from None
 
-    async def events() -> AsyncIterator[dict]:
+    async def events() -> AsyncIterator[dict[str, str]]:
         try:
             message = first
             seq = 0
             while True:
                 seq += 1
                 if message.finish_reason:
-                    yield {
-                        "id": str(seq),
-                        "data": orjson.dumps(
-                            {
-                                "token": "",
-                                "done": True,
-                                "conversation_id": message.conversation_id,
-                                "finish_reason": FINISH_REASONS.get(message.finish_reason, "stop"),
-                                "usage": {
-                                    "prompt_tokens": message.usage.prompt_tokens,
-                                    "completion_tokens": message.usage.completion_tokens,
-                                    "total_tokens": message.usage.total_tokens,
-                                },
-                                "processing_time": message.processing_time,
-                            }
-                        ).decode(),
-                    }
+                    yield {"id": str(seq), "data": done_event(message)}
                     yield {"id": str(seq + 1), "data": "[DONE]"}
                     return
-                yield {"id": str(seq), "data": orjson.dumps({"token": message.text, "done": False}).decode()}
+                meter.token()
+                yield {"id": str(seq), "data": token_event(message.text)}
                 message = await anext(stream)
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
             problem = problem_for_downstream(exc)
-            yield {
-                "event": "error",
-                "data": orjson.dumps({"status": problem.status, "detail": problem.detail}).decode(),
-            }
+            error = StreamError(status=problem.status, detail=problem.detail)
+            yield {"event": "error", "data": error.model_dump_json()}
         finally:
+            meter.close()
             # Closing the guarded stream cancels the gRPC call, and with it the generation.
-            await stream.aclose()
+            await close_iterator(stream)
 
     return EventStreamResponse(with_pings(events(), keepalive_seconds))

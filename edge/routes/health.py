@@ -9,7 +9,7 @@ import prometheus_client
 from fastapi import APIRouter, Request, Response
 
 from edge.problems import problem_response
-from edge.protocol import Degradation, HealthResponse
+from edge.protocol import Degradation, HealthResponse, ProbeStatus
 
 router = APIRouter(tags=["health"])
 
@@ -32,17 +32,19 @@ async def health(request: Request) -> HealthResponse:
     )
 
 
-@router.get("/livez", include_in_schema=True)
-async def livez() -> dict[str, str]:
+@router.get("/livez", response_model=ProbeStatus, include_in_schema=True)
+async def livez() -> ProbeStatus:
     """The edge process answers."""
-    return {"status": "ok"}
+    return ProbeStatus(status="ok")
 
 
-@router.get("/readyz", responses={503: {"description": "chat_svc is not reachable"}})
-async def readyz(request: Request):
+@router.get(
+    "/readyz", response_model=ProbeStatus, responses={503: {"description": "chat_svc is not reachable"}}
+)
+async def readyz(request: Request) -> ProbeStatus | Response:
     """The edge can serve chats: chat_svc answers its health check."""
     if await request.app.state.health.chat_ready():
-        return {"status": "ready"}
+        return ProbeStatus(status="ready")
     return problem_response(503, "chat_svc is not ready", {"Retry-After": "1"})
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import grpc
-from fastapi import APIRouter, Depends, Path, Query, Request
-from google.protobuf.timestamp_pb2 import Timestamp
+from typing import Annotated, Any
 
-from chatterbot.api_keys import API_KEY_METADATA
-from chatterbot.breaker import CircuitOpenError
+from fastapi import APIRouter, Depends, Path, Query
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import AfterValidator
+
+from chatterbot import wire
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, check_user, require_key
-from edge.problems import problem_for_downstream
+from edge.chat_client import ChatClient, chat_client, metadata
+from edge.problems import downstream
 from edge.protocol import (
-    CONVERSATION_ID_PATTERN,
     Conversation,
     ConversationCreate,
     ConversationDeleted,
@@ -21,13 +22,14 @@ from edge.protocol import (
     History,
     HistoryMessage,
     Problem,
+    role_name,
+    storable,
 )
 from edge.rate_limits import RATE_LIMITED_RESPONSE
 
 router = APIRouter(tags=["history"])
 
-_ROLES = {types_pb2.ROLE_SYSTEM: "system", types_pb2.ROLE_USER: "user", types_pb2.ROLE_ASSISTANT: "assistant"}
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing API key"},
     403: {"model": Problem, "description": "Invalid API key, or a user key acting for another user_id"},
     404: {"model": Problem, "description": "No such conversation for this user"},
@@ -35,18 +37,14 @@ _ERRORS = {
     429: RATE_LIMITED_RESPONSE,
     503: {"model": Problem, "description": "A service is unavailable; see Retry-After"},
 }
-UserId = Path(min_length=3, max_length=50)
-ConversationId = Path(pattern=CONVERSATION_ID_PATTERN)
-
-
-async def _call(request: Request, caller: Caller, method: str, message):
-    chat = request.app.state.chat
-    try:
-        return await chat.call(
-            getattr(chat.stub, method), message, metadata=((API_KEY_METADATA, caller.key),)
-        )
-    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        raise problem_for_downstream(exc) from None
+UserIdPath = Annotated[
+    str, Path(min_length=wire.USER_ID_MIN, max_length=wire.USER_ID_MAX), AfterValidator(storable)
+]
+UserIdQuery = Annotated[
+    str, Query(min_length=wire.USER_ID_MIN, max_length=wire.USER_ID_MAX), AfterValidator(storable)
+]
+ConversationIdPath = Annotated[str, Path(pattern=wire.CONVERSATION_ID_PATTERN)]
+ConversationIdQuery = Annotated[str, Query(pattern=wire.CONVERSATION_ID_PATTERN)]
 
 
 def _time(ts: Timestamp) -> str:
@@ -65,19 +63,20 @@ def _conversation(c: types_pb2.Conversation) -> Conversation:
 
 @router.get("/conversations/{user_id}", response_model=ConversationList, responses=_ERRORS)
 async def list_conversations(
-    request: Request,
-    user_id: str = UserId,
+    user_id: UserIdPath,
     limit: int = Query(50, ge=1, le=200),
     page_token: str | None = Query(None, max_length=512),
     caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
 ) -> ConversationList:
     """The user's conversations, most recently updated first."""
     check_user(caller, user_id)
-    reply = await _call(
-        request,
-        caller,
-        "ListConversations",
-        chat_pb2.ListConversationsRequest(user_id=user_id, page_size=limit, page_token=page_token or ""),
+    reply: chat_pb2.ListConversationsResponse = await downstream(
+        client.call(
+            client.stub.ListConversations,
+            chat_pb2.ListConversationsRequest(user_id=user_id, page_size=limit, page_token=page_token or ""),
+            metadata=metadata(caller),
+        )
     )
     return ConversationList(
         user_id=user_id,
@@ -88,37 +87,44 @@ async def list_conversations(
 
 @router.post("/conversations", response_model=Conversation, status_code=201, responses=_ERRORS)
 async def create_conversation(
-    body: ConversationCreate, request: Request, caller: Caller = Depends(require_key)
+    body: ConversationCreate,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
 ) -> Conversation:
     """A new, empty conversation; chat in it with its `conversation_id`."""
     check_user(caller, body.user_id)
-    reply = await _call(
-        request,
-        caller,
-        "CreateConversation",
-        chat_pb2.CreateConversationRequest(user_id=body.user_id, title=body.title),
+    reply: chat_pb2.CreateConversationResponse = await downstream(
+        client.call(
+            client.stub.CreateConversation,
+            chat_pb2.CreateConversationRequest(user_id=body.user_id, title=body.title),
+            metadata=metadata(caller),
+        )
     )
     return _conversation(reply.conversation)
 
 
 @router.get("/history/{user_id}", response_model=History, responses=_ERRORS)
 async def history(
-    request: Request,
-    user_id: str = UserId,
-    conversation_id: str = Query(pattern=CONVERSATION_ID_PATTERN),
+    user_id: UserIdPath,
+    conversation_id: ConversationIdQuery,
     limit: int = Query(50, ge=1, le=500),
     before: int | None = Query(None, ge=1, description="next_before of the previous page"),
     caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
 ) -> History:
     """A conversation's messages, oldest first; page towards older ones with `before`."""
     check_user(caller, user_id)
-    reply = await _call(
-        request,
-        caller,
-        "ListMessages",
-        chat_pb2.ListMessagesRequest(
-            user_id=user_id, conversation_id=conversation_id, page_size=limit, before_message_id=before or 0
-        ),
+    reply: chat_pb2.ListMessagesResponse = await downstream(
+        client.call(
+            client.stub.ListMessages,
+            chat_pb2.ListMessagesRequest(
+                user_id=user_id,
+                conversation_id=conversation_id,
+                page_size=limit,
+                before_message_id=before or 0,
+            ),
+            metadata=metadata(caller),
+        )
     )
     return History(
         user_id=user_id,
@@ -126,7 +132,7 @@ async def history(
         messages=[
             HistoryMessage(
                 message_id=m.message_id,
-                role=_ROLES.get(m.role, "user"),
+                role=role_name(m.role),
                 content=m.content,
                 token_count=m.token_count,
                 created_at=_time(m.create_time),
@@ -142,36 +148,38 @@ async def history(
 @router.put("/conversations/{conversation_id}/title", response_model=Conversation, responses=_ERRORS)
 async def rename_conversation(
     body: ConversationTitle,
-    request: Request,
-    conversation_id: str = ConversationId,
+    conversation_id: ConversationIdPath,
     caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
 ) -> Conversation:
     """Rename one of the user's conversations."""
     check_user(caller, body.user_id)
-    reply = await _call(
-        request,
-        caller,
-        "RenameConversation",
-        chat_pb2.RenameConversationRequest(
-            user_id=body.user_id, conversation_id=conversation_id, title=body.title
-        ),
+    reply: chat_pb2.RenameConversationResponse = await downstream(
+        client.call(
+            client.stub.RenameConversation,
+            chat_pb2.RenameConversationRequest(
+                user_id=body.user_id, conversation_id=conversation_id, title=body.title
+            ),
+            metadata=metadata(caller),
+        )
     )
     return _conversation(reply.conversation)
 
 
 @router.delete("/conversations/{conversation_id}", response_model=ConversationDeleted, responses=_ERRORS)
 async def delete_conversation(
-    request: Request,
-    conversation_id: str = ConversationId,
-    user_id: str = Query(min_length=3, max_length=50),
+    conversation_id: ConversationIdPath,
+    user_id: UserIdQuery,
     caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
 ) -> ConversationDeleted:
     """Delete one of the user's conversations, its messages and its cached context."""
     check_user(caller, user_id)
-    reply = await _call(
-        request,
-        caller,
-        "DeleteConversation",
-        chat_pb2.DeleteConversationRequest(user_id=user_id, conversation_id=conversation_id),
+    reply: chat_pb2.DeleteConversationResponse = await downstream(
+        client.call(
+            client.stub.DeleteConversation,
+            chat_pb2.DeleteConversationRequest(user_id=user_id, conversation_id=conversation_id),
+            metadata=metadata(caller),
+        )
     )
     return ConversationDeleted(conversation_id=conversation_id, deleted_messages=reply.message_count)

@@ -14,35 +14,54 @@ from http import HTTPStatus
 from typing import Any
 
 import grpc
-import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatterbot.api_keys import API_KEY_METADATA
+from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
+from edge.chat_client import ChatClient, Metadata, chat_client, metadata
 from edge.disconnects import unless_disconnected
-from edge.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelList, OpenAIProblem
-from edge.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_for_downstream
-from edge.protocol import CONVERSATION_ID_PATTERN
-from edge.responses import JSONBytesResponse
-from edge.sse import EventStreamResponse, with_pings
+from edge.json_templates import JSONTemplate
+from edge.middleware import StreamMeter
+from edge.openai_protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    ErrorObject,
+    ModelCard,
+    ModelList,
+    OpenAIProblem,
+    StreamErrorEvent,
+)
+from edge.problems import (
+    PROBLEM_MEDIA_TYPE,
+    ProblemError,
+    describe,
+    downstream,
+    field_errors,
+    problem_for_downstream,
+)
+from edge.protocol import FieldError, FinishReason, Usage, finish_reason
+from edge.responses import ModelResponse
+from edge.sse import EventStreamResponse, close_iterator, with_pings
 
-FINISH_REASONS = {
-    types_pb2.FINISH_REASON_STOP: "stop",
-    types_pb2.FINISH_REASON_LENGTH: "length",
-    types_pb2.FINISH_REASON_ABORT: "abort",
-}
-_ROLES = {
-    "system": types_pb2.ROLE_SYSTEM,
-    "developer": types_pb2.ROLE_SYSTEM,
-    "user": types_pb2.ROLE_USER,
-    "assistant": types_pb2.ROLE_ASSISTANT,
-}
+# `developer` is OpenAI's newer name for `system`.
+_ROLE_ALIASES = {"developer": "system"}
+
+
+def _role(name: str) -> types_pb2.Role:
+    return wire.role_value(_ROLE_ALIASES.get(name, name))
+
+
 # OpenAI's error types by status; the SDKs pick their exception class by the status alone.
 _ERROR_TYPES = {
     401: "authentication_error",
@@ -54,40 +73,39 @@ _ERROR_TYPES = {
 }
 
 
-def error_object(status: int, message: str | None, param: str | None = None) -> dict:
+def error_object(status: int, message: str | None, param: str | None = None) -> ErrorObject:
     """OpenAI's `error` object for an HTTP status."""
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"message": message or HTTPStatus(status).phrase, "type": kind, "param": param, "code": status}
+    return ErrorObject(message=message or HTTPStatus(status).phrase, type=kind, param=param, code=status)
 
 
 def openai_problem(
     status: int,
     detail: str | None,
     headers: dict[str, str] | None = None,
-    errors: list[dict] | None = None,
+    errors: list[FieldError] | None = None,
     param: str | None = None,
-) -> JSONBytesResponse:
+) -> Response:
     """A problem response (RFC 9457) that OpenAI's SDKs also understand."""
-    body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
-    if detail:
-        body["detail"] = detail
-    if errors is not None:
-        body["errors"] = errors
-    body["error"] = error_object(status, detail, param)
-    return JSONBytesResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+    problem = OpenAIProblem(
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail or None,
+        errors=errors,
+        error=error_object(status, detail, param),
+    )
+    return ModelResponse(problem, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
-def _validation_problem(exc: RequestValidationError) -> JSONBytesResponse:
-    errors, described = [], []
-    for e in exc.errors():
-        loc = [str(part) for part in e.get("loc", ())]
-        msg = str(e.get("msg", "")).removeprefix("Value error, ")
-        errors.append({"loc": loc, "msg": msg, "type": e.get("type", "")})
-        field = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)
-        described.append(f"{field}: {msg}" if field else msg)
-    param = next((".".join(err["loc"][1:]) for err in errors if len(err["loc"]) > 1), None)
-    detail = "the request is not valid: " + "; ".join(described[:3])
-    return openai_problem(422, detail, errors=errors, param=param)
+def _validation_problem(exc: RequestValidationError) -> Response:
+    # The OpenAI routes have always named every part of `loc` as a string.
+    errors = [
+        FieldError(loc=[str(part) for part in e.loc], msg=e.msg, type=e.type)
+        for e in field_errors(exc.errors())
+    ]
+    # `param` names the field without where it was (body, query, header), as OpenAI does.
+    param = next((".".join(str(part) for part in e.loc[1:]) for e in errors if len(e.loc) > 1), None)
+    return openai_problem(422, describe(errors), errors=errors, param=param)
 
 
 class OpenAIErrorRoute(APIRoute):
@@ -127,7 +145,7 @@ def to_chat_turn(
     body: ChatCompletionRequest, settings: Settings, conversation_id: str | None
 ) -> chat_pb2.ChatTurn:
     """The chat turn of a completion request: its messages are the whole prompt."""
-    messages = [types_pb2.ChatMessage(role=_ROLES[m.role], content=m.text) for m in body.messages]
+    messages = [types_pb2.ChatMessage(role=_role(m.role), content=m.text) for m in body.messages]
     last = messages[-1].content
     if not 1 <= len(last) <= settings.max_message_chars:
         raise ProblemError(422, f"the last message must be 1 to {settings.max_message_chars} characters")
@@ -150,14 +168,6 @@ def to_chat_turn(
     return turn
 
 
-def _usage(usage: types_pb2.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
@@ -175,13 +185,14 @@ async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
     x_conversation_id: str | None = Header(
         None,
-        pattern=CONVERSATION_ID_PATTERN,
+        pattern=wire.CONVERSATION_ID_PATTERN,
         description="Store the exchange in this conversation. Omitted: a conversation derived from the user and "
         "the first user message, so resending a growing conversation keeps to one stored conversation",
     ),
-):
+) -> Response:
     """Generate the next assistant message of `messages` (OpenAI's chat completions API)."""
     state = request.app.state
     settings: Settings = state.settings
@@ -189,138 +200,150 @@ async def chat_completions(
     if caller.user_id and not body.user:
         turn.user_id = caller.user_id  # a user key speaks for its own user
     await authorize_turn(request, caller, turn.user_id, turn.max_tokens)
-    metadata = ((API_KEY_METADATA, caller.key),)
     created = int(time.time())
     if body.stream:
         return await _stream(
-            state.chat,
+            client,
             turn,
-            metadata,
-            body,
-            created,
-            body.model or settings.model_name,
+            metadata(caller),
+            _ChunkRenderer(
+                f"chatcmpl-{turn.request_id}", created, body.model or settings.model_name, body.include_usage
+            ),
             settings.sse_keepalive_seconds,
+            StreamMeter(request, "/v1/chat/completions"),
         )
-    try:
-        # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
-        reply = await unless_disconnected(
+    # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
+    reply: chat_pb2.ChatResponse = await downstream(
+        unless_disconnected(
             request,
-            state.chat.call(
-                state.chat.stub.Chat,
+            client.call(
+                client.stub.Chat,
                 chat_pb2.ChatRequest(turn=turn),
-                metadata=metadata,
+                metadata=metadata(caller),
                 timeout=settings.stream_deadline_seconds,
             ),
         )
-    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        raise problem_for_downstream(exc) from None
-    completion = {
-        "id": f"chatcmpl-{reply.request_id or turn.request_id}",
-        "object": "chat.completion",
-        "created": created,
-        "model": reply.model or body.model or settings.model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": reply.response, "refusal": None},
-                "logprobs": None,
-                "finish_reason": FINISH_REASONS.get(reply.finish_reason, "stop"),
-            }
+    )
+    completion = ChatCompletion(
+        id=f"chatcmpl-{reply.request_id or turn.request_id}",
+        created=created,
+        model=reply.model or body.model or settings.model_name,
+        choices=[
+            ChatCompletionChoice(
+                message=AssistantMessage(content=reply.response),
+                finish_reason=finish_reason(reply.finish_reason),
+            )
         ],
-        "usage": _usage(reply.usage),
-    }
-    return JSONBytesResponse(completion, headers={"X-Conversation-Id": reply.conversation_id})
+        usage=Usage(**wire.usage_dict(reply.usage)),
+    )
+    return ModelResponse(completion, headers={"X-Conversation-Id": reply.conversation_id})
+
+
+class _ChunkRenderer:
+    """The `chat.completion.chunk` bodies of one stream, built from ChatCompletionChunk: the content chunk is
+    rendered once and filled per token, the others once each."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.completion_id = completion_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.content = JSONTemplate(lambda text: self._chunk(ChunkDelta(content=text)), exclude_unset=True)
+
+    def _chunk(
+        self,
+        delta: ChunkDelta,
+        finish: FinishReason | None = None,
+        model: str | None = None,
+    ) -> ChatCompletionChunk:
+        # Unset fields are left out: a delta holds only what it carries, and `usage: null` is sent only
+        # when the client asked for a usage chunk.
+        return ChatCompletionChunk(
+            id=self.completion_id,
+            object="chat.completion.chunk",
+            created=self.created,
+            model=model or self.model,
+            choices=[ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish)],
+            **({"usage": None} if self.include_usage else {}),
+        )
+
+    def role(self) -> str:
+        return self._chunk(ChunkDelta(role="assistant", content="")).model_dump_json(exclude_unset=True)
+
+    def finish(self, reason: FinishReason, model: str) -> str:
+        return self._chunk(ChunkDelta(), reason, model).model_dump_json(exclude_unset=True)
+
+    def usage(self, usage: types_pb2.Usage, model: str) -> str:
+        return ChatCompletionChunk(
+            id=self.completion_id,
+            created=self.created,
+            model=model,
+            choices=[],
+            usage=Usage(**wire.usage_dict(usage)),
+        ).model_dump_json()
+
+
+def _error_event(status: int, message: str | None) -> dict[str, str]:
+    # OpenAI's SDKs raise an APIError for an event that carries `error`.
+    return {"data": StreamErrorEvent(error=error_object(status, message)).model_dump_json()}
 
 
 async def _stream(
-    chat,
+    client: ChatClient,
     turn: chat_pb2.ChatTurn,
-    metadata,
-    body: ChatCompletionRequest,
-    created: int,
-    model: str,
+    call_metadata: Metadata,
+    chunks: _ChunkRenderer,
     keepalive_seconds: float,
+    meter: StreamMeter,
 ) -> EventStreamResponse:
-    stream = chat.stream(chat.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=metadata)
+    stream: AsyncIterator[chat_pb2.StreamChatResponse] = client.stream(
+        client.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=call_metadata
+    )
     try:
         # Wait for the first message so that an unavailable mesh is a 503, not a broken stream.
         first = await anext(stream)
     except StopAsyncIteration:
         raise ProblemError(502, "the chat service ended the stream without an answer") from None
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        await stream.aclose()
+        await close_iterator(stream)
         raise problem_for_downstream(exc) from None
 
-    completion_id = f"chatcmpl-{turn.request_id}"
-    include_usage = body.include_usage
-
-    def chunk(delta: dict, finish_reason: str | None = None, answered_by: str = model) -> dict:
-        data: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": answered_by,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            data["usage"] = None
-        return {"data": orjson.dumps(data).decode()}
-
-    async def events() -> AsyncIterator[dict]:
+    async def events() -> AsyncIterator[dict[str, str]]:
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield {"data": chunks.role()}
             message = first
             while not message.finish_reason:
                 if message.text:
-                    yield chunk({"content": message.text})
+                    meter.token()
+                    yield {"data": chunks.content(message.text)}
                 message = await anext(stream)
-            answered_by = message.model or model
-            yield chunk({}, FINISH_REASONS.get(message.finish_reason, "stop"), answered_by)
-            if include_usage:
-                yield {
-                    "data": orjson.dumps(
-                        {
-                            "id": completion_id,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": answered_by,
-                            "choices": [],
-                            "usage": _usage(message.usage),
-                        }
-                    ).decode()
-                }
+            answered_by = message.model or chunks.model
+            yield {"data": chunks.finish(finish_reason(message.finish_reason), answered_by)}
+            if chunks.include_usage:
+                yield {"data": chunks.usage(message.usage, answered_by)}
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-            # OpenAI's SDKs raise an APIError for an event that carries `error`.
             problem = problem_for_downstream(exc)
-            yield {"data": orjson.dumps({"error": error_object(problem.status, problem.detail)}).decode()}
+            yield _error_event(problem.status, problem.detail)
         except StopAsyncIteration:
-            yield {"data": orjson.dumps({"error": error_object(502, "the answer ended early")}).decode()}
+            yield _error_event(502, "the answer ended early")
         finally:
+            meter.close()
             # Closing the guarded stream cancels the gRPC call, and with it the generation down to the engine.
-            await stream.aclose()
+            await close_iterator(stream)
         yield {"data": "[DONE]"}
 
     return EventStreamResponse(with_pings(events(), keepalive_seconds))
 
 
 @router.get("/models", response_model=ModelList, responses={k: _ERRORS[k] for k in (401, 403, 429, 503, 504)})
-async def list_models(request: Request, caller: Caller = Depends(require_key)):
+async def list_models(
+    caller: Caller = Depends(require_key), client: ChatClient = Depends(chat_client)
+) -> Response:
     """The models the inference service serves (OpenAI's model list)."""
-    try:
-        reply = await request.app.state.chat.call(
-            request.app.state.chat.stub.ListModels,
-            chat_pb2.ChatServiceListModelsRequest(),
-            metadata=((API_KEY_METADATA, caller.key),),
+    reply: chat_pb2.ChatServiceListModelsResponse = await downstream(
+        client.call(
+            client.stub.ListModels, chat_pb2.ChatServiceListModelsRequest(), metadata=metadata(caller)
         )
-    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        raise problem_for_downstream(exc) from None
-    created = int(time.time())
-    return JSONBytesResponse(
-        {
-            "object": "list",
-            "data": [
-                {"id": m.id, "object": "model", "created": created, "owned_by": "chatterbot"}
-                for m in reply.models
-            ],
-        }
     )
+    created = int(time.time())
+    return ModelResponse(ModelList(data=[ModelCard(id=m.id, created=created) for m in reply.models]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,7 +61,7 @@ class EngineLoad:
 
 
 class EngineError(Exception):
-    """Base of the errors an engine raises; the servicer maps each to a gRPC status code."""
+    """Base of the errors an engine raises; `inference_svc.servicer.engine_status` maps each to a gRPC status."""
 
 
 class UnknownModel(EngineError, LookupError):
@@ -97,7 +97,7 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Stream deltas; closing the iterator early aborts the request inside the engine."""
         ...
 

@@ -3,7 +3,7 @@
 Streams `POST {base_url}/chat/completions` with `stream: true` and `stream_options.include_usage`, over one
 long-lived `httpx.AsyncClient` (created in `start()`, closed in `stop()`), so connections are pooled.
 
-Upstream failures map to the engine errors the servicer turns into gRPC status codes:
+Upstream failures map to the engine errors that `inference_svc.servicer.engine_status` turns into gRPC status:
 
 | upstream                                   | engine error        | gRPC                |
 |--------------------------------------------|---------------------|---------------------|
@@ -16,6 +16,7 @@ Upstream failures map to the engine errors the servicer turns into gRPC status c
 | 400, 413, 422 (e.g. prompt too long)       | `InvalidRequest`    | INVALID_ARGUMENT    |
 | an `{"error": ...}` event mid-stream        | by its `code`, as above (500 if none) |    |
 | a stream that ends without a finish reason | `EngineUnavailable` | UNAVAILABLE         |
+| a 200 that is not `text/event-stream`      | `EngineUnavailable` | UNAVAILABLE         |
 
 429 is `Overloaded` rather than `EngineUnavailable`: the upstream is shedding load, which is exactly what
 RESOURCE_EXHAUSTED tells callers (degrade or shed at once; do not retry into it), and it is the standard
@@ -31,13 +32,14 @@ Health: `start()` probes `GET {base_url}/models`; READY when the upstream answer
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
 import orjson
+from httpx_sse import EventSource, aconnect_sse
 
 from chatterbot.settings import Settings
 from chatterbot.tokens import approx_token_count
@@ -171,7 +173,7 @@ class OpenAIEngine:
             # A read in progress fails at once; the stream sees the flag and ends as aborted.
             await response.aclose()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if request.model and request.model != self.model_id:
             raise UnknownModel(request.model)
         client = self._http()
@@ -191,25 +193,27 @@ class OpenAIEngine:
 
         rid = request.request_id
         self._running[rid] = None
+        # The gauge mirrors load(): streams open upstream, which only this engine sees. Latency, token and
+        # abort metrics are measured once, for every engine, in inference_svc.generation.
         metrics.RUNNING.labels(self.model_id).inc()
-        arrived = last = time.perf_counter()
         chunks = 0  # content chunks sent on: the token count when the upstream reports no usage
         finish: str | None = None
         usage: dict[str, Any] | None = None
-        finished = False
         try:
             try:
-                async with client.stream(
+                async with aconnect_sse(
+                    client,
                     "POST",
                     "/chat/completions",
                     content=orjson.dumps(body),
                     headers={"Content-Type": "application/json", "X-Request-Id": rid},
-                ) as response:
+                ) as source:
+                    response = source.response
                     if response.status_code != 200:
                         await response.aread()
                         raise _status_error(response.status_code, response.text, self.upstream_model)
                     self._running[rid] = response
-                    async for chunk in _sse_events(response):
+                    async for chunk in _chunks(source):
                         if rid in self._abort_requested:
                             break
                         if "error" in chunk:
@@ -226,14 +230,7 @@ class OpenAIEngine:
                         for choice in chunk.get("choices") or ():
                             text = (choice.get("delta") or {}).get("content")
                             if text:
-                                now = time.perf_counter()
-                                if chunks == 0:
-                                    metrics.TTFT.labels(self.model_id).observe(now - arrived)
-                                else:
-                                    metrics.ITL.labels(self.model_id).observe(now - last)
-                                last = now
                                 chunks += 1
-                                metrics.TOKENS.labels(self.model_id).inc()
                                 yield Delta(text=text, token_count=1)
                             if choice.get("finish_reason"):
                                 finish = choice["finish_reason"]
@@ -253,10 +250,8 @@ class OpenAIEngine:
             else:
                 prompt_tokens = sum(approx_token_count(m.content) for m in request.messages)
                 completion_tokens = chunks
-            metrics.PROMPT_TOKENS.labels(self.model_id).inc(prompt_tokens)
             if finish != "abort":
                 self._state = EngineState.READY
-                finished = True
             yield Delta(
                 text="",
                 # Upstreams may pack several tokens in a chunk; the last delta makes the counts add up.
@@ -266,8 +261,6 @@ class OpenAIEngine:
                 completion_tokens=completion_tokens,
             )
         finally:
-            if not finished:
-                metrics.ABORTS.labels(self.model_id).inc()
             self._running.pop(rid, None)
             self._abort_requested.discard(rid)
             metrics.RUNNING.labels(self.model_id).dec()
@@ -284,16 +277,19 @@ class OpenAIEngine:
         return exc
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of a server-sent event stream, up to `[DONE]`."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue  # blank separators, comments (keep-alives), event names
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        if data:
-            yield orjson.loads(data)
+async def _chunks(source: EventSource) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON payloads of the upstream's server-sent events, up to `[DONE]`.
+
+    httpx-sse splits lines only on CR, LF and CRLF, as the SSE spec says; httpx's own `aiter_lines()` also
+    splits on U+2028, U+2029 and U+0085, which JSON carries unescaped inside a chunk's content. Comments
+    (keep-alives) never reach here; an event with no data (a bare `id:` or `retry:`) is skipped.
+    """
+    async with contextlib.aclosing(source.aiter_sse()) as events:
+        async for event in events:
+            if event.data == "[DONE]":
+                return
+            if event.data:
+                yield orjson.loads(event.data)
 
 
 def _transport_error(exc: httpx.HTTPError | httpx.StreamError) -> EngineError:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from chatterbot.settings import Settings
@@ -165,7 +164,7 @@ class SimEngine:
         if task is not None:
             task.cancel()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if request.model and request.model != self.model:
             raise UnknownModel(request.model)
         prompt_tokens = sum(approx_token_count(m.content) for m in request.messages)
@@ -175,7 +174,8 @@ class SimEngine:
             )
         words, finish = self._script(request, prompt_tokens)
         loop = asyncio.get_running_loop()
-        arrived = time.perf_counter()
+        # The queue gauges stay here: only the engine knows who holds a slot and who waits for one. Latency,
+        # token and abort metrics are measured once, for every engine, in inference_svc.generation.
         self._waiting += 1
         metrics.WAITING.labels(self.model).inc()
         try:
@@ -185,24 +185,17 @@ class SimEngine:
             metrics.WAITING.labels(self.model).dec()
         self._running += 1
         metrics.RUNNING.labels(self.model).inc()
-        metrics.PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
         task = asyncio.current_task()
         if task is not None:
             self._tasks[request.request_id] = task
-        finished = False
         try:
             await asyncio.sleep(self.timing.first_token_after_slot(prompt_tokens))
-            metrics.TTFT.labels(self.model).observe(time.perf_counter() - arrived)
             # Tokens follow a schedule rather than a chain of sleeps, so event-loop lag does not accumulate.
-            due = previous = loop.time()
+            due = loop.time()
             for i, word in enumerate(words):
                 if i:
                     due += self.timing.itl(self._running)
                     await asyncio.sleep(max(0.0, due - loop.time()))
-                    now = loop.time()
-                    metrics.ITL.labels(self.model).observe(now - previous)
-                    previous = now
-                metrics.TOKENS.labels(self.model).inc()
                 last = i == len(words) - 1
                 yield Delta(
                     text=word if i == 0 else " " + word,
@@ -211,10 +204,7 @@ class SimEngine:
                     prompt_tokens=prompt_tokens if last else 0,
                     completion_tokens=len(words) if last else 0,
                 )
-            finished = True
         finally:
-            if not finished:
-                metrics.ABORTS.labels(self.model).inc()
             self._tasks.pop(request.request_id, None)
             self._running -= 1
             metrics.RUNNING.labels(self.model).dec()

@@ -33,9 +33,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from chatterbot.settings import Settings
@@ -155,6 +154,8 @@ class VllmEngine:
         self._set_gauges(self.load())
 
     def _set_gauges(self, load: EngineLoad) -> None:
+        # Only the engine core's scheduler knows these; latency, token and abort metrics are measured once,
+        # for every engine, in inference_svc.generation.
         metrics.RUNNING.labels(self.model_id).set(load.running)
         metrics.WAITING.labels(self.model_id).set(load.waiting)
 
@@ -172,7 +173,7 @@ class VllmEngine:
         if self._llm is not None:
             await self._llm.abort(request_id)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if request.model and request.model != self.model_id:
             raise UnknownModel(request.model)
         llm = self._ready()
@@ -186,30 +187,15 @@ class VllmEngine:
         params = self._sampling_params(request, max_tokens=min(request.max_tokens, room))
         engine_input = self._vllm.tokens_input(prompt_ids, prompt=prompt)
 
-        arrived = last = time.perf_counter()
-        first = True
         completed = pending = 0  # tokens generated; tokens not yet sent with text
-        finished = False
         try:
             async with contextlib.aclosing(llm.generate(engine_input, params, request.request_id)) as outputs:
                 async for output in outputs:
                     out = output.outputs[0]
                     n = len(out.token_ids)
-                    now = time.perf_counter()
-                    if n:
-                        if first:
-                            metrics.TTFT.labels(self.model_id).observe(now - arrived)
-                            metrics.PROMPT_TOKENS.labels(self.model_id).inc(prompt_tokens)
-                            first = False
-                        else:
-                            for _ in range(n):
-                                metrics.ITL.labels(self.model_id).observe((now - last) / n)
-                        last = now
-                        completed += n
-                        pending += n
-                        metrics.TOKENS.labels(self.model_id).inc(n)
+                    completed += n
+                    pending += n
                     if output.finished:
-                        finished = out.finish_reason != "abort"
                         yield Delta(
                             text=out.text,
                             token_count=pending,
@@ -227,8 +213,6 @@ class VllmEngine:
                 raise
             raise translated from exc
         finally:
-            if not finished:
-                metrics.ABORTS.labels(self.model_id).inc()
             self._set_gauges(self.load())
 
     def _sampling_params(self, request: GenerationRequest, *, max_tokens: int) -> Any:
@@ -280,7 +264,13 @@ def _import_vllm() -> Any:
         def __init__(self, vllm_config: Any, engine_index: int = 0, *, engine: weakref.ref) -> None:
             self._engine = engine
 
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
             engine = self._engine()
             if scheduler_stats is not None and engine is not None:
                 engine._on_scheduler_stats(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
