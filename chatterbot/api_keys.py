@@ -27,11 +27,18 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import grpc
 
 from chatterbot.breaker import CircuitOpenError
+from chatterbot.status import InvalidArgument
 from chatterbot.v1 import store_pb2
+
+if TYPE_CHECKING:
+    from chatterbot.guarded_client import GuardedClient
+    from chatterbot.settings import Settings
+    from chatterbot.v1.store_pb2_grpc import StoreServiceStub
 
 # The gRPC metadata key (the HTTP header is X-API-Key).
 API_KEY_METADATA = "x-api-key"
@@ -149,7 +156,7 @@ class KeyResolver:
         self._inflight: dict[bytes, asyncio.Task[Principal | None]] = {}
 
     @classmethod
-    def from_settings(cls, settings, lookup: Lookup | None) -> KeyResolver:
+    def from_settings(cls, settings: Settings, lookup: Lookup | None) -> KeyResolver:
         return cls(
             service_keys=settings.api_keys,
             admin_keys=settings.admin_keys,
@@ -218,24 +225,30 @@ class KeyResolver:
 # --- store_svc: the wire form of a key, and the lookup over a guarded client ---------------------------------
 
 
-_KIND_NUMBERS = {
+_KIND_NUMBERS: dict[str, store_pb2.ApiKeyKind] = {
     USER: store_pb2.API_KEY_KIND_USER,
     SERVICE: store_pb2.API_KEY_KIND_SERVICE,
     ADMIN: store_pb2.API_KEY_KIND_ADMIN,
 }
-_KIND_NAMES = {number: kind for kind, number in _KIND_NUMBERS.items()}
+_KIND_NAMES: dict[int, str] = {number: kind for kind, number in _KIND_NUMBERS.items()}
 
 
-def kind_to_pb(kind: str) -> int:
+class UnknownKeyKind(InvalidArgument, ValueError):
+    """An `ApiKeyKind` number that names no kind (UNSPECIFIED, or one newer than this code)."""
+
+
+def kind_to_pb(kind: str) -> store_pb2.ApiKeyKind:
+    """The `store_pb2.ApiKeyKind` of USER, SERVICE or ADMIN; KeyError for anything else."""
     return _KIND_NUMBERS[kind]
 
 
 def kind_from_pb(number: int) -> str:
-    """The kind of a `store_pb2.ApiKeyKind`; ValueError for UNSPECIFIED or an unknown number."""
+    """The kind of a `store_pb2.ApiKeyKind`; `UnknownKeyKind` (a ValueError, and INVALID_ARGUMENT when a
+    servicer lets it through) for UNSPECIFIED or an unknown number."""
     try:
         return _KIND_NAMES[number]
     except KeyError:
-        raise ValueError(f"unknown API key kind {number}") from None
+        raise UnknownKeyKind(f"unknown API key kind {number}") from None
 
 
 def record_to_pb(record: ApiKeyRecord) -> store_pb2.ApiKey:
@@ -271,12 +284,12 @@ def record_from_pb(pb: store_pb2.ApiKey) -> ApiKeyRecord:
     )
 
 
-def store_lookup(store, timeout: float = LOOKUP_TIMEOUT_SECONDS) -> Lookup:
+def store_lookup(store: GuardedClient[StoreServiceStub], timeout: float = LOOKUP_TIMEOUT_SECONDS) -> Lookup:
     """A `Lookup` through a guarded client of store_svc (`GetApiKey`)."""
 
     async def lookup(key_hash: bytes) -> ApiKeyRecord | None:
         try:
-            reply = await store.call(
+            reply: store_pb2.GetApiKeyResponse = await store.call(
                 store.stub.GetApiKey, store_pb2.GetApiKeyRequest(key_hash=key_hash), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:

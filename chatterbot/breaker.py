@@ -17,7 +17,15 @@ The breaker is meant for one event loop; it takes no locks of its own because ad
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -144,7 +152,9 @@ class AsyncCircuitBreaker:
         self._on_success(trial)
         return result
 
-    def stream(self, fn: Callable[..., AsyncIterable[T]], *args: Any, **kwargs: Any) -> AsyncIterator[T]:
+    def stream(
+        self, fn: Callable[..., AsyncIterable[T]], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[T, None]:
         """Iterate `fn(*args, **kwargs)` under the breaker.
 
         The breaker admits the call when iteration starts, before `fn` is called. An error while opening
@@ -155,7 +165,7 @@ class AsyncCircuitBreaker:
 
     async def _guarded_stream(
         self, fn: Callable[..., AsyncIterable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         trial = self._admit(fn, args, kwargs)
         iterator: AsyncIterator[T] | None = None
         try:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -26,10 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from chatterbot.guarded_client import SERVER_KEEPALIVE_OPTIONS
+from chatterbot.guarded_client import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS
 from chatterbot.logs import configure_logging
 from chatterbot.settings import Settings
-from chatterbot.status import StatusInterceptor, Translator
+from chatterbot.status import GuardInterceptor, StatusInterceptor, Translator
 from chatterbot.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -74,52 +75,35 @@ class GrpcApp:
     error_translators: list[Translator] = field(default_factory=list)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(GuardInterceptor):
     """Counts and times every RPC by method and status code."""
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                with _Measured(method, context):
-                    return await inner(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                with _Measured(method, context):
-                    async for response in inner_stream(request, context):
-                        yield response
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+    def guard(self, method: str, context: grpc.aio.ServicerContext) -> _Measured:
+        return _Measured(method, context)
 
 
 class _Measured:
+    """One call's metrics; outside the status interceptor, so it sees the code that call ended with."""
+
+    __slots__ = ("context", "method", "start")
+
     def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.method, self.context = method, context
+        self.start = 0.0
 
-    def __enter__(self) -> None:
+    async def __aenter__(self) -> None:
         self.start = time.perf_counter()
         SERVER_IN_FLIGHT.labels(self.method).inc()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         SERVER_IN_FLIGHT.labels(self.method).dec()
         SERVER_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+        code: object
         if exc_type is None:
             code = self.context.code() or grpc.StatusCode.OK
-        elif issubclass(exc_type, asyncio.CancelledError):
+        elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
             code = grpc.StatusCode.CANCELLED
         else:
             code = self.context.code() or grpc.StatusCode.UNKNOWN
@@ -180,6 +164,25 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
         prometheus_client.start_http_server(port, addr=host)
 
 
+def build_server(app: GrpcApp) -> grpc.aio.Server:
+    """A grpc.aio server carrying `app`'s servicers behind the mesh's interceptors, not yet listening.
+
+    Interceptors, outermost first: metrics (so it counts the code a call really ended with), status (every
+    exception becomes a gRPC status, `app.error_translators` first), then the app's own.
+    """
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(), StatusInterceptor(app.error_translators), *app.interceptors],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *SERVER_KEEPALIVE_OPTIONS,
+        ],
+    )
+    for add, servicer in app.servicers:
+        add(servicer, server)
+    return server
+
+
 async def serve_grpc_app(
     settings: Settings, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]], *, port: int
 ) -> None:
@@ -190,16 +193,7 @@ async def serve_grpc_app(
         loop.add_signal_handler(sig, stop.set)
 
     async with factory(settings) as app:
-        server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), StatusInterceptor(app.error_translators), *app.interceptors],
-            options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-                *SERVER_KEEPALIVE_OPTIONS,
-            ],
-        )
-        for add, servicer in app.servicers:
-            add(servicer, server)
+        server = build_server(app)
         health = _Health(app)
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection(

@@ -9,13 +9,20 @@ Servicers and the plain functions behind them raise; they do not call `context.a
   passed on by `downstream_status`: business codes unchanged, failures as UNAVAILABLE that blame the
   dependency (so this server's own callers neither retry it nor count it against this server's breaker);
 - each service adds translators for the exceptions of its own libraries (asyncpg, redis, nats, engines);
+- `NotImplementedError` (what the generated servicer base classes raise) becomes UNIMPLEMENTED;
 - anything else is logged with its traceback and becomes INTERNAL.
+
+A handler that ends the call itself (`context.abort`) and a call that is cancelled are left alone. A stream
+that already sent messages and then raises ends with the status after those messages.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -63,12 +70,26 @@ class FailedPrecondition(StatusError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OutOfRange(StatusError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class ResourceExhausted(StatusError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(StatusError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(StatusError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(StatusError):
+    """INTERNAL for a failure the service recognises (one it does not is logged and answered INTERNAL too)."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class Unavailable(StatusError):
@@ -85,17 +106,19 @@ class Unavailable(StatusError):
 
 
 # Codes a downstream answer carries that mean the request, not the mesh: passed to the caller unchanged.
-PASSTHROUGH_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.OUT_OF_RANGE,
-    }
-)
+_PASSED_THROUGH: dict[grpc.StatusCode, type[StatusError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        PermissionDenied,
+        FailedPrecondition,
+        AlreadyExists,
+        OutOfRange,
+    )
+}
+PASSTHROUGH_CODES = frozenset(_PASSED_THROUGH)
 
 Translator = Callable[[BaseException], StatusError | None]
 
@@ -109,16 +132,15 @@ def downstream_status(exc: BaseException) -> StatusError | None:
     if not isinstance(exc, grpc.aio.AioRpcError):
         return None
     code = exc.code()
-    if code in PASSTHROUGH_CODES:
-        error = StatusError(exc.details() or "")
-        error.code = code
-        return error
-    dependency = target_of(exc) or "a dependency"
+    passed = _PASSED_THROUGH.get(code)
+    if passed is not None:
+        return passed(exc.details() or "")
+    dependency = target_of(exc)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{dependency} timed out")
+        return DeadlineExceeded(f"{dependency or 'a dependency'} timed out")
     return Unavailable(
-        f"{dependency} failed: {code.name}",
-        dependency=target_of(exc) or "dependency",
+        f"{dependency or 'a dependency'} failed: {code.name}",
+        dependency=dependency or "dependency",
         retry_after=retry_after_of(exc) or 1.0,
     )
 
@@ -131,22 +153,66 @@ def status_of(exc: BaseException, translators: Sequence[Translator] = ()) -> Sta
         error = translate(exc)
         if error is not None:
             return error
+    if isinstance(exc, NotImplementedError):
+        return Unimplemented(str(exc) or "method not implemented")
     return None
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Ends every call that raised with the status `status_of` gives it (INTERNAL when none)."""
+# --- running every call of a server inside a guard ----------------------------------------------------------
 
-    def __init__(self, translators: Sequence[Translator] = ()) -> None:
-        self.translators = tuple(translators)
+# Makes the guard of one call, given its context.
+Guard = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
 
-    async def _abort(self, exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
-        error = status_of(exc, self.translators)
-        if error is None:
-            log.exception("unhandled error", extra={"method": method})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-            return
-        await context.abort(error.code, error.details, trailing_metadata=error.metadata)
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def guard_handler(handler: Any, guard: Guard) -> Any:
+    """`handler` (a `grpc.RpcMethodHandler`) with each call run inside `guard(context)`, whole streams included.
+
+    Handlers are told apart the way grpc.aio does: an async generator function streams what it yields, a
+    coroutine function returns its response or writes its stream with `context.write` (grpc's health Watch
+    does). Synchronous handlers, which grpc.aio runs in its executor, are returned unchanged.
+    """
+    for kind, build in _HANDLER_KINDS:
+        behaviour = getattr(handler, kind)
+        if behaviour is None:
+            continue
+        guarded = _guarded(behaviour, guard)
+        if guarded is None:
+            return handler
+        return build(guarded, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+def _guarded(behaviour: Callable[..., Any], guard: Guard) -> Callable[..., Any] | None:
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with guard(context), aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return streaming
+    if inspect.iscoroutinefunction(behaviour):
+
+        async def awaiting(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                return await behaviour(request, context)
+
+        return awaiting
+    return None
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs every call inside `self.guard(method, context)`."""
+
+    def guard(self, method: str, context: grpc.aio.ServicerContext) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -156,37 +222,50 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            inner = handler.unary_unary
+        method: str = handler_call_details.method
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await self._abort(exc, context, method)
+        def guard(context: grpc.aio.ServicerContext) -> AbstractAsyncContextManager[None]:
+            return self.guard(method, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
+        return guard_handler(handler, guard)
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    async for response in inner_stream(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await self._abort(exc, context, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+class StatusInterceptor(GuardInterceptor):
+    """Ends every call that raised with the status `status_of` gives it (INTERNAL when none)."""
+
+    def __init__(self, translators: Sequence[Translator] = ()) -> None:
+        self.translators = tuple(translators)
+
+    def guard(self, method: str, context: grpc.aio.ServicerContext) -> _Answering:
+        return _Answering(self.translators, method, context)
+
+
+class _Answering:
+    """Turns the exception a call ends with into its status; `context.abort` raises AbortError in its place."""
+
+    __slots__ = ("context", "method", "translators")
+
+    def __init__(
+        self, translators: tuple[Translator, ...], method: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        self.translators, self.method, self.context = translators, method, context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        # CancelledError and GeneratorExit are no Exception: a call that was given up stays given up.
+        if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+            return False
+        error = status_of(exc, self.translators)
+        if error is None:
+            log.error("unhandled error", exc_info=exc, extra={"method": self.method})
+            await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        else:
+            await self.context.abort(error.code, error.details, trailing_metadata=error.metadata)
+        return False  # not reached: abort raises AbortError
 
 
 __all__ = [
@@ -194,8 +273,12 @@ __all__ = [
     "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "Guard",
+    "GuardInterceptor",
+    "Internal",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "StatusError",
@@ -203,6 +286,8 @@ __all__ = [
     "Translator",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "downstream_status",
+    "guard_handler",
     "status_of",
 ]

@@ -14,12 +14,12 @@ from chatterbot.v1 import types_pb2
 
 # --- roles ---
 
-ROLE_NAMES: Final[Mapping[int, str]] = {
-    types_pb2.ROLE_SYSTEM: "system",
-    types_pb2.ROLE_USER: "user",
-    types_pb2.ROLE_ASSISTANT: "assistant",
+ROLE_VALUES: Final[Mapping[str, types_pb2.Role]] = {
+    "system": types_pb2.ROLE_SYSTEM,
+    "user": types_pb2.ROLE_USER,
+    "assistant": types_pb2.ROLE_ASSISTANT,
 }
-ROLE_VALUES: Final[Mapping[str, int]] = {name: value for value, name in ROLE_NAMES.items()}
+ROLE_NAMES: Final[Mapping[int, str]] = {value: name for name, value in ROLE_VALUES.items()}
 # Roles a whole prompt (ChatTurn.messages) may hold.
 PROMPT_ROLES: Final[frozenset[int]] = frozenset(ROLE_NAMES)
 
@@ -29,19 +29,19 @@ def role_name(role: int) -> str:
     return ROLE_NAMES[role]
 
 
-def role_value(name: str) -> int:
+def role_value(name: str) -> types_pb2.Role:
     """The Role of a JSON name; ROLE_UNSPECIFIED for a name the mesh does not know."""
     return ROLE_VALUES.get(name, types_pb2.ROLE_UNSPECIFIED)
 
 
 # --- finish reasons ---
 
-FINISH_NAMES: Final[Mapping[int, str]] = {
-    types_pb2.FINISH_REASON_STOP: "stop",
-    types_pb2.FINISH_REASON_LENGTH: "length",
-    types_pb2.FINISH_REASON_ABORT: "abort",
+FINISH_VALUES: Final[Mapping[str, types_pb2.FinishReason]] = {
+    "stop": types_pb2.FINISH_REASON_STOP,
+    "length": types_pb2.FINISH_REASON_LENGTH,
+    "abort": types_pb2.FINISH_REASON_ABORT,
 }
-FINISH_VALUES: Final[Mapping[str, int]] = {name: value for value, name in FINISH_NAMES.items()}
+FINISH_NAMES: Final[Mapping[int, str]] = {value: name for name, value in FINISH_VALUES.items()}
 
 
 def finish_name(reason: int) -> str | None:
@@ -49,7 +49,9 @@ def finish_name(reason: int) -> str | None:
     return FINISH_NAMES.get(reason)
 
 
-def finish_value(name: str | None, default: int = types_pb2.FINISH_REASON_STOP) -> int:
+def finish_value(
+    name: str | None, default: types_pb2.FinishReason = types_pb2.FINISH_REASON_STOP
+) -> types_pb2.FinishReason:
     """The FinishReason of a JSON name; `default` for an empty or unknown name."""
     return FINISH_VALUES.get(name or "", default)
 
@@ -97,7 +99,8 @@ def is_user_id(user_id: str) -> bool:
 
 def is_conversation_id(conversation_id: str) -> bool:
     """Whether `conversation_id` is 1 to 64 of A-Z a-z 0-9 _ . : -."""
-    return _CONVERSATION_ID.match(conversation_id) is not None
+    # fullmatch: the pattern's `$` (kept for JSON Schema) would also let a trailing newline through.
+    return _CONVERSATION_ID.fullmatch(conversation_id) is not None
 
 
 USER_ID_RULE: Final = f"{USER_ID_MIN} to {USER_ID_MAX} characters"

@@ -8,9 +8,15 @@ import logging
 import signal
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatterbot.settings import get_settings
+
+if TYPE_CHECKING:
+    from chatterbot.api_keys import ApiKeyRecord
+    from chatterbot.jetstream import Job
 
 # `chatterbot serve <name>` runs the `main()` of these modules.
 SERVICE_ENTRY_POINTS = {
@@ -164,7 +170,7 @@ async def _dlq(args: argparse.Namespace) -> int:
         try:
             deps = JobDeps(js, nc, store, settings.job_result_ttl_seconds)
 
-            async def pending_again(job) -> None:
+            async def pending_again(job: Job) -> None:
                 await put_result(
                     deps,
                     job.correlation_id,
@@ -212,7 +218,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 async def _keys(args: argparse.Namespace) -> int:
     import grpc
 
-    from chatterbot import api_keys
+    from chatterbot import api_keys, wire
     from chatterbot.breaker import CircuitOpenError
     from chatterbot.guarded_client import GuardedClient
     from chatterbot.v1 import store_pb2, store_pb2_grpc
@@ -222,11 +228,11 @@ async def _keys(args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "create":
             kind = api_keys.USER if args.user else api_keys.ADMIN if args.admin else api_keys.SERVICE
-            if args.user is not None and not 3 <= len(args.user) <= 50:
-                print("--user must be 3 to 50 characters (as user_id is everywhere)", file=sys.stderr)
+            if args.user is not None and not wire.is_user_id(args.user):
+                print(f"--user must be {wire.USER_ID_RULE} (as user_id is everywhere)", file=sys.stderr)
                 return 2
             key = api_keys.generate_key()
-            reply = await store.call(
+            created: store_pb2.CreateApiKeyResponse = await store.call(
                 store.stub.CreateApiKey,
                 store_pb2.CreateApiKeyRequest(
                     key_hash=api_keys.hash_key(key),
@@ -239,7 +245,7 @@ async def _keys(args: argparse.Namespace) -> int:
                 ),
                 retry=False,
             )
-            record = api_keys.record_from_pb(reply.api_key)
+            record = api_keys.record_from_pb(created.api_key)
             # The key alone on stdout (KEY=$(chatterbot keys create ...)); the rest on stderr.
             print(key, flush=True)
             print(
@@ -248,10 +254,10 @@ async def _keys(args: argparse.Namespace) -> int:
             )
             return 0
         if args.keys_command == "list":
-            reply = await store.call(
+            listed: store_pb2.ListApiKeysResponse = await store.call(
                 store.stub.ListApiKeys, store_pb2.ListApiKeysRequest(user_id=args.user or "")
             )
-            records = [api_keys.record_from_pb(pb) for pb in reply.api_keys]
+            records = [api_keys.record_from_pb(pb) for pb in listed.api_keys]
             print(
                 f"{'id':<16} {'prefix':<11} {'kind':<7} {'user':<20} {'rpm':>6} {'tpm':>8} "
                 f"{'created':<19} {'revoked':<19} name"
@@ -267,14 +273,14 @@ async def _keys(args: argparse.Namespace) -> int:
         target = args.key
         if target.startswith(api_keys.KEY_PREFIX) and len(target) > api_keys.DISPLAY_PREFIX_CHARS:
             # The whole key: find its id by its hash.
-            found = await store.call(
+            found: store_pb2.GetApiKeyResponse = await store.call(
                 store.stub.GetApiKey, store_pb2.GetApiKeyRequest(key_hash=api_keys.hash_key(target))
             )
             target = found.api_key.key_id
-        reply = await store.call(
+        revoked: store_pb2.RevokeApiKeyResponse = await store.call(
             store.stub.RevokeApiKey, store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target)
         )
-        record = api_keys.record_from_pb(reply.api_key)
+        record = api_keys.record_from_pb(revoked.api_key)
         print(
             f"revoked {record.key_id} ({record.prefix}, {_describe(record)}) at {_when(record.revoked_at)} UTC; "
             f"edges and chat services stop accepting it within {get_settings().api_key_cache_seconds:g} s"
@@ -297,8 +303,10 @@ def _count(text: str) -> int:
     return value
 
 
-def _describe(record) -> str:
-    who = f"user key for {record.user_id!r}" if record.kind == "user" else f"{record.kind} key"
+def _describe(record: ApiKeyRecord) -> str:
+    from chatterbot.api_keys import USER
+
+    who = f"user key for {record.user_id!r}" if record.kind == USER else f"{record.kind} key"
     limits = [
         f"{record.requests_per_minute} requests/min" if record.requests_per_minute else "",
         f"{record.tokens_per_minute} tokens/min" if record.tokens_per_minute else "",
@@ -306,7 +314,7 @@ def _describe(record) -> str:
     return ", ".join([who, *filter(None, limits)] + ([f"name {record.name!r}"] if record.name else []))
 
 
-def _when(moment) -> str:
+def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 

@@ -234,7 +234,8 @@ class EmbeddedServer:
     @property
     def pid(self) -> int | None:
         """The server's process id while it runs, else None."""
-        return self._proc.pid if self.is_running else None
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def start(self, timeout: float = 30) -> None:
         """Start the server and block until it answers; do nothing if it already runs.

@@ -15,6 +15,7 @@ import secrets
 
 import asyncpg
 
+from chatterbot import wire
 from chatterbot.api_keys import KINDS, USER, ApiKeyRecord
 from store_svc.errors import InvalidInput, NotFound
 from store_svc.sharding import ShardRouter
@@ -23,7 +24,7 @@ CONTROL_SHARD = 0
 
 MAX_PREFIX = 32
 MAX_NAME = 200
-MAX_USER_ID = 50
+MAX_USER_ID = wire.USER_ID_MAX
 _INT4_MAX = 2**31 - 1
 
 _COLUMNS = (

@@ -12,6 +12,7 @@ import asyncpg
 from chatterbot.grpc_server import GrpcApp, run_service
 from chatterbot.settings import Settings
 from chatterbot.v1 import store_pb2, store_pb2_grpc
+from store_svc.errors import database_status
 from store_svc.migrate import upgrade_all_async
 from store_svc.partitions import keep_partitions_ahead
 from store_svc.repository import StoreRepository
@@ -62,6 +63,7 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             servicers=[(store_pb2_grpc.add_StoreServiceServicer_to_server, StoreServicer(repo))],
             service_names=[store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name],
             probes={"postgres": postgres_probe},
+            error_translators=[database_status],
         )
     finally:
         for task in tasks:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from chatterbot import wire
+from chatterbot.v1 import types_pb2
 from store_svc.errors import InvalidInput, NotFound
 from store_svc.partitions import ensure_partitions, is_missing_partition
 from store_svc.sharding import ShardRouter
@@ -28,14 +29,13 @@ MAX_MESSAGE_PAGE_SIZE = 500
 DEFAULT_TITLE = "New conversation"
 DEFAULT_JOB_TTL_SECONDS = 24 * 3600
 
-MAX_USER_ID = 50
+MAX_USER_ID = wire.USER_ID_MAX
 MAX_TITLE = 200
-MAX_REQUEST_ID = 128
+MAX_REQUEST_ID = wire.REQUEST_ID_MAX
 MAX_CORRELATION_ID = 128
 MAX_MODEL = 200
 # How much of the first user message becomes the title of a conversation created without one.
 DERIVED_TITLE_CHARS = 60
-_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _INT4_MAX = 2**31 - 1
 # "Before the newest message": one statement (and one cached plan) serves the first page and the rest.
 _NO_CURSOR = 2**63 - 1
@@ -107,12 +107,12 @@ class JobResult:
 
     user_id: str
     correlation_id: str
-    status: int
+    status: types_pb2.JobStatus
     response: str = ""
     conversation_id: str = ""
     processing_time: float = 0.0
     error: str = ""
-    finish_reason: int = 0
+    finish_reason: types_pb2.FinishReason = types_pb2.FINISH_REASON_UNSPECIFIED
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # Set by the store.
@@ -385,6 +385,7 @@ class StoreRepository:
         _check_conversation_id(conversation_id)
         async with self.shards.writer(user_id) as db:
             row = await db.fetchrow(_DELETE_CONVERSATION, user_id, conversation_id)
+        assert row is not None  # the counts come back even when nothing was deleted
         if row["conversations"] == 0:
             raise _conversation_not_found(conversation_id)
         return row["messages"]
@@ -501,6 +502,7 @@ class StoreRepository:
                 result.completion_tokens,
                 float(ttl),
             )
+        assert row is not None  # an upsert returns its row
         return JobResult(**row)
 
     async def get_job_result(self, user_id: str, correlation_id: str) -> JobResult:
@@ -597,8 +599,8 @@ def _check_user_id(user_id: str) -> None:
 def _check_conversation_id(conversation_id: str) -> None:
     if not conversation_id:
         raise InvalidInput("conversation_id is required")
-    if not _CONVERSATION_ID.fullmatch(conversation_id):
-        raise InvalidInput("conversation_id must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    if not wire.is_conversation_id(conversation_id):
+        raise InvalidInput(f"conversation_id must be {wire.CONVERSATION_ID_RULE}")
 
 
 def _check_title(title: str) -> str:

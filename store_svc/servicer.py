@@ -1,64 +1,19 @@
-"""StoreService over gRPC: translates protobuf to repository calls and back, and errors to status codes."""
+"""StoreService over gRPC: translates protobuf to repository calls and back.
+
+Errors are raised, not aborted: the store's own are `chatterbot.status` errors, and asyncpg's become status
+through `store_svc.errors.database_status`, which `store_svc.main` registers with the shared interceptor.
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-import asyncpg
 import grpc
 
+from chatterbot import wire
 from chatterbot.api_keys import kind_from_pb, record_to_pb
+from chatterbot.status import Unimplemented
 from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
-from store_svc.errors import InvalidInput, NotFound
 from store_svc.keys import ApiKeyRepository
 from store_svc.repository import Conversation, JobResult, Message, StoreRepository, User
-
-log = logging.getLogger(__name__)
-
-# The database is down, restarting, failing over or out of connections: worth a retry, maybe elsewhere.
-# OSError covers refused and reset connections and timeouts (TimeoutError is an OSError); asyncpg raises
-# InterfaceError for a connection or pool that has been closed under it.
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.InterfaceError,
-)
-
-_ROLES = {
-    "system": types_pb2.ROLE_SYSTEM,
-    "user": types_pb2.ROLE_USER,
-    "assistant": types_pb2.ROLE_ASSISTANT,
-}
-
-_Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def _status_codes(handler: _Handler) -> _Handler:
-    """Turn the repository's exceptions into gRPC status codes."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except NotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except asyncpg.exceptions.DataError as exc:
-            # Values PostgreSQL refuses (a NUL byte in text, a number out of range) are the caller's to fix.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the database: {exc}")
-        except UNAVAILABLE_ERRORS as exc:
-            log.warning("database unavailable", extra={"method": handler.__name__, "error": repr(exc)})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable")
-
-    return wrapper
 
 
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
@@ -68,49 +23,57 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         self.repo = repo
         self.keys = keys or ApiKeyRepository.on_control_shard(repo.shards)
 
-    @_status_codes
-    async def EnsureUser(self, request, context):
+    async def EnsureUser(
+        self, request: store_pb2.EnsureUserRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.EnsureUserResponse:
         user, created = await self.repo.ensure_user(request.user_id)
         return store_pb2.EnsureUserResponse(user=_user_pb(user), created=created)
 
-    @_status_codes
-    async def GetUser(self, request, context):
+    async def GetUser(
+        self, request: store_pb2.GetUserRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.GetUserResponse:
         return store_pb2.GetUserResponse(user=_user_pb(await self.repo.get_user(request.user_id)))
 
-    @_status_codes
-    async def CreateConversation(self, request, context):
+    async def CreateConversation(
+        self, request: store_pb2.StoreServiceCreateConversationRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.StoreServiceCreateConversationResponse:
         conversation = await self.repo.create_conversation(
             request.user_id, title=request.title, conversation_id=request.conversation_id
         )
         return store_pb2.StoreServiceCreateConversationResponse(conversation=_conversation_pb(conversation))
 
-    @_status_codes
-    async def GetConversation(self, request, context):
+    async def GetConversation(
+        self, request: store_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.GetConversationResponse:
         conversation = await self.repo.get_conversation(request.user_id, request.conversation_id)
         return store_pb2.GetConversationResponse(conversation=_conversation_pb(conversation))
 
-    @_status_codes
-    async def ListConversations(self, request, context):
+    async def ListConversations(
+        self, request: store_pb2.StoreServiceListConversationsRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.StoreServiceListConversationsResponse:
         page = await self.repo.list_conversations(request.user_id, request.page_size, request.page_token)
         return store_pb2.StoreServiceListConversationsResponse(
             conversations=[_conversation_pb(c) for c in page.conversations],
             next_page_token=page.next_page_token,
         )
 
-    @_status_codes
-    async def RenameConversation(self, request, context):
+    async def RenameConversation(
+        self, request: store_pb2.StoreServiceRenameConversationRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.StoreServiceRenameConversationResponse:
         conversation = await self.repo.rename_conversation(
             request.user_id, request.conversation_id, request.title
         )
         return store_pb2.StoreServiceRenameConversationResponse(conversation=_conversation_pb(conversation))
 
-    @_status_codes
-    async def DeleteConversation(self, request, context):
+    async def DeleteConversation(
+        self, request: store_pb2.StoreServiceDeleteConversationRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.StoreServiceDeleteConversationResponse:
         deleted = await self.repo.delete_conversation(request.user_id, request.conversation_id)
         return store_pb2.StoreServiceDeleteConversationResponse(message_count=deleted)
 
-    @_status_codes
-    async def ListMessages(self, request, context):
+    async def ListMessages(
+        self, request: store_pb2.StoreServiceListMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.StoreServiceListMessagesResponse:
         page = await self.repo.list_messages(
             request.user_id, request.conversation_id, request.page_size, request.before_message_id
         )
@@ -119,8 +82,9 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             next_before_message_id=page.next_before_message_id,
         )
 
-    @_status_codes
-    async def AppendExchange(self, request, context):
+    async def AppendExchange(
+        self, request: store_pb2.AppendExchangeRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.AppendExchangeResponse:
         exchange = await self.repo.append_exchange(
             request.user_id,
             request.conversation_id,
@@ -140,8 +104,9 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             created=exchange.created,
         )
 
-    @_status_codes
-    async def PutJobResult(self, request, context):
+    async def PutJobResult(
+        self, request: store_pb2.PutJobResultRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.PutJobResultResponse:
         r = request.result
         stored = await self.repo.put_job_result(
             JobResult(
@@ -160,23 +125,21 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         )
         return store_pb2.PutJobResultResponse(result=_job_result_pb(stored))
 
-    @_status_codes
-    async def GetJobResult(self, request, context):
+    async def GetJobResult(
+        self, request: store_pb2.GetJobResultRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.GetJobResultResponse:
         result = await self.repo.get_job_result(request.user_id, request.correlation_id)
         return store_pb2.GetJobResultResponse(result=_job_result_pb(result))
 
     # --- API keys, on the control shard ---
 
-    @_status_codes
-    async def CreateApiKey(self, request, context):
-        try:
-            kind = kind_from_pb(request.kind)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
+    async def CreateApiKey(
+        self, request: store_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.CreateApiKeyResponse:
         record = await self.keys.create(
             request.key_hash,
             request.prefix,
-            kind,
+            kind_from_pb(request.kind),  # an unknown kind is INVALID_ARGUMENT
             user_id=request.user_id,
             name=request.name,
             requests_per_minute=request.requests_per_minute,
@@ -184,21 +147,30 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         )
         return store_pb2.CreateApiKeyResponse(api_key=record_to_pb(record))
 
-    @_status_codes
-    async def GetApiKey(self, request, context):
+    async def GetApiKey(
+        self, request: store_pb2.GetApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.GetApiKeyResponse:
         return store_pb2.GetApiKeyResponse(
             api_key=record_to_pb(await self.keys.get_by_hash(request.key_hash))
         )
 
-    @_status_codes
-    async def ListApiKeys(self, request, context):
+    async def ListApiKeys(
+        self, request: store_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.ListApiKeysResponse:
         records = await self.keys.list_keys(request.user_id)
         return store_pb2.ListApiKeysResponse(api_keys=[record_to_pb(r) for r in records])
 
-    @_status_codes
-    async def RevokeApiKey(self, request, context):
+    async def RevokeApiKey(
+        self, request: store_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.RevokeApiKeyResponse:
         record = await self.keys.revoke(request.key_id_or_prefix)
         return store_pb2.RevokeApiKeyResponse(api_key=record_to_pb(record))
+
+    async def UpdateApiKey(
+        self, request: store_pb2.UpdateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.UpdateApiKeyResponse:
+        # In the contract ahead of the store: per-route limits (migration 0004) are not served yet.
+        raise Unimplemented("UpdateApiKey is not implemented by this store yet")
 
 
 # --- dataclasses to protobuf ------------------------------------------------------------------------------
@@ -226,7 +198,7 @@ def _message_pb(message: Message) -> types_pb2.HistoryMessage:
     pb = types_pb2.HistoryMessage(
         message_id=message.message_id,
         conversation_id=message.conversation_id,
-        role=_ROLES.get(message.role, types_pb2.ROLE_UNSPECIFIED),
+        role=wire.role_value(message.role),
         content=message.content,
         token_count=message.token_count,
         processing_time=message.processing_time,
@@ -247,11 +219,7 @@ def _job_result_pb(result: JobResult) -> store_pb2.JobResult:
         processing_time=result.processing_time,
         error=result.error,
         finish_reason=result.finish_reason,
-        usage=types_pb2.Usage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.prompt_tokens + result.completion_tokens,
-        ),
+        usage=wire.usage_pb(result.prompt_tokens, result.completion_tokens),
     )
     for field, value in (
         (pb.create_time, result.created_at),

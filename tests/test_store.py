@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 
+from chatterbot.grpc_server import GrpcApp, build_server
+from chatterbot.guarded_client import dependency_of
 from chatterbot.settings import Settings
 from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
 from ops.embedded import PostgresServer
-from store_svc.errors import InvalidInput, NotFound
+from store_svc.errors import InvalidInput, NotFound, database_status
 from store_svc.main import app
 from store_svc.migrate import upgrade, upgrade_async
 from store_svc.repository import JobResult, StoreRepository, derive_title
@@ -419,16 +423,31 @@ async def test_expired_job_results_are_not_found_and_get_purged(repo, pool):
 # --- gRPC ---
 
 
-@pytest.fixture
-async def store_stub(repo):
-    server = grpc.aio.server()
-    store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(repo), server)
+@contextlib.asynccontextmanager
+async def serving(servicer: StoreServicer) -> AsyncIterator[store_pb2_grpc.StoreServiceAsyncStub]:
+    """`servicer` on a real server built by the shared bootstrap, with the store's error translator."""
+    server = build_server(
+        GrpcApp(
+            name="store",
+            servicers=[(store_pb2_grpc.add_StoreServiceServicer_to_server, servicer)],
+            service_names=["chatterbot.v1.StoreService"],
+            error_translators=[database_status],
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield store_pb2_grpc.StoreServiceStub(channel)
-    await channel.close()
-    await server.stop(None)
+    try:
+        yield store_pb2_grpc.StoreServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+@pytest.fixture
+async def store_stub(repo):
+    async with serving(StoreServicer(repo)) as stub:
+        yield stub
 
 
 async def test_grpc_append_exchange_is_idempotent_and_errors_map_to_status_codes(store_stub):
@@ -467,6 +486,53 @@ async def test_grpc_append_exchange_is_idempotent_and_errors_map_to_status_codes
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_grpc_text_the_database_refuses_is_invalid_argument(store_stub):
+    request = store_pb2.AppendExchangeRequest(
+        user_id=new_user(),
+        conversation_id="c1",
+        request_id="req-nul",
+        user_message=store_pb2.ExchangeMessage(content="a\x00b", token_count=1),
+        assistant_message=store_pb2.ExchangeMessage(content="ok", token_count=1),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await store_stub.AppendExchange(request, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("rejected by the database: ")
+
+
+async def test_grpc_a_closed_pool_is_database_unavailable(dsn):
+    closed = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    await closed.close()
+    async with serving(StoreServicer(StoreRepository(closed))) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as down:
+            await stub.GetUser(store_pb2.GetUserRequest(user_id=new_user()), timeout=5)
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert down.value.details() == "database unavailable"
+    # Plain UNAVAILABLE, blaming no dependency: the store itself is what its callers cannot use.
+    assert dependency_of(down.value) is None
+
+
+def test_connection_errors_are_unavailable_and_other_errors_are_not_the_databases():
+    assert database_status(ConnectionRefusedError()).code == grpc.StatusCode.UNAVAILABLE
+    assert database_status(TimeoutError()).code == grpc.StatusCode.UNAVAILABLE
+    assert database_status(KeyError("x")) is None
+
+
+async def test_grpc_api_key_of_no_known_kind_is_invalid_argument(store_stub):
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await store_stub.CreateApiKey(
+            store_pb2.CreateApiKeyRequest(key_hash=b"k" * 32, prefix="cb_abcdefgh"), timeout=5
+        )
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid.value.details() == "unknown API key kind 0"
+
+
+async def test_grpc_update_api_key_is_unimplemented(store_stub):
+    with pytest.raises(grpc.aio.AioRpcError) as unimplemented:
+        await store_stub.UpdateApiKey(store_pb2.UpdateApiKeyRequest(key_id_or_prefix="k"), timeout=5)
+    assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_grpc_job_results_round_trip(store_stub):
     user = new_user()
     put = await store_stub.PutJobResult(
@@ -499,6 +565,7 @@ async def test_the_service_migrates_on_start_and_probes_postgres(postgres):
     async with app(settings) as grpc_app:
         assert grpc_app.service_names == ["chatterbot.v1.StoreService"]
         assert await grpc_app.probes["postgres"]()
+        assert grpc_app.error_translators == [database_status]
     tables, versions = await tables_and_version(postgres.dsn("app_test"))
     assert tables >= TABLES and versions == [HEAD]
 

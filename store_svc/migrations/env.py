@@ -23,21 +23,23 @@ def sqlalchemy_url(dsn: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _configured_url() -> str:
+    url = context.config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic: sqlalchemy.url is not set")
+    return sqlalchemy_url(url)
+
+
 def run_migrations_offline() -> None:
     """Emit the SQL instead of running it (`alembic upgrade --sql`)."""
-    context.configure(
-        url=sqlalchemy_url(context.config.get_main_option("sqlalchemy.url")), literal_binds=True
-    )
+    context.configure(url=_configured_url(), literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_migrations_online() -> None:
     """Upgrade the database in one transaction, under an advisory lock."""
-    url = context.config.get_main_option("sqlalchemy.url")
-    if not url:
-        raise RuntimeError("alembic: sqlalchemy.url is not set")
-    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    engine = create_engine(_configured_url(), poolclass=pool.NullPool)
     try:
         with engine.connect() as connection:
             context.configure(connection=connection, target_metadata=None, transactional_ddl=True)
