@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import grpc
+from limits import parse_many
 
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.status import InvalidArgument
@@ -74,6 +75,27 @@ def display_prefix(key: str) -> str:
     return key[:DISPLAY_PREFIX_CHARS]
 
 
+RouteLimits = tuple[tuple[str, str], ...]
+
+
+def route_limit(entry: str) -> tuple[str, str]:
+    """`/stream-chat=600/minute` (several limits joined by ';') as (route, limit); ValueError when malformed."""
+    route, sep, spec = entry.partition("=")
+    route, spec = route.strip(), spec.strip()
+    if not sep or not route.startswith("/") or not spec:
+        raise ValueError(f"rate limit {entry!r} is not route=limit (e.g. /stream-chat=600/minute)")
+    try:
+        parse_many(spec)
+    except ValueError as exc:
+        raise ValueError(f"rate limit {entry!r}: {spec!r} is not a limit such as 600/minute") from exc
+    return route, spec
+
+
+def route_limits_text(route_limits: RouteLimits) -> str:
+    """Route limits as `chatterbot keys` and settings write them: `/chat=20/minute,/stream-chat=600/minute`."""
+    return ",".join(f"{route}={spec}" for route, spec in route_limits)
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     """A stored key: everything but the key itself."""
@@ -87,6 +109,8 @@ class ApiKeyRecord:
     tokens_per_minute: int = 0
     created_at: datetime | None = None
     revoked_at: datetime | None = None
+    # (route, limit) pairs: the key's own per-route limits (see `route_limit`).
+    route_limits: RouteLimits = ()
 
     @property
     def revoked(self) -> bool:
@@ -104,6 +128,12 @@ class Principal:
     tokens_per_minute: int = 0
     # A key from settings rather than from the store.
     static: bool = False
+    route_limits: RouteLimits = ()
+
+    @property
+    def has_own_limits(self) -> bool:
+        """Whether the key carries limits of its own, which replace the edge's route defaults."""
+        return bool(self.route_limits or self.requests_per_minute or self.tokens_per_minute)
 
     @property
     def admin(self) -> bool:
@@ -116,7 +146,12 @@ class Principal:
     @classmethod
     def of(cls, record: ApiKeyRecord) -> Principal:
         return cls(
-            record.key_id, record.kind, record.user_id, record.requests_per_minute, record.tokens_per_minute
+            record.key_id,
+            record.kind,
+            record.user_id,
+            record.requests_per_minute,
+            record.tokens_per_minute,
+            route_limits=record.route_limits,
         )
 
 
@@ -261,6 +296,7 @@ def record_to_pb(record: ApiKeyRecord) -> store_pb2.ApiKey:
         name=record.name,
         requests_per_minute=record.requests_per_minute,
         tokens_per_minute=record.tokens_per_minute,
+        route_limits=[store_pb2.RouteLimit(route=route, limit=spec) for route, spec in record.route_limits],
     )
     if record.created_at is not None:
         pb.create_time.FromDatetime(record.created_at)
@@ -281,6 +317,7 @@ def record_from_pb(pb: store_pb2.ApiKey) -> ApiKeyRecord:
         tokens_per_minute=pb.tokens_per_minute,
         created_at=pb.create_time.ToDatetime(tzinfo=UTC) if pb.HasField("create_time") else None,
         revoked_at=pb.revoke_time.ToDatetime(tzinfo=UTC) if pb.HasField("revoke_time") else None,
+        route_limits=tuple((r.route, r.limit) for r in pb.route_limits),
     )
 
 

@@ -2,7 +2,10 @@
 
 Three kinds of limit, each keyed in Redis so that every edge replica shares the counts:
 - per key and route: `CHATTERBOT_RATE_LIMITS` (`/chat=20/minute,...`; routes by their path template, e.g.
-  `/check-response/{correlation_id}`), a moving window (exact: a request counts for exactly one window length);
+  `/check-response/{correlation_id}`), a moving window (exact: a request counts for exactly one window length).
+  These are defaults, for keys with no limits of their own: a key's own limits replace them (its per-route
+  limits, `chatterbot keys create --limit /stream-chat=600/minute`, or, with only `--rpm`/`--tpm`, none per
+  route);
 - per key, across every route: the key's requests per minute (`chatterbot keys create --rpm N`), also a
   moving window;
 - per key, tokens per minute (`--tpm N`): a turn costs its `max_tokens`, charged when it is admitted. Counting
@@ -26,6 +29,7 @@ try so that every request does not pay a timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -44,7 +48,7 @@ from limits.util import WindowStats
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatterbot.api_keys import Principal
+from chatterbot.api_keys import Principal, RouteLimits, route_limit
 from chatterbot.settings import Settings
 from edge.problems import ProblemError
 from edge.protocol import Problem
@@ -86,13 +90,9 @@ RATE_LIMITED_RESPONSE = {
 
 def parse_route_limits(text: str) -> dict[str, list[RateLimitItem]]:
     """`/chat=20/minute;500/hour,/async-chat=20/minute` as {route: [limits]}; ValueError when malformed."""
-    routes: dict[str, list[RateLimitItem]] = {}
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        route, sep, spec = entry.partition("=")
-        if not sep or not route.strip().startswith("/"):
-            raise ValueError(f"rate limit {entry!r} is not route=limit (e.g. /chat=20/minute)")
-        routes.setdefault(route.strip(), []).extend(parse_many(spec.strip()))
-    return routes
+    return _parsed_key_limits(
+        tuple(route_limit(entry) for entry in filter(None, map(str.strip, text.split(","))))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,7 @@ class RateLimits:
         route = _route_of(request)
         checks = [
             _Check(item, ("route", route, caller.key_id), "route")
-            for item in self.route_limits.get(route, ())
+            for item in self.limits_of(caller).get(route, ())
         ]
         if caller.requests_per_minute:
             checks.append(
@@ -176,6 +176,12 @@ class RateLimits:
                 )
         tightest = min((quota for _, quota in outcome), key=lambda q: (q.remaining, -q.reset_seconds))
         _headers_of(request).update(tightest.headers())
+
+    def limits_of(self, caller: Principal) -> dict[str, list[RateLimitItem]]:
+        """The route limits in force for `caller`: its own when it has any limit of its own, else the defaults."""
+        if caller.has_own_limits:
+            return _parsed_key_limits(caller.route_limits)
+        return self.route_limits
 
     async def charge_tokens(self, request: Request, caller: Principal, tokens: int) -> None:
         """Take `tokens` from the caller's tokens-per-minute budget; 429 when it does not have them."""
@@ -280,6 +286,15 @@ class RateLimits:
             "too many failed authentications from this address; retry later",
             {**quota.headers(), "Retry-After": str(max(1, quota.reset_seconds))},
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_key_limits(route_limits: RouteLimits) -> dict[str, list[RateLimitItem]]:
+    # Keys are few and their limits change rarely: parse each distinct set once.
+    routes: dict[str, list[RateLimitItem]] = {}
+    for route, spec in route_limits:
+        routes.setdefault(route, []).extend(parse_many(spec))
+    return routes
 
 
 def _quota(item: RateLimitItem, reset_time: float, remaining: int) -> Quota:

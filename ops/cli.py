@@ -10,7 +10,7 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chatterbot.settings import get_settings
 
@@ -242,6 +242,7 @@ async def _keys(args: argparse.Namespace) -> int:
                     name=args.name,
                     requests_per_minute=args.rpm,
                     tokens_per_minute=args.tpm,
+                    route_limits=_route_limits_pb(args.limit),
                 ),
                 retry=False,
             )
@@ -258,15 +259,16 @@ async def _keys(args: argparse.Namespace) -> int:
                 store.stub.ListApiKeys, store_pb2.ListApiKeysRequest(user_id=args.user or "")
             )
             records = [api_keys.record_from_pb(pb) for pb in listed.api_keys]
+            defaults = get_settings().rate_limits
             print(
                 f"{'id':<16} {'prefix':<11} {'kind':<7} {'user':<20} {'rpm':>6} {'tpm':>8} "
-                f"{'created':<19} {'revoked':<19} name"
+                f"{'created':<19} {'revoked':<19} {'limits':<24} name"
             )
             for r in records:
                 print(
                     f"{r.key_id:<16} {r.prefix:<11} {r.kind:<7} {r.user_id or '-':<20} "
                     f"{r.requests_per_minute or '-':>6} {r.tokens_per_minute or '-':>8} {_when(r.created_at):<19} "
-                    f"{_when(r.revoked_at):<19} {r.name}"
+                    f"{_when(r.revoked_at):<19} {_limits_in_force(r, defaults):<24} {r.name}"
                 )
             print(f"{len(records)} key(s), {sum(r.revoked for r in records)} revoked", file=sys.stderr)
             return 0
@@ -277,6 +279,36 @@ async def _keys(args: argparse.Namespace) -> int:
                 store.stub.GetApiKey, store_pb2.GetApiKeyRequest(key_hash=api_keys.hash_key(target))
             )
             target = found.api_key.key_id
+        if args.keys_command == "update":
+            paths = [
+                path
+                for path, given in (
+                    ("requests_per_minute", args.rpm is not None),
+                    ("tokens_per_minute", args.tpm is not None),
+                    ("route_limits", args.limit is not None or args.clear_limits),
+                )
+                if given
+            ]
+            if not paths:
+                print("nothing to update: give --rpm, --tpm, --limit or --clear-limits", file=sys.stderr)
+                return 2
+            update = store_pb2.UpdateApiKeyRequest(
+                key_id_or_prefix=target,
+                api_key=store_pb2.ApiKey(
+                    requests_per_minute=args.rpm or 0,
+                    tokens_per_minute=args.tpm or 0,
+                    route_limits=_route_limits_pb(args.limit or []),
+                ),
+            )
+            update.update_mask.paths.extend(paths)
+            updated: store_pb2.UpdateApiKeyResponse = await store.call(store.stub.UpdateApiKey, update)
+            record = api_keys.record_from_pb(updated.api_key)
+            print(
+                f"updated {record.key_id} ({record.prefix}): {_describe(record)}; route limits in force: "
+                f"{_limits_in_force(record, get_settings().rate_limits)}. Edges apply it within "
+                f"{get_settings().api_key_cache_seconds:g} s"
+            )
+            return 0
         revoked: store_pb2.RevokeApiKeyResponse = await store.call(
             store.stub.RevokeApiKey, store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target)
         )
@@ -303,6 +335,31 @@ def _count(text: str) -> int:
     return value
 
 
+def _route_limit_arg(text: str) -> tuple[str, str]:
+    from chatterbot.api_keys import route_limit
+
+    try:
+        return route_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _route_limits_pb(limits: list[tuple[str, str]]) -> list[Any]:
+    from chatterbot.v1 import store_pb2
+
+    return [store_pb2.RouteLimit(route=route, limit=spec) for route, spec in limits]
+
+
+def _limits_in_force(record: ApiKeyRecord, defaults: str) -> str:
+    """The route limits the edge holds a key to (one word): its own, `none` (only its own rpm/tpm), or
+    `default:` and the route defaults."""
+    from chatterbot.api_keys import Principal, route_limits_text
+
+    if Principal.of(record).has_own_limits:
+        return route_limits_text(record.route_limits) or "none"
+    return f"default:{defaults}" if defaults else "none"
+
+
 def _describe(record: ApiKeyRecord) -> str:
     from chatterbot.api_keys import USER
 
@@ -310,6 +367,7 @@ def _describe(record: ApiKeyRecord) -> str:
     limits = [
         f"{record.requests_per_minute} requests/min" if record.requests_per_minute else "",
         f"{record.tokens_per_minute} tokens/min" if record.tokens_per_minute else "",
+        *(f"{route} {spec}" for route, spec in record.route_limits),
     ]
     return ", ".join([who, *filter(None, limits)] + ([f"name {record.name!r}"] if record.name else []))
 
@@ -383,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--tpm", type=_count, default=0, help="tokens (max_tokens asked for) per minute (0: none)"
     )
+    limit_help = (
+        "a limit of this key on one route, ROUTE=LIMIT (e.g. /stream-chat=600/minute; several limits of a "
+        "route joined by ';'); repeatable. A key with any limit of its own (--limit, --rpm, --tpm) is not "
+        "held to the route defaults (CHATTERBOT_RATE_LIMITS)"
+    )
+    create.add_argument(
+        "--limit", type=_route_limit_arg, action="append", default=[], metavar="ROUTE=LIMIT", help=limit_help
+    )
     create.add_argument("--name", default="", help="a note on who or what uses it")
     create.add_argument("--store", help=store_help)
     create.set_defaults(func=cmd_keys)
@@ -390,6 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--user", metavar="USER_ID", help="only this user's keys")
     listing.add_argument("--store", help=store_help)
     listing.set_defaults(func=cmd_keys)
+    update = keys.add_parser("update", help="change a key's limits, keeping the key")
+    update.add_argument("key", metavar="ID_OR_PREFIX")
+    update.add_argument("--rpm", type=_count, help="requests per minute across every route (0: none)")
+    update.add_argument("--tpm", type=_count, help="tokens per minute (0: none)")
+    update.add_argument(
+        "--limit",
+        type=_route_limit_arg,
+        action="append",
+        metavar="ROUTE=LIMIT",
+        help="replaces all of the key's route limits with these; repeatable",
+    )
+    update.add_argument("--clear-limits", action="store_true", help="drop all of the key's route limits")
+    update.add_argument("--store", help=store_help)
+    update.set_defaults(func=cmd_keys)
     revoke = keys.add_parser("revoke", help="revoke a key by its id, its prefix, or the key itself")
     revoke.add_argument("key", metavar="ID_OR_PREFIX")
     revoke.add_argument("--store", help=store_help)

@@ -10,7 +10,7 @@ import grpc
 
 from chatterbot import wire
 from chatterbot.api_keys import kind_from_pb, record_to_pb
-from chatterbot.status import Unimplemented
+from chatterbot.status import InvalidArgument
 from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
 from store_svc.keys import ApiKeyRepository
 from store_svc.repository import Conversation, JobResult, Message, StoreRepository, User
@@ -144,6 +144,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             name=request.name,
             requests_per_minute=request.requests_per_minute,
             tokens_per_minute=request.tokens_per_minute,
+            route_limits=tuple((r.route, r.limit) for r in request.route_limits),
         )
         return store_pb2.CreateApiKeyResponse(api_key=record_to_pb(record))
 
@@ -169,8 +170,26 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def UpdateApiKey(
         self, request: store_pb2.UpdateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> store_pb2.UpdateApiKeyResponse:
-        # In the contract ahead of the store: per-route limits (migration 0004) are not served yet.
-        raise Unimplemented("UpdateApiKey is not implemented by this store yet")
+        paths = set(request.update_mask.paths)
+        unknown = paths - UPDATABLE_KEY_FIELDS
+        if unknown or not paths:
+            raise InvalidArgument(
+                f"update_mask must name some of {', '.join(sorted(UPDATABLE_KEY_FIELDS))}"
+                + (f"; not {', '.join(sorted(unknown))}" if unknown else "")
+            )
+        key = request.api_key
+        record = await self.keys.update_limits(
+            request.key_id_or_prefix,
+            requests_per_minute=key.requests_per_minute if "requests_per_minute" in paths else None,
+            tokens_per_minute=key.tokens_per_minute if "tokens_per_minute" in paths else None,
+            route_limits=(
+                tuple((r.route, r.limit) for r in key.route_limits) if "route_limits" in paths else None
+            ),
+        )
+        return store_pb2.UpdateApiKeyResponse(api_key=record_to_pb(record))
+
+
+UPDATABLE_KEY_FIELDS = frozenset({"requests_per_minute", "tokens_per_minute", "route_limits"})
 
 
 # --- dataclasses to protobuf ------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def test_keys_are_created_listed_and_revoked_with_the_cli(mesh):
     header, row = listed.stdout.splitlines()
     assert header.split()[:8] == ["id", "prefix", "kind", "user", "rpm", "tpm", "created", "revoked"]
     assert row.split()[:6] == [made.key_id, prefix, "user", user, "7", "900"]
-    assert row.split()[8:] == ["-", "mobile", "app"]  # not revoked
+    # Not revoked; limits of its own (rpm, tpm), so none per route.
+    assert row.split()[8:] == ["-", "none", "mobile", "app"]
     # The key itself is printed once, at creation, and never again.
     assert made.key not in listed.stdout
 
@@ -53,7 +54,7 @@ def test_keys_are_created_listed_and_revoked_with_the_cli(mesh):
     assert revoked.returncode == 0, revoked.stderr
     assert f"revoked {made.key_id}" in revoked.stdout
     row = keys_cli(mesh, "list", "--user", user).stdout.splitlines()[1]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d", row.split()[8]) and row.split()[10:] == ["mobile", "app"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", row.split()[8]) and row.split()[10:] == ["none", "mobile", "app"]
     # Revoking again is harmless; an unknown key is an error.
     assert keys_cli(mesh, "revoke", made.key_id).returncode == 0
     missing = keys_cli(mesh, "revoke", "no-such-key")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ import pytest
 
 from ops.embedded import free_port
 from ops.launcher import Mesh, ServiceProcess
-from tests.clients import chat_body, create_key, new_user
+from tests.clients import chat_body, create_key, keys_cli, new_user
 from tests.meshes import API_KEY
 
 
@@ -174,3 +175,62 @@ def test_rate_limits_fail_open_when_redis_is_unreachable(mesh, tmp_path):
         metrics = edge.get("/metrics").text
         skipped = re.search(r"^chatterbot_rate_limit_storage_errors_total (\S+)$", metrics, re.M)
         assert skipped and float(skipped.group(1)) >= 3
+
+
+def test_a_key_with_high_limits_does_200_stream_chats_a_minute_without_429(mesh, client):
+    user = new_user()
+    key = as_key(create_key(mesh, "--service", "--rpm", "1000000", "--tpm", "1000000000").key)
+    statuses = [
+        client.post("/stream-chat", json=chat_body(user), headers=key).status_code for _ in range(200)
+    ]
+    assert statuses == [200] * 200
+    # A key with no limits of its own is still held to the route default (20 a minute).
+    default = as_key(create_key(mesh, "--service").key)
+    for _ in range(20):
+        assert client.post("/stream-chat", json=chat_body(user), headers=default).status_code == 200
+    assert_rate_limited(client.post("/stream-chat", json=chat_body(user), headers=default), 20)
+
+
+def test_a_keys_own_route_limit_replaces_the_route_default(mesh, client):
+    user = new_user()
+    key = as_key(create_key(mesh, "--service", "--limit", "/chat=25/minute").key)
+    for remaining in range(24, -1, -1):
+        r = client.post("/chat", json=chat_body(user), headers=key)
+        assert r.status_code == 200, r.text
+        assert_quota(r, 25, remaining)
+    assert_rate_limited(client.post("/chat", json=chat_body(user), headers=key), 25)
+    # Its other routes follow the key's own limits too: none on /async-chat, where the default is 20.
+    for _ in range(21):
+        r = client.post("/async-chat", json=chat_body(user), headers=key)
+        assert r.status_code == 200 and "RateLimit-Limit" not in r.headers, r.text
+
+
+def test_keys_update_changes_a_keys_limits_without_a_new_key(mesh, client):
+    user = new_user()
+    made = create_key(mesh, "--service", "--name", "updatable")
+    key = as_key(made.key)
+    assert client.post("/chat", json=chat_body(user), headers=key).headers["RateLimit-Limit"] == "20"
+    out = keys_cli(mesh, "update", made.key_id, "--limit", "/chat=2/minute", "--rpm", "500")
+    assert out.returncode == 0, out.stderr
+    assert "/chat=2/minute" in out.stdout
+    listing = keys_cli(mesh, "list")
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(made.key_id))
+    assert row.split()[9] == "/chat=2/minute", row
+    # Edges cache a key's record for CHATTERBOT_API_KEY_CACHE_SECONDS; past that the new limits hold.
+    deadline = time.monotonic() + 15
+    while client.post("/chat", json=chat_body(user), headers=key).headers.get("RateLimit-Limit") != "2":
+        assert time.monotonic() < deadline, "the updated limit did not reach the edge"
+        time.sleep(0.5)
+    for _ in range(3):
+        r = client.post("/chat", json=chat_body(user), headers=key)
+    assert_rate_limited(r, 2)
+    cleared = keys_cli(mesh, "update", made.key_id, "--clear-limits", "--rpm", "0")
+    assert cleared.returncode == 0 and "default:/chat=20/minute" in cleared.stdout, cleared
+
+
+def test_keys_update_refuses_a_malformed_limit(mesh):
+    made = create_key(mesh, "--service")
+    out = keys_cli(mesh, "update", made.key_id, "--limit", "/chat=lots")
+    assert out.returncode == 2 and "is not a limit such as 600/minute" in out.stderr
+    nothing = keys_cli(mesh, "update", made.key_id)
+    assert nothing.returncode == 2 and "nothing to update" in nothing.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -527,10 +528,59 @@ async def test_grpc_api_key_of_no_known_kind_is_invalid_argument(store_stub):
     assert invalid.value.details() == "unknown API key kind 0"
 
 
-async def test_grpc_update_api_key_is_unimplemented(store_stub):
-    with pytest.raises(grpc.aio.AioRpcError) as unimplemented:
-        await store_stub.UpdateApiKey(store_pb2.UpdateApiKeyRequest(key_id_or_prefix="k"), timeout=5)
-    assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+async def test_grpc_update_api_key_changes_only_the_masked_limits(store_stub):
+    created = await store_stub.CreateApiKey(
+        store_pb2.CreateApiKeyRequest(
+            key_hash=hashlib.sha256(uuid.uuid4().bytes).digest(),
+            prefix="cb_" + uuid.uuid4().hex[:8],
+            kind=store_pb2.API_KEY_KIND_SERVICE,
+            requests_per_minute=7,
+            route_limits=[store_pb2.RouteLimit(route="/chat", limit="5/minute")],
+        ),
+        timeout=5,
+    )
+    key_id = created.api_key.key_id
+    assert [(r.route, r.limit) for r in created.api_key.route_limits] == [("/chat", "5/minute")]
+    update = store_pb2.UpdateApiKeyRequest(
+        key_id_or_prefix=key_id,
+        api_key=store_pb2.ApiKey(
+            tokens_per_minute=900,
+            requests_per_minute=1,  # not in the mask: left alone
+            route_limits=[store_pb2.RouteLimit(route="/stream-chat", limit="600/minute;10000/hour")],
+        ),
+    )
+    update.update_mask.paths.extend(["tokens_per_minute", "route_limits"])
+    updated = (await store_stub.UpdateApiKey(update, timeout=5)).api_key
+    assert (updated.requests_per_minute, updated.tokens_per_minute) == (7, 900)
+    assert [(r.route, r.limit) for r in updated.route_limits] == [("/stream-chat", "600/minute;10000/hour")]
+
+
+@pytest.mark.parametrize(
+    ("paths", "limit", "detail"),
+    [
+        ([], "5/minute", "update_mask must name some of"),
+        (["name"], "5/minute", "not name"),
+        (["route_limits"], "lots", "is not a limit such as 600/minute"),
+    ],
+)
+async def test_grpc_update_api_key_refuses_what_it_cannot_apply(store_stub, paths, limit, detail):
+    created = await store_stub.CreateApiKey(
+        store_pb2.CreateApiKeyRequest(
+            key_hash=hashlib.sha256(uuid.uuid4().bytes).digest(),
+            prefix="cb_" + uuid.uuid4().hex[:8],
+            kind=store_pb2.API_KEY_KIND_SERVICE,
+        ),
+        timeout=5,
+    )
+    update = store_pb2.UpdateApiKeyRequest(
+        key_id_or_prefix=created.api_key.key_id,
+        api_key=store_pb2.ApiKey(route_limits=[store_pb2.RouteLimit(route="/chat", limit=limit)]),
+    )
+    update.update_mask.paths.extend(paths)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await store_stub.UpdateApiKey(update, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail in (refused.value.details() or "")
 
 
 async def test_grpc_job_results_round_trip(store_stub):
