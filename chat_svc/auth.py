@@ -3,8 +3,8 @@
 `ApiKeyInterceptor` resolves the key with the shared `KeyResolver` (static keys, else store_svc by hash,
 cached briefly): missing → UNAUTHENTICATED, unknown or revoked → PERMISSION_DENIED, store_svc unreachable →
 UNAVAILABLE. Health and reflection stay open. The caller is then available to the servicer, which cannot see
-a request's `user_id` before it is deserialized: `require_user` ends a call whose user key acts for another
-user with PERMISSION_DENIED, and `may_act_for` lets the queued-chat methods answer NOT_FOUND for another
+a request's `user_id` before it is deserialized: `require_user` raises PERMISSION_DENIED for a user key that
+acts for another user, and `may_act_for` lets the queued-chat methods answer NOT_FOUND for another
 user's correlation id, exactly as for one that does not exist.
 
 The edge passes its caller's key on, so chat_svc applies these rules to edge traffic too. Rate limits are
@@ -14,12 +14,20 @@ the edge's (chat_svc does not count gRPC calls).
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
+from typing import Any
 
 import grpc
 
 from chatterbot.api_keys import API_KEY_METADATA, KeyLookupUnavailable, KeyResolver, Principal
-from chatterbot.guarded_client import dependency_unavailable_metadata
+from chatterbot.status import (
+    PermissionDenied,
+    StatusError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
 
 _GUARDED_PREFIX = "/chatterbot.v1.ChatService/"
 # Open like health: the degradation status carries no user data, and health pages poll it.
@@ -39,13 +47,11 @@ def may_act_for(user_id: str) -> bool:
     return caller is None or caller.may_act_for(user_id)
 
 
-async def require_user(context: grpc.aio.ServicerContext, user_id: str) -> None:
-    """End the call with PERMISSION_DENIED unless the caller may act for `user_id`."""
+def require_user(user_id: str) -> None:
+    """Raise PermissionDenied unless the caller may act for `user_id`."""
     caller = _caller.get()
     if caller is not None and not caller.may_act_for(user_id):
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED, f"this key may act only for user_id {caller.user_id!r}"
-        )
+        raise PermissionDenied(f"this key may act only for user_id {caller.user_id!r}")
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -54,23 +60,23 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, resolver: KeyResolver) -> None:
         self.resolver = resolver
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
-        method = handler_call_details.method
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
         if not method.startswith(_GUARDED_PREFIX) or method in _OPEN_METHODS:
             return await continuation(handler_call_details)
         key = dict(handler_call_details.invocation_metadata or ()).get(API_KEY_METADATA, "")
         if not key:
-            return _deny(grpc.StatusCode.UNAUTHENTICATED, "missing API key (x-api-key metadata)")
+            return _deny(Unauthenticated("missing API key (x-api-key metadata)"))
         try:
             caller = await self.resolver.resolve(key)
         except KeyLookupUnavailable:
-            return _deny(
-                grpc.StatusCode.UNAVAILABLE,
-                "cannot check API keys right now",
-                dependency_unavailable_metadata("store", 1.0),
-            )
+            return _deny(Unavailable("cannot check API keys right now", dependency="store", retry_after=1.0))
         if caller is None:
-            return _deny(grpc.StatusCode.PERMISSION_DENIED, "invalid API key")
+            return _deny(PermissionDenied("invalid API key"))
         handler = await continuation(handler_call_details)
         return _as_caller(handler, caller) if handler is not None else None
 
@@ -80,7 +86,7 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMet
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
-        async def unary_unary(request, context):
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _caller.set(caller)
             return await inner(request, context)
 
@@ -91,31 +97,38 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMet
         )
     if handler.unary_stream is not None:
         stream = handler.unary_stream
+        behaviour: Callable[..., Any]
 
         if inspect.isasyncgenfunction(stream):
 
-            async def unary_stream(request, context):
+            async def yielding(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 _caller.set(caller)
                 async for response in stream(request, context):
                     yield response
+
+            behaviour = yielding
         else:
             # A handler that writes with context.write() and returns nothing.
-            async def unary_stream(request, context):
+            async def writing(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 _caller.set(caller)
                 return await stream(request, context)
 
+            behaviour = writing
+
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream,
+            behaviour,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     # ChatService has no client-streaming methods; should one appear, it must be taught here first.
-    return _deny(grpc.StatusCode.UNIMPLEMENTED, "this method is not available with API keys")
+    return _deny(Unimplemented("this method is not available with API keys"))
 
 
-def _deny(code: grpc.StatusCode, details: str, trailing_metadata=()) -> grpc.RpcMethodHandler:
-    async def abort(request, context):
-        await context.abort(code, details, trailing_metadata=trailing_metadata)
+def _deny(error: StatusError) -> grpc.RpcMethodHandler:
+    """A handler that raises `error`: the status interceptor, outside this one, answers it."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise error
 
     # Every guarded method takes a single request, so a unary-unary denial fits unary and streaming calls.
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(deny)

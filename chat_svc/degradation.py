@@ -13,14 +13,17 @@ import contextlib
 import enum
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import prometheus_client
 
 from chatterbot.breaker import CircuitOpenError
-from chatterbot.guarded_client import GuardedClient
 from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2, inference_pb2
+
+if TYPE_CHECKING:
+    from chat_svc.clients import InferenceClient
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,17 @@ class Rung(enum.IntEnum):
     CACHE_ONLY = 3
     SHED = 4
 
-    def to_proto(self) -> int:
-        return chat_pb2.DegradationRung.Value("DEGRADATION_RUNG_" + self.name)
+    def to_proto(self) -> chat_pb2.DegradationRung:
+        return _RUNG_VALUES[self]
+
+
+_RUNG_VALUES = {
+    Rung.NONE: chat_pb2.DEGRADATION_RUNG_NONE,
+    Rung.REDUCED_CONTEXT: chat_pb2.DEGRADATION_RUNG_REDUCED_CONTEXT,
+    Rung.LIGHT_MODEL: chat_pb2.DEGRADATION_RUNG_LIGHT_MODEL,
+    Rung.CACHE_ONLY: chat_pb2.DEGRADATION_RUNG_CACHE_ONLY,
+    Rung.SHED: chat_pb2.DEGRADATION_RUNG_SHED,
+}
 
 
 class Shed(Exception):
@@ -79,14 +91,14 @@ class Thresholds:
 class DegradationLadder:
     """Keeps the current rung from a background poll; reading it costs nothing on the request path."""
 
-    def __init__(self, inference: GuardedClient, settings: Settings) -> None:
+    def __init__(self, inference: InferenceClient, settings: Settings) -> None:
         self.inference = inference
         self.thresholds = Thresholds.from_settings(settings)
         self.poll_seconds = settings.degrade_poll_seconds
         self.retry_after = max(1.0, settings.breaker_reset_seconds)
         self.waiting = 0
         self.light_model = ""
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -105,7 +117,7 @@ class DegradationLadder:
 
     async def poll(self) -> None:
         try:
-            response = await self.inference.call(
+            response: inference_pb2.ListModelsResponse = await self.inference.call(
                 self.inference.stub.ListModels, inference_pb2.ListModelsRequest(), timeout=1.0, retry=False
             )
         except (CircuitOpenError, grpc.aio.AioRpcError):

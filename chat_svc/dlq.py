@@ -9,6 +9,7 @@ from datetime import datetime
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from chatterbot.jetstream import DLQ_STREAM, DLQ_SUBJECT_PREFIX, PRIORITIES, Job
@@ -24,7 +25,7 @@ class DeadLetter:
     seq: int
 
 
-def _dead_letter(msg) -> DeadLetter:
+def _dead_letter(msg: Msg) -> DeadLetter:
     job = Job.decode(msg.data)
     error = (msg.headers or {}).get("Chatterbot-Error", "")
     return DeadLetter(
@@ -71,13 +72,12 @@ async def replay(
         stored = await js.get_last_msg(DLQ_STREAM, DLQ_SUBJECT_PREFIX + correlation_id)
     except nats.js.errors.NotFoundError:
         raise LookupError(correlation_id) from None
-    job = Job.decode(stored.data)
+    data, seq = stored.data or b"", stored.seq or 0
+    job = Job.decode(data)
     await before_publish(job)
     # A fresh message id: the original one may still be inside the jobs stream's duplicate window.
     await js.publish(
-        PRIORITIES[job.priority][0],
-        stored.data,
-        headers={"Nats-Msg-Id": f"{correlation_id}:replay:{stored.seq}"},
+        PRIORITIES[job.priority][0], data, headers={"Nats-Msg-Id": f"{correlation_id}:replay:{seq}"}
     )
-    await js.delete_msg(DLQ_STREAM, stored.seq)
+    await js.delete_msg(DLQ_STREAM, seq)
     return job

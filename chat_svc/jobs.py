@@ -12,27 +12,39 @@ import binascii
 import hashlib
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import orjson
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from chat_svc.turn import TurnInput
-from chatterbot.guarded_client import GuardedClient
-from chatterbot.jetstream import PRIORITIES, Job, cancel_subject, events_subject
+from chatterbot.events import last_event_seq
+from chatterbot.jetstream import PRIORITIES, Job, JobEvent, cancel_subject, events_subject
+from chatterbot.status import NotFound
 from chatterbot.v1 import store_pb2, types_pb2
 
-PRIORITY_NAMES = {
+if TYPE_CHECKING:
+    from chat_svc.clients import StoreClient
+
+PRIORITY_NAMES: dict[types_pb2.JobPriority, str] = {
     types_pb2.JOB_PRIORITY_UNSPECIFIED: "interactive",
     types_pb2.JOB_PRIORITY_STREAMING: "streaming",
     types_pb2.JOB_PRIORITY_INTERACTIVE: "interactive",
     types_pb2.JOB_PRIORITY_BATCH: "batch",
 }
-TERMINAL = (types_pb2.JOB_STATUS_SUCCEEDED, types_pb2.JOB_STATUS_FAILED, types_pb2.JOB_STATUS_CANCELLED)
+TERMINAL: tuple[types_pb2.JobStatus, ...] = (
+    types_pb2.JOB_STATUS_SUCCEEDED,
+    types_pb2.JOB_STATUS_FAILED,
+    types_pb2.JOB_STATUS_CANCELLED,
+)
 
 
-class BadCorrelationId(ValueError):
-    """Not a correlation id this service issued."""
+class BadCorrelationId(NotFound, ValueError):
+    """Not a correlation id this service issued: answered like an unknown one."""
+
+    def __init__(self) -> None:
+        super().__init__("unknown correlation id")
 
 
 def new_correlation_id(user_id: str, request_id: str = "") -> str:
@@ -48,22 +60,25 @@ def user_of(correlation_id: str) -> str:
     """The user id a correlation id was issued for."""
     head, _, tail = correlation_id.partition(".")
     if len(head) != 32 or not tail:
-        raise BadCorrelationId(correlation_id)
+        raise BadCorrelationId
     try:
         return base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError) as exc:
-        raise BadCorrelationId(correlation_id) from exc
+        raise BadCorrelationId from exc
 
 
 @dataclass
 class JobDeps:
     js: JetStreamContext
-    nc: object
-    store: GuardedClient
+    nc: NATS
+    store: StoreClient
     result_ttl_seconds: int
 
 
-async def put_result(deps: JobDeps, correlation_id: str, user_id: str, status: int, **fields) -> None:
+async def put_result(
+    deps: JobDeps, correlation_id: str, user_id: str, status: types_pb2.JobStatus, **fields: Any
+) -> None:
+    """Record the job's result row (store_pb2.JobResult fields) with the configured TTL."""
     result = store_pb2.JobResult(correlation_id=correlation_id, user_id=user_id, status=status, **fields)
     await deps.store.call(
         deps.store.stub.PutJobResult,
@@ -71,25 +86,17 @@ async def put_result(deps: JobDeps, correlation_id: str, user_id: str, status: i
     )
 
 
-async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
+async def submit(deps: JobDeps, turn: TurnInput, priority: types_pb2.JobPriority) -> str:
     """Record the job as pending, then publish it; returns the correlation id."""
     correlation_id = new_correlation_id(turn.user_id, turn.request_id)
-    job = Job(
+    job = Job.of(
+        turn,
         correlation_id=correlation_id,
         priority=PRIORITY_NAMES.get(priority, "interactive"),
-        user_id=turn.user_id,
-        message=turn.message,
-        context=turn.context,
-        max_tokens=turn.max_tokens,
-        temperature=turn.temperature,
         # Fixed now, so a retried job stays in one conversation.
         conversation_id=turn.conversation_id or uuid.uuid4().hex,
-        model=turn.model,
-        top_p=turn.top_p,
-        seed=turn.seed,
-        stop=turn.stop,
     )
-    existing = await get_result(deps, correlation_id, turn.user_id, missing_ok=True)
+    existing = await find_result(deps, correlation_id, turn.user_id)
     if existing is None:
         await put_result(
             deps,
@@ -103,35 +110,38 @@ async def submit(deps: JobDeps, turn: TurnInput, priority: int) -> str:
     return correlation_id
 
 
-async def get_result(deps: JobDeps, correlation_id: str, user_id: str = "", *, missing_ok: bool = False):
-    """The job's result row (store_pb2.JobResult); NOT_FOUND raises unless missing_ok."""
-    try:
-        response = await deps.store.call(
-            deps.store.stub.GetJobResult,
-            store_pb2.GetJobResultRequest(
-                user_id=user_id or user_of(correlation_id), correlation_id=correlation_id
-            ),
-        )
-    except grpc.aio.AioRpcError as exc:
-        if missing_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
+async def get_result(deps: JobDeps, correlation_id: str, user_id: str = "") -> store_pb2.JobResult:
+    """The job's result row; NOT_FOUND (from the store) when there is none."""
+    response: store_pb2.GetJobResultResponse = await deps.store.call(
+        deps.store.stub.GetJobResult,
+        store_pb2.GetJobResultRequest(
+            user_id=user_id or user_of(correlation_id), correlation_id=correlation_id
+        ),
+    )
     return response.result
 
 
-async def publish_event(js: JetStreamContext, correlation_id: str, event: dict) -> None:
+async def find_result(deps: JobDeps, correlation_id: str, user_id: str = "") -> store_pb2.JobResult | None:
+    """The job's result row, None when there is none."""
+    try:
+        return await get_result(deps, correlation_id, user_id)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+async def publish_event(js: JetStreamContext, correlation_id: str, event: JobEvent) -> None:
     """Publish one event of a job; deduplicated on (job, seq) so a retried publish is stored once."""
     await js.publish(
         events_subject(correlation_id),
-        orjson.dumps(event),
-        headers={"Nats-Msg-Id": f"{correlation_id}:{event['seq']}"},
+        event.encode(),
+        headers={"Nats-Msg-Id": f"{correlation_id}:{event.seq}"},
     )
 
 
-async def cancel(deps: JobDeps, correlation_id: str, user_id: str) -> int:
+async def cancel(deps: JobDeps, correlation_id: str, user_id: str) -> types_pb2.JobStatus:
     """Cancel a job: its worker stops generating, watchers get a final error event. Returns the status."""
-    from chatterbot.events import last_event_seq
-
     result = await get_result(deps, correlation_id, user_id)
     if result.status in TERMINAL:
         return result.status
@@ -147,7 +157,5 @@ async def cancel(deps: JobDeps, correlation_id: str, user_id: str) -> int:
     if result.status == types_pb2.JOB_STATUS_PENDING:
         # No worker has it yet: end the event stream here; the worker that dequeues it will skip it.
         seq = await last_event_seq(deps.js, correlation_id) + 1
-        await publish_event(
-            deps.js, correlation_id, {"seq": seq, "token": "", "done": False, "error": "cancelled"}
-        )
+        await publish_event(deps.js, correlation_id, JobEvent(seq, error="cancelled"))
     return types_pb2.JOB_STATUS_CANCELLED

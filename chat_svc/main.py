@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from chat_svc.auth import ApiKeyInterceptor
 from chat_svc.clients import downstream_clients
 from chat_svc.degradation import DegradationLadder
+from chat_svc.errors import chat_status
 from chat_svc.jobs import JobDeps
 from chat_svc.servicer import ChatServicer
 from chatterbot.api_keys import KeyResolver, store_lookup
@@ -48,6 +49,8 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
                 # Direct chats work without NATS; only queued ones need it.
                 probes={"nats": nats_up},
                 optional_probes=frozenset({"nats"}),
+                # Shed turns and job-queue failures; failed downstream calls are known to every service.
+                error_translators=[chat_status],
             )
         finally:
             await deps.ladder.stop()

@@ -11,33 +11,29 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from chat_svc.degradation import DegradationLadder, Rung, Shed
 from chatterbot.breaker import CircuitOpenError
-from chatterbot.guarded_client import GuardedClient
-from chatterbot.tokens import approx_token_count
+from chatterbot.jetstream import QueuedTurn
+from chatterbot.tokens import TokenCounter, approx_token_count
 from chatterbot.v1 import context_pb2, inference_pb2, store_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from chat_svc.clients import ContextClient, InferenceClient, StoreClient
 
 log = logging.getLogger(__name__)
 
 _DEGRADABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-@dataclass(frozen=True)
-class TurnInput:
-    user_id: str
-    message: str
-    context: list[str] = field(default_factory=list)
-    max_tokens: int = 256
-    temperature: float = 0.7
-    conversation_id: str = ""
+@dataclass(frozen=True, kw_only=True)
+class TurnInput(QueuedTurn):
+    """A turn to run: what a queued job carries (`QueuedTurn`), and what only a direct call can."""
+
     request_id: str = ""
-    model: str = ""
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
     # The whole prompt, as an OpenAI-style request sends it; empty: built from stored context and `message`.
     messages: list[types_pb2.ChatMessage] = field(default_factory=list)
 
@@ -48,7 +44,7 @@ class TurnResult:
     conversation_id: str
     request_id: str
     processing_time: float
-    finish_reason: int = types_pb2.FINISH_REASON_UNSPECIFIED
+    finish_reason: types_pb2.FinishReason = types_pb2.FINISH_REASON_UNSPECIFIED
     usage: types_pb2.Usage = field(default_factory=types_pb2.Usage)
     model: str = ""
 
@@ -57,14 +53,16 @@ class TurnResult:
 class TurnDeps:
     """The downstream clients and knobs a turn needs."""
 
-    context: GuardedClient
-    inference: GuardedClient
-    store: GuardedClient
+    context: ContextClient
+    inference: InferenceClient
+    store: StoreClient
     system_prompt: str
     context_token_budget: int
     # Direct turns follow the degradation ladder; queued ones (workers) have none: the queue absorbs load.
     ladder: DegradationLadder | None = None
     reduced_context_token_budget: int = 768
+    # Counts a user's turn once, for history and context alike (the configured tokenizer, built at start-up).
+    count_tokens: TokenCounter = approx_token_count
 
 
 @dataclass
@@ -78,11 +76,12 @@ class _Prepared:
 
 async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
     started = time.perf_counter()
-    rung = deps.ladder.rung if deps.ladder is not None else Rung.NONE
-    if rung >= Rung.SHED:
-        raise Shed(deps.ladder.status()[1], deps.ladder.retry_after)
+    ladder = deps.ladder
+    rung, reason = ladder.status() if ladder is not None else (Rung.NONE, "")
+    if ladder is not None and rung >= Rung.SHED:
+        raise Shed(reason, ladder.retry_after)
     budget = deps.reduced_context_token_budget if rung >= Rung.REDUCED_CONTEXT else deps.context_token_budget
-    model = turn.model or (deps.ladder.light_model if rung >= Rung.LIGHT_MODEL else "")
+    model = turn.model or (ladder.light_model if ladder is not None and rung >= Rung.LIGHT_MODEL else "")
     conversation_id = turn.conversation_id or conversation_id_for(turn)
     request_id = turn.request_id or uuid.uuid4().hex
     if turn.messages:
@@ -129,7 +128,7 @@ async def _recent_turns(
     deps: TurnDeps, user_id: str, conversation_id: str, budget: int
 ) -> list[context_pb2.Turn]:
     try:
-        response = await deps.context.call(
+        response: context_pb2.GetContextResponse = await deps.context.call(
             deps.context.stub.GetContext,
             context_pb2.GetContextRequest(
                 user_id=user_id, conversation_id=conversation_id, token_budget=budget
@@ -149,8 +148,9 @@ async def _finish(
 ) -> TurnResult:
     """Store the exchange (idempotent on the request id), then remember it as context."""
     processing_time = time.perf_counter() - p.started
-    user_tokens = approx_token_count(p.turn.message)
-    stored = await deps.store.call(
+    # Counted once, with the configured tokenizer: history and context keep the same count.
+    user_tokens = deps.count_tokens(p.turn.message)
+    stored: store_pb2.AppendExchangeResponse = await deps.store.call(
         deps.store.stub.AppendExchange,
         store_pb2.AppendExchangeRequest(
             user_id=p.turn.user_id,
@@ -224,7 +224,10 @@ async def stream_turn(
     p = await _prepare(deps, turn, whole)
     parts: list[str] = []
     last = inference_pb2.GenerateResponse()
-    async for chunk in deps.inference.stream(deps.inference.stub.Generate, p.generate):
+    chunks: AsyncIterator[inference_pb2.GenerateResponse] = deps.inference.stream(
+        deps.inference.stub.Generate, p.generate
+    )
+    async for chunk in chunks:
         parts.append(chunk.text)
         last = chunk
         if chunk.text:

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
 import grpc
 import nats.errors
 import orjson
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from chat_svc.jobs import TERMINAL, JobDeps, get_result, publish_event, put_result
-from chat_svc.turn import TurnDeps, TurnInput, stream_turn
+from chat_svc.jobs import TERMINAL, JobDeps, find_result, publish_event, put_result
+from chat_svc.turn import TurnDeps, TurnInput, TurnResult, stream_turn
+from chatterbot import wire
 from chatterbot.events import last_event_seq
 from chatterbot.jetstream import (
     CANCEL_SUBJECT_PREFIX,
@@ -32,6 +36,8 @@ from chatterbot.jetstream import (
     JOBS_STREAM,
     PRIORITIES,
     Job,
+    JobEvent,
+    queued_fields,
 )
 from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.settings import Settings
@@ -39,14 +45,11 @@ from chatterbot.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 
-FINISH_NAMES = {
-    types_pb2.FINISH_REASON_STOP: "stop",
-    types_pb2.FINISH_REASON_LENGTH: "length",
-    types_pb2.FINISH_REASON_ABORT: "abort",
-}
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 # An idle worker asks each priority in turn; short waits keep a new streaming job's pickup fast.
 IDLE_FETCH_TIMEOUT = 0.1
+# Tells watchers a new try begins: the text so far is to be discarded (its seq is the publisher's).
+RESTART = JobEvent(0, restart=True)
 
 
 def _permanent(exc: Exception) -> bool:
@@ -70,7 +73,7 @@ class EventPublisher:
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task = asyncio.create_task(self._run())
+        self._task: asyncio.Task[None] = asyncio.create_task(self._run())
 
     def token(self, text: str) -> None:
         self._pending.append(text)
@@ -83,18 +86,16 @@ class EventPublisher:
             self._ready.clear()
             text, self._pending = "".join(self._pending), []
             if text:
-                await self._publish({"token": text, "done": False})
+                self.seq += 1
+                await publish_event(self.js, self.correlation_id, JobEvent(self.seq, text))
             if not self._pending:
                 self._idle.set()
 
-    async def _publish(self, event: dict) -> None:
-        self.seq += 1
-        await publish_event(self.js, self.correlation_id, {"seq": self.seq, **event})
-
-    async def event(self, **event) -> None:
-        """Publish an event after every token before it."""
+    async def event(self, event: JobEvent) -> None:
+        """Publish `event` (its seq is this publisher's next) after every token before it."""
         await self.flush()
-        await self._publish(event)
+        self.seq += 1
+        await publish_event(self.js, self.correlation_id, dataclasses.replace(event, seq=self.seq))
 
     async def flush(self) -> None:
         waiter = asyncio.ensure_future(self._idle.wait())
@@ -112,19 +113,19 @@ class EventPublisher:
 class Worker:
     """Runs up to `settings.worker_concurrency` jobs at once."""
 
-    def __init__(self, nc, turn_deps: TurnDeps, job_deps: JobDeps, settings: Settings) -> None:
+    def __init__(self, nc: NATS, turn_deps: TurnDeps, job_deps: JobDeps, settings: Settings) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.turn_deps = turn_deps
         self.job_deps = job_deps
         self.settings = settings
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
-        self._running: dict[str, asyncio.Task] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: set[str] = set()
         self._stopping = asyncio.Event()
-        self._subs: list = []
-        self._core_subs: list = []
-        self._dispatcher: asyncio.Task | None = None
+        self._subs: list[JetStreamContext.PullSubscription] = []
+        self._core_subs: list[Subscription] = []
+        self._dispatcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         for _, durable in PRIORITIES.values():
@@ -183,7 +184,7 @@ class Worker:
                 if msgs:
                     return msgs[0]
 
-    async def _on_cancel(self, msg) -> None:
+    async def _on_cancel(self, msg: Msg) -> None:
         correlation_id = msg.subject[len(CANCEL_SUBJECT_PREFIX) :]
         task = self._running.get(correlation_id)
         if task is not None:
@@ -195,7 +196,9 @@ class Worker:
         attempt = msg.metadata.num_delivered
         log_correlation_id.set(job.correlation_id)
         heartbeat = asyncio.create_task(self._heartbeat(msg))
-        self._running[job.correlation_id] = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None  # a job runs in a task of its own
+        self._running[job.correlation_id] = task
         try:
             await self._process(job, attempt)
             await msg.ack()
@@ -228,7 +231,7 @@ class Worker:
                 await msg.in_progress()
 
     async def _process(self, job: Job, attempt: int) -> None:
-        result = await get_result(self.job_deps, job.correlation_id, job.user_id, missing_ok=True)
+        result = await find_result(self.job_deps, job.correlation_id, job.user_id)
         if result is not None and result.status in TERMINAL:
             return  # finished (or cancelled) by an earlier try: nothing to do but acknowledge
         started = time.perf_counter()
@@ -237,7 +240,7 @@ class Worker:
         )
         try:
             if publisher.seq:
-                await publisher.event(token="", done=False, restart=True)
+                await publisher.event(RESTART)
             await put_result(
                 self.job_deps,
                 job.correlation_id,
@@ -245,21 +248,9 @@ class Worker:
                 types_pb2.JOB_STATUS_RUNNING,
                 conversation_id=job.conversation_id,
             )
-            turn = TurnInput(
-                user_id=job.user_id,
-                message=job.message,
-                context=job.context,
-                max_tokens=job.max_tokens,
-                temperature=job.temperature,
-                conversation_id=job.conversation_id,
-                request_id=job.correlation_id,
-                model=job.model,
-                top_p=job.top_p,
-                seed=job.seed,
-                stop=job.stop,
-            )
+            turn = TurnInput(**queued_fields(job), request_id=job.correlation_id)
             streamed: list[str] = []
-            final = None
+            final: TurnResult | None = None
             async for text, outcome in stream_turn(self.turn_deps, turn):
                 if outcome is None:
                     streamed.append(text)
@@ -269,8 +260,8 @@ class Worker:
             assert final is not None
             if "".join(streamed) != final.response:
                 # An earlier try stored its answer before dying: that answer is the answer.
-                await publisher.event(token="", done=False, restart=True)
-                await publisher.event(token=final.response, done=False)
+                await publisher.event(RESTART)
+                await publisher.event(JobEvent(0, final.response))
             processing_time = time.perf_counter() - started
             await put_result(
                 self.job_deps,
@@ -284,16 +275,14 @@ class Worker:
                 usage=final.usage,
             )
             await publisher.event(
-                token="",
-                done=True,
-                conversation_id=final.conversation_id,
-                finish_reason=FINISH_NAMES.get(final.finish_reason, "stop"),
-                usage={
-                    "prompt_tokens": final.usage.prompt_tokens,
-                    "completion_tokens": final.usage.completion_tokens,
-                    "total_tokens": final.usage.total_tokens,
-                },
-                processing_time=processing_time,
+                JobEvent(
+                    0,
+                    done=True,
+                    conversation_id=final.conversation_id,
+                    finish_reason=wire.finish_name(final.finish_reason) or "stop",
+                    usage=final.usage,
+                    processing_time=processing_time,
+                )
             )
         finally:
             await publisher.close()
@@ -301,11 +290,7 @@ class Worker:
     async def _finish_cancelled(self, job: Job) -> None:
         with contextlib.suppress(Exception):
             seq = await last_event_seq(self.js, job.correlation_id)
-            await publish_event(
-                self.js,
-                job.correlation_id,
-                {"seq": seq + 1, "token": "", "done": False, "error": "cancelled"},
-            )
+            await publish_event(self.js, job.correlation_id, JobEvent(seq + 1, error="cancelled"))
 
     async def _dead_letter(self, job: Job, error: str) -> None:
         """Park the job in the dead-letter stream, mark it failed, and end its event stream."""
@@ -323,19 +308,15 @@ class Worker:
             error=error[:500],
         )
         seq = await last_event_seq(self.js, job.correlation_id)
-        await publish_event(
-            self.js,
-            job.correlation_id,
-            {"seq": seq + 1, "token": "", "done": False, "error": "failed: " + error[:200]},
-        )
+        await publish_event(self.js, job.correlation_id, JobEvent(seq + 1, error="failed: " + error[:200]))
 
-    async def _on_max_deliveries(self, msg) -> None:
+    async def _on_max_deliveries(self, msg: Msg) -> None:
         """The last try of a job died with its worker: dead-letter the job from here."""
         try:
             advisory = orjson.loads(msg.data)
             stored = await self.js.get_msg(JOBS_STREAM, advisory["stream_seq"])
-            job = Job.decode(stored.data)
-            result = await get_result(self.job_deps, job.correlation_id, job.user_id, missing_ok=True)
+            job = Job.decode(stored.data or b"")
+            result = await find_result(self.job_deps, job.correlation_id, job.user_id)
             if result is None or result.status not in TERMINAL:
                 await self._dead_letter(job, "worker lost on the last try")
             await self.js.delete_msg(JOBS_STREAM, advisory["stream_seq"])

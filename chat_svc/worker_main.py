@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from chat_svc.clients import downstream_clients
+from chat_svc.errors import chat_status
 from chat_svc.jobs import JobDeps
 from chat_svc.worker import Worker
 from chatterbot.grpc_server import GrpcApp, run_service
@@ -27,7 +28,13 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             return nc.is_connected
 
         try:
-            yield GrpcApp(name="worker", servicers=[], service_names=[], probes={"nats": nats_up})
+            yield GrpcApp(
+                name="worker",
+                servicers=[],
+                service_names=[],
+                probes={"nats": nats_up},
+                error_translators=[chat_status],
+            )
         finally:
             await worker.stop(settings.shutdown_grace_seconds)
             await disconnect(nc)

@@ -12,27 +12,25 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import nats.errors
 import nats.js.errors
-import orjson
 from nats.aio.client import Client as NATS
-from nats.js import api
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
 
-from chatterbot.jetstream import EVENTS_STREAM, EVENTS_SUBJECT_PREFIX, events_subject
+from chatterbot.jetstream import EVENTS_STREAM, EVENTS_SUBJECT_PREFIX, JobEvent, events_subject
 
 log = logging.getLogger(__name__)
 
 REPLAY_BATCH = 256
 
 
-def is_final(event: dict) -> bool:
-    return bool(event.get("done") or event.get("error"))
-
-
 # Handed to every watcher when the process drains: its stream ends, and its client resumes elsewhere.
-_DRAIN: dict = {}
+_DRAIN = object()
 
 
 class _Mailbox:
@@ -42,15 +40,16 @@ class _Mailbox:
     __slots__ = ("items", "waiter")
 
     def __init__(self) -> None:
-        self.items: list = []
-        self.waiter: asyncio.Future | None = None
+        # JobEvents, None for a keep-alive tick, or _DRAIN.
+        self.items: list[Any] = []
+        self.waiter: asyncio.Future[None] | None = None
 
-    def put(self, item) -> None:
+    def put(self, item: Any) -> None:
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def get(self):
+    async def get(self) -> Any:
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
@@ -74,8 +73,8 @@ class EventFanout:
         self.jsm = nc.jsm()
         self.keepalive_seconds = keepalive_seconds
         self._watchers: dict[str, set[_Mailbox]] = defaultdict(set)
-        self._sub = None
-        self._ticker: asyncio.Task | None = None
+        self._sub: Subscription | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(EVENTS_SUBJECT_PREFIX + ">", cb=self._on_event)
@@ -93,7 +92,7 @@ class EventFanout:
             await asyncio.sleep(self.keepalive_seconds)
             self._hand_everyone(None)
 
-    def _hand_everyone(self, item) -> None:
+    def _hand_everyone(self, item: Any) -> None:
         for watchers in list(self._watchers.values()):
             for mailbox in watchers:
                 mailbox.put(item)
@@ -102,17 +101,17 @@ class EventFanout:
         """End every watch now (the process is shutting down; watchers resume elsewhere)."""
         self._hand_everyone(_DRAIN)
 
-    async def _on_event(self, msg) -> None:
+    async def _on_event(self, msg: Msg) -> None:
         watchers = self._watchers.get(msg.subject[len(EVENTS_SUBJECT_PREFIX) :])
         if not watchers:
             return
-        event = orjson.loads(msg.data)
+        event = JobEvent.decode(msg.data)
         for mailbox in watchers:
             mailbox.put(event)
 
     async def watch(
         self, correlation_id: str, after_seq: int = 0, *, keepalive: bool = False
-    ) -> AsyncIterator[dict | None]:
+    ) -> AsyncGenerator[JobEvent | None, None]:
         """Events with seq > after_seq, retained ones first, until the final one (done or error); with
         `keepalive`, also a None every `keepalive_seconds` while the job is live. Ends early on `drain()`."""
         mailbox = _Mailbox()
@@ -123,9 +122,9 @@ class EventFanout:
             # Closed as soon as it is read (or left), so that its JetStream consumer goes at once.
             async with contextlib.aclosing(self.replay(correlation_id, after_seq)) as retained:
                 async for event in retained:
-                    last = event["seq"]
+                    last = event.seq
                     yield event
-                    if is_final(event):
+                    if event.final:
                         return
             while True:
                 event = await mailbox.get()
@@ -135,11 +134,11 @@ class EventFanout:
                     if keepalive:
                         yield None
                     continue
-                if event["seq"] <= last:
+                if event.seq <= last:
                     continue  # already sent by the replay
-                last = event["seq"]
+                last = event.seq
                 yield event
-                if is_final(event):
+                if event.final:
                     return
         finally:
             watchers = self._watchers[correlation_id]
@@ -147,7 +146,7 @@ class EventFanout:
             if not watchers:
                 del self._watchers[correlation_id]
 
-    async def replay(self, correlation_id: str, after_seq: int = 0) -> AsyncIterator[dict]:
+    async def replay(self, correlation_id: str, after_seq: int = 0) -> AsyncGenerator[JobEvent, None]:
         """The retained events of one job with seq > after_seq, read once through a short-lived consumer."""
         subject = events_subject(correlation_id)
         try:
@@ -176,8 +175,8 @@ class EventFanout:
                 except nats.errors.TimeoutError:
                     return
                 for msg in msgs:
-                    event = orjson.loads(msg.data)
-                    if event["seq"] > after_seq:
+                    event = JobEvent.decode(msg.data)
+                    if event.seq > after_seq:
                         yield event
                 if msgs[-1].metadata.num_pending == 0:
                     return
@@ -188,10 +187,10 @@ class EventFanout:
                 await self.jsm.delete_consumer(EVENTS_STREAM, name)
 
 
-async def last_event_seq(js, correlation_id: str) -> int:
+async def last_event_seq(js: JetStreamContext, correlation_id: str) -> int:
     """The seq of the newest retained event of a job, 0 when there is none."""
     try:
         msg = await js.get_last_msg(EVENTS_STREAM, events_subject(correlation_id))
     except nats.js.errors.NotFoundError:
         return 0
-    return int(orjson.loads(msg.data)["seq"])
+    return JobEvent.decode(msg.data).seq if msg.data else 0

@@ -7,18 +7,25 @@
   replayable by sequence, so a dropped stream resumes where it left off.
 - `CHAT_DLQ`: jobs that failed their last try, with the error, for `chatterbot dlq list|replay`.
 - `chat.cancel.<correlation id>` (core NATS, not stored): tells the worker running a job to stop.
+
+`Job` and `JobEvent` are the one definition of what travels on those subjects, encoded and decoded here.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import nats.js.errors
 import orjson
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
+from chatterbot import wire
 from chatterbot.settings import Settings
+from chatterbot.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +52,14 @@ def cancel_subject(correlation_id: str) -> str:
     return CANCEL_SUBJECT_PREFIX + correlation_id
 
 
-@dataclass
-class Job:
-    """A queued chat turn, as published on CHAT_JOBS."""
+@dataclass(frozen=True, kw_only=True)
+class QueuedTurn:
+    """What a chat turn carries through the job queue: the message and how to answer it.
 
-    correlation_id: str
-    priority: str
+    The one definition of these fields: chat_svc's turn input extends it, and a `Job` is one with its
+    correlation id and priority, so a turn becomes a job (and a job a turn) without naming each field.
+    """
+
     user_id: str
     message: str
     context: list[str] = field(default_factory=list)
@@ -62,12 +71,124 @@ class Job:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
+
+def queued_fields(turn: QueuedTurn) -> dict[str, Any]:
+    """The `QueuedTurn` fields of `turn` (a job, or anything extending it), by name."""
+    return {f.name: getattr(turn, f.name) for f in fields(QueuedTurn)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job(QueuedTurn):
+    """A queued chat turn, as published on CHAT_JOBS: a flat JSON object of its fields."""
+
+    correlation_id: str
+    priority: str
+
+    @classmethod
+    def of(cls, turn: QueuedTurn, *, correlation_id: str, priority: str, **changes: Any) -> Job:
+        """The job of `turn`, with `changes` to its turn fields."""
+        return cls(**{**queued_fields(turn), **changes}, correlation_id=correlation_id, priority=priority)
+
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))
 
     @classmethod
     def decode(cls, data: bytes) -> Job:
         return cls(**orjson.loads(data))
+
+
+# Not frozen, though never changed once built: a frozen dataclass's __init__ costs five times as much, and an
+# event is built per token, by the worker that publishes it and by every process that reads it.
+@dataclass(slots=True)
+class JobEvent(Mapping[str, Any]):
+    """One event of a job on `chat.events.<correlation id>`: a token, a restart marker, the end, or an error.
+
+    On the wire it is the JSON object published since the first release: `seq`, `token` and `done` always,
+    `restart` only when true, `error` only when set, and the turn's details (`conversation_id`,
+    `finish_reason`, `usage`, `processing_time`) on the final `done` event. Read as a `Mapping`, an event is
+    that JSON object, for readers of the dict form (the edge frames it into SSE as it comes). Built and read
+    per token: no validation beyond what decoding needs.
+    """
+
+    seq: int
+    token: str = ""
+    done: bool = False
+    error: str = ""
+    restart: bool = False
+    conversation_id: str = ""
+    finish_reason: str = ""
+    usage: types_pb2.Usage | None = None
+    processing_time: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        """Whether the job's stream ends here (done, failed or cancelled)."""
+        return self.done or bool(self.error)
+
+    def wire(self) -> dict[str, Any]:
+        """The event as its JSON object."""
+        body: dict[str, Any] = {"seq": self.seq, "token": self.token, "done": self.done}
+        if self.restart:
+            body["restart"] = True
+        if self.error:
+            body["error"] = self.error
+        if self.done:
+            body["conversation_id"] = self.conversation_id
+            body["finish_reason"] = self.finish_reason
+            if self.usage is not None:
+                body["usage"] = wire.usage_dict(self.usage)
+            body["processing_time"] = self.processing_time
+        return body
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.wire())
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> JobEvent:
+        body = orjson.loads(data)
+        if len(body) == 3 and "token" in body:
+            return cls(body["seq"], body["token"], body["done"])  # the hot path: a token
+        usage = body.get("usage")
+        return cls(
+            seq=body["seq"],
+            token=body.get("token", ""),
+            done=bool(body.get("done")),
+            error=body.get("error") or "",
+            restart=bool(body.get("restart")),
+            conversation_id=body.get("conversation_id", ""),
+            finish_reason=body.get("finish_reason", ""),
+            usage=wire.usage_from_dict(usage) if usage is not None else None,
+            processing_time=float(body.get("processing_time", 0.0)),
+        )
+
+    # --- the JSON object, read as a mapping ---
+
+    def _present(self, key: str) -> bool:
+        if key in _ALWAYS:
+            return True
+        if key in _DETAILS:
+            return self.done and (key != "usage" or self.usage is not None)
+        return (key == "restart" and self.restart) or (key == "error" and bool(self.error))
+
+    def __getitem__(self, key: str) -> Any:
+        if not self._present(key):
+            raise KeyError(key)
+        if key == "usage" and self.usage is not None:
+            return wire.usage_dict(self.usage)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._present(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.wire())
+
+    def __len__(self) -> int:
+        return len(self.wire())
+
+
+_ALWAYS = frozenset({"seq", "token", "done"})
+_DETAILS = frozenset({"conversation_id", "finish_reason", "usage", "processing_time"})
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
@@ -124,7 +245,7 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
         await js.update_stream(config)
 
 
-async def connect(settings: Settings, name: str):
+async def connect(settings: Settings, name: str) -> NATS:
     """The process's one NATS connection; reconnects forever, so a NATS restart is ridden out."""
     import nats
 
@@ -139,7 +260,7 @@ async def connect(settings: Settings, name: str):
     )
 
 
-async def disconnect(nc) -> None:
+async def disconnect(nc: NATS) -> None:
     """Flush what was published, then close. (drain() can hang on pull subscriptions with fetches pending.)"""
     import asyncio
     import contextlib

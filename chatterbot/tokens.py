@@ -2,14 +2,20 @@
 
 The declared approximation: about four characters of English text per token (the usual figure for BPE
 vocabularies of Llama-class models), never less than one token for a non-empty text. A configured tokenizer
-(`CHATTERBOT_CONTEXT_TOKENIZER`, a Hugging Face `tokenizer.json`) needs the `tokenizers` package.
+(`CHATTERBOT_CONTEXT_TOKENIZER`, a Hugging Face `tokenizer.json`) needs the `tokenizers` package. A process
+builds its counter once, at start-up, and counts each text once: chat_svc counts a user's turn for history
+and context alike, context_svc only what arrives without a count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeAlias
 
 CHARS_PER_TOKEN = 4
+
+# Counts the tokens of a text.
+TokenCounter: TypeAlias = Callable[[str], int]
 
 
 def approx_token_count(text: str) -> int:
@@ -19,7 +25,7 @@ def approx_token_count(text: str) -> int:
     return max(1, (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN)
 
 
-def token_counter(tokenizer_path: str = "") -> Callable[[str], int]:
+def token_counter(tokenizer_path: str = "") -> TokenCounter:
     """A function counting the tokens of a text: with the tokenizer at `tokenizer_path`, or approximately."""
     if not tokenizer_path:
         return approx_token_count

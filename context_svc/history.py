@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import grpc
 
+from chatterbot import wire
 from chatterbot.guarded_client import GuardedClient
-from chatterbot.v1 import store_pb2, types_pb2
+from chatterbot.tokens import TokenCounter
+from chatterbot.v1 import store_pb2, store_pb2_grpc
 from context_svc.turns import HistoryLoader, Turn
 
-_ROLE_NAMES = {
-    types_pb2.ROLE_SYSTEM: "system",
-    types_pb2.ROLE_USER: "user",
-    types_pb2.ROLE_ASSISTANT: "assistant",
-}
 
-
-def store_history(store: GuardedClient, count_tokens: Callable[[str], int]) -> HistoryLoader:
+def store_history(
+    store: GuardedClient[store_pb2_grpc.StoreServiceStub], count_tokens: TokenCounter
+) -> HistoryLoader:
     """A `HistoryLoader` over store_svc's ListMessages (which reads the shard's replica when there is one)."""
 
     async def load(user_id: str, conversation_id: str, limit: int) -> list[Turn] | None:
@@ -25,14 +21,16 @@ def store_history(store: GuardedClient, count_tokens: Callable[[str], int]) -> H
             user_id=user_id, conversation_id=conversation_id, page_size=limit
         )
         try:
-            page = await store.call(store.stub.ListMessages, request)
+            page: store_pb2.StoreServiceListMessagesResponse = await store.call(
+                store.stub.ListMessages, request
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
         return [
             Turn(
-                role=_ROLE_NAMES[m.role],
+                role=wire.role_name(m.role),
                 content=m.content,
                 # Stored with the message when it was written; counted here only for messages stored without.
                 token_count=m.token_count or count_tokens(m.content),
@@ -40,7 +38,7 @@ def store_history(store: GuardedClient, count_tokens: Callable[[str], int]) -> H
                 request_id=m.request_id,
             )
             for m in page.messages
-            if m.role in _ROLE_NAMES
+            if m.role in wire.ROLE_NAMES
         ]
 
     return load

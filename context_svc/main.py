@@ -12,6 +12,7 @@ from chatterbot.guarded_client import GuardedClient
 from chatterbot.settings import Settings
 from chatterbot.tokens import token_counter
 from chatterbot.v1 import context_pb2, context_pb2_grpc, store_pb2_grpc
+from context_svc.errors import redis_status
 from context_svc.history import store_history
 from context_svc.servicer import ContextServicer
 from context_svc.turns import TurnStore
@@ -50,6 +51,7 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
             ],
             service_names=[context_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name],
             probes={"redis": redis_up},
+            error_translators=[redis_status],
         )
     finally:
         await store.close()

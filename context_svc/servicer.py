@@ -1,8 +1,11 @@
-"""gRPC face of the turn store."""
+"""gRPC face of the turn store.
+
+Errors are raised, not aborted: a bad request as `chatterbot.status.InvalidArgument`, Redis's own errors as
+they come, which `context_svc.errors.redis_status` (registered by `context_svc.main`) turns into status.
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -10,57 +13,32 @@ import grpc
 import redis.exceptions
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
-from chatterbot.guarded_client import dependency_unavailable_metadata
-from chatterbot.v1 import context_pb2, context_pb2_grpc, types_pb2
+from chatterbot.status import InvalidArgument
+from chatterbot.v1 import context_pb2, context_pb2_grpc
 from context_svc.turns import Turn, TurnStore, fit_budget
 
-_ROLE_NAMES = {
-    types_pb2.ROLE_SYSTEM: "system",
-    types_pb2.ROLE_USER: "user",
-    types_pb2.ROLE_ASSISTANT: "assistant",
-}
-_ROLE_VALUES = {name: value for value, name in _ROLE_NAMES.items()}
 log = logging.getLogger(__name__)
 
 
-def _redis_unavailable(handler):
-    """Redis down or timing out is UNAVAILABLE (callers answer without context), not UNKNOWN."""
-
-    @functools.wraps(handler)
-    async def wrapper(self, request, context):
-        try:
-            return await handler(self, request, context)
-        except redis.exceptions.LockError as exc:
-            # Another turn of the conversation holds it for too long; the conversation is busy, Redis is not.
-            log.warning("context lock not acquired", extra={"method": handler.__name__, "error": repr(exc)})
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "conversation context is busy; retry",
-                trailing_metadata=dependency_unavailable_metadata("context-lock", 1.0),
-            )
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            log.warning("redis unavailable", extra={"method": handler.__name__, "error": repr(exc)})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "context cache unavailable")
-
-    return wrapper
-
-
-def _check_scope(user_id: str, conversation_id: str) -> str | None:
+def _check_scope(user_id: str, conversation_id: str) -> None:
+    """The ids every call is scoped by; raises InvalidArgument."""
     if not user_id:
-        return "user_id is required"
+        raise InvalidArgument("user_id is required")
     if not conversation_id:
-        return "conversation_id is required"
-    if len(user_id) > 50 or len(conversation_id) > 64:
-        return "user_id or conversation_id is too long"
-    return None
+        raise InvalidArgument("conversation_id is required")
+    if len(user_id) > wire.USER_ID_MAX:
+        raise InvalidArgument("user_id or conversation_id is too long")
+    if not wire.is_conversation_id(conversation_id):
+        raise InvalidArgument(f"conversation_id must be {wire.CONVERSATION_ID_RULE}")
 
 
 def _to_proto(turn: Turn) -> context_pb2.Turn:
     created = Timestamp()
     created.FromNanoseconds(int(turn.created_at * 1e9))
     return context_pb2.Turn(
-        role=_ROLE_VALUES[turn.role],
+        role=wire.role_value(turn.role),
         content=turn.content,
         token_count=turn.token_count,
         create_time=created,
@@ -73,10 +51,10 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         self.turns = turns
         self.default_budget = default_budget
 
-    @_redis_unavailable
-    async def GetContext(self, request, context):
-        if problem := _check_scope(request.user_id, request.conversation_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+    async def GetContext(
+        self, request: context_pb2.GetContextRequest, context: grpc.aio.ServicerContext
+    ) -> context_pb2.GetContextResponse:
+        _check_scope(request.user_id, request.conversation_id)
         try:
             found = await self.turns.read(request.user_id, request.conversation_id)
         except (CircuitOpenError, grpc.aio.AioRpcError, redis.exceptions.LockError) as exc:
@@ -96,28 +74,28 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             source=context_pb2.CONTEXT_SOURCE_STORE if rebuilt else context_pb2.CONTEXT_SOURCE_CACHE,
         )
 
-    @_redis_unavailable
-    async def AppendTurns(self, request, context):
-        if problem := _check_scope(request.user_id, request.conversation_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+    async def AppendTurns(
+        self, request: context_pb2.AppendTurnsRequest, context: grpc.aio.ServicerContext
+    ) -> context_pb2.AppendTurnsResponse:
+        _check_scope(request.user_id, request.conversation_id)
         if not request.turns:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "turns must not be empty")
+            raise InvalidArgument("turns must not be empty")
         # Stamped on arrival, before waiting for the conversation's lock: turns are kept in arrival order.
         now = time.time()
         turns = []
         for i, t in enumerate(request.turns):
-            if t.role not in _ROLE_NAMES:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"turns[{i}].role must be set")
+            if t.role not in wire.ROLE_NAMES:
+                raise InvalidArgument(f"turns[{i}].role must be set")
             created = t.create_time.ToNanoseconds() / 1e9 if t.HasField("create_time") else now
-            turns.append(Turn(_ROLE_NAMES[t.role], t.content, t.token_count, created, t.request_id))
+            turns.append(Turn(wire.role_name(t.role), t.content, t.token_count, created, t.request_id))
         kept = await self.turns.append(
             request.user_id, request.conversation_id, turns, new_conversation=request.new_conversation
         )
         return context_pb2.AppendTurnsResponse(turn_count=kept)
 
-    @_redis_unavailable
-    async def ClearContext(self, request, context):
-        if problem := _check_scope(request.user_id, request.conversation_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+    async def ClearContext(
+        self, request: context_pb2.ClearContextRequest, context: grpc.aio.ServicerContext
+    ) -> context_pb2.ClearContextResponse:
+        _check_scope(request.user_id, request.conversation_id)
         await self.turns.clear(request.user_id, request.conversation_id)
         return context_pb2.ClearContextResponse()

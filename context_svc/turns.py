@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import orjson
 import redis.asyncio as redis
@@ -32,7 +33,7 @@ import zstandard
 from redis.asyncio.client import Pipeline
 from redis.exceptions import LockError
 
-from chatterbot.tokens import approx_token_count
+from chatterbot.tokens import TokenCounter, approx_token_count
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,15 @@ def encode_turn(turn: Turn) -> bytes:
     return _compressor.compress(orjson.dumps(payload))
 
 
-def decode_turn(raw: bytes) -> dict:
+def decode_turn(raw: bytes | str) -> dict[str, Any]:
     """The stored fields of one list element (elements written before compression are plain JSON)."""
-    if raw[:4] == _ZSTD_MAGIC:
+    if isinstance(raw, bytes) and raw[:4] == _ZSTD_MAGIC:
         raw = _decompressor.decompress(raw)
-    return orjson.loads(raw)
+    fields: dict[str, Any] = orjson.loads(raw)
+    return fields
 
 
-def _turn(raw: bytes) -> Turn:
+def _turn(raw: bytes | str) -> Turn:
     d = decode_turn(raw)
     return Turn(d["role"], d["content"], d["tokens"], d["at"], d.get("rid", ""), d.get("ord", d["at"]))
 
@@ -130,7 +132,7 @@ class TurnStore:
         history: HistoryLoader | None = None,
         lock_timeout: float = 10.0,
         lock_wait: float | None = None,
-        count_tokens: Callable[[str], int] = approx_token_count,
+        count_tokens: TokenCounter = approx_token_count,
     ) -> None:
         self.client = client
         self.max_turns = max_turns
