@@ -479,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
         "env-example", help="print every setting with its default (the .env.example text)"
     )
     example.set_defaults(func=cmd_env_example)
+
+    from ops.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
