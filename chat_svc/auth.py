@@ -69,7 +69,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if not method.startswith(_GUARDED_PREFIX) or method in _OPEN_METHODS:
             return await continuation(handler_call_details)
         key = dict(handler_call_details.invocation_metadata or ()).get(API_KEY_METADATA, "")
-        if not key:
+        if not key or not isinstance(key, str):
             return _deny(Unauthenticated("missing API key (x-api-key metadata)"))
         try:
             caller = await self.resolver.resolve(key)
@@ -83,8 +83,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMethodHandler:
     """The handler, run with `caller` as the current caller (each call runs in a task of its own)."""
+    # The handlers of a grpc.aio server are coroutines; types-grpcio describes those of a sync server.
     if handler.unary_unary is not None:
-        inner = handler.unary_unary
+        inner: Callable[..., Any] = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _caller.set(caller)
@@ -96,7 +97,7 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMet
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
-        stream = handler.unary_stream
+        stream: Callable[..., Any] = handler.unary_stream
         behaviour: Callable[..., Any]
 
         if inspect.isasyncgenfunction(stream):

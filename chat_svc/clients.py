@@ -12,9 +12,9 @@ from chatterbot.settings import Settings
 from chatterbot.tokens import token_counter
 from chatterbot.v1 import context_pb2_grpc, inference_pb2_grpc, store_pb2_grpc
 
-ContextClient: TypeAlias = GuardedClient[context_pb2_grpc.ContextServiceStub]
-InferenceClient: TypeAlias = GuardedClient[inference_pb2_grpc.InferenceServiceStub]
-StoreClient: TypeAlias = GuardedClient[store_pb2_grpc.StoreServiceStub]
+ContextClient: TypeAlias = "GuardedClient[context_pb2_grpc.ContextServiceAsyncStub]"
+InferenceClient: TypeAlias = "GuardedClient[inference_pb2_grpc.InferenceServiceAsyncStub]"
+StoreClient: TypeAlias = "GuardedClient[store_pb2_grpc.StoreServiceAsyncStub]"
 
 
 @asynccontextmanager

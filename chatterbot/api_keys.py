@@ -39,7 +39,7 @@ from chatterbot.v1 import store_pb2
 if TYPE_CHECKING:
     from chatterbot.guarded_client import GuardedClient
     from chatterbot.settings import Settings
-    from chatterbot.v1.store_pb2_grpc import StoreServiceStub
+    from chatterbot.v1.store_pb2_grpc import StoreServiceAsyncStub
 
 # The gRPC metadata key (the HTTP header is X-API-Key).
 API_KEY_METADATA = "x-api-key"
@@ -321,7 +321,9 @@ def record_from_pb(pb: store_pb2.ApiKey) -> ApiKeyRecord:
     )
 
 
-def store_lookup(store: GuardedClient[StoreServiceStub], timeout: float = LOOKUP_TIMEOUT_SECONDS) -> Lookup:
+def store_lookup(
+    store: GuardedClient[StoreServiceAsyncStub], timeout: float = LOOKUP_TIMEOUT_SECONDS
+) -> Lookup:
     """A `Lookup` through a guarded client of store_svc (`GetApiKey`)."""
 
     async def lookup(key_hash: bytes) -> ApiKeyRecord | None:

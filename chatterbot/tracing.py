@@ -82,7 +82,8 @@ class _TracingClientInterceptor:
         metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
         for key, value in carrier.items():
             metadata.add(key, value)
-        return span, details._replace(metadata=metadata)
+        # grpc.aio's ClientCallDetails is a namedtuple; types-grpcio declares only its fields.
+        return span, details._replace(metadata=metadata)  # type: ignore[attr-defined]
 
     def _end_when_done(self, span: trace.Span, call: grpc.aio.Call) -> None:
         if not span.is_recording():
@@ -96,7 +97,10 @@ class _TracingClientInterceptor:
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
             span.end()
 
-        call.add_done_callback(lambda _: asyncio.ensure_future(end()))
+        def when_done(_: object) -> None:
+            asyncio.ensure_future(end())
+
+        call.add_done_callback(when_done)
 
     async def _intercept(self, continuation, client_call_details, request):
         span, details = self._start(client_call_details)

@@ -12,7 +12,7 @@ from context_svc.turns import HistoryLoader, Turn
 
 
 def store_history(
-    store: GuardedClient[store_pb2_grpc.StoreServiceStub], count_tokens: TokenCounter
+    store: GuardedClient[store_pb2_grpc.StoreServiceAsyncStub], count_tokens: TokenCounter
 ) -> HistoryLoader:
     """A `HistoryLoader` over store_svc's ListMessages (which reads the shard's replica when there is one)."""
 

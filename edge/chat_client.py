@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 from fastapi import Request
@@ -27,9 +27,8 @@ def new_chat_client(settings: Settings) -> ChatClient:
 
 
 def _async_stub(channel: grpc.aio.Channel) -> chat_pb2_grpc.ChatServiceAsyncStub:
-    # On an aio channel the generated class makes the async stub (its __new__ overload says so); mypy cannot
-    # pick that overload while grpc itself is untyped here.
-    return cast("chat_pb2_grpc.ChatServiceAsyncStub", chat_pb2_grpc.ChatServiceStub(channel))
+    # On an aio channel the generated class makes the async stub (its __new__ overload says so).
+    return chat_pb2_grpc.ChatServiceStub(channel)
 
 
 def chat_client(request: Request) -> ChatClient:
