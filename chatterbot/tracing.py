@@ -63,6 +63,9 @@ def client_tracing_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return [_TracingUnaryUnary(), _TracingUnaryStream()]
 
 
+_PENDING_SPANS: set[asyncio.Future[None]] = set()
+
+
 class _TracingClientInterceptor:
     """A client span per call, and its W3C trace context in the call's metadata.
 
@@ -98,7 +101,10 @@ class _TracingClientInterceptor:
             span.end()
 
         def when_done(_: object) -> None:
-            asyncio.ensure_future(end())
+            # Held until it ends: the event loop keeps only a weak reference to a task.
+            task = asyncio.ensure_future(end())
+            _PENDING_SPANS.add(task)
+            task.add_done_callback(_PENDING_SPANS.discard)
 
         call.add_done_callback(when_done)
 
