@@ -1,11 +1,12 @@
 """One chat turn: context → prompt → generation → history → context.
 
-Plain async functions over the guarded clients; the servicer only translates the wire.
+Plain async functions over the guarded clients; the servicer only translates the wire. A whole-prompt turn
+(`TurnInput.messages`, the OpenAI API) reads no context; one that names no conversation is stored in the
+conversation its prompt continues (`chat_svc.continuation`, picked by the store) and writes no context either.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from chat_svc.continuation import continues_digest, head_digest
 from chat_svc.degradation import DegradationLadder, Rung, Shed
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.jetstream import QueuedTurn
@@ -68,10 +70,18 @@ class TurnDeps:
 @dataclass
 class _Prepared:
     turn: TurnInput
+    # "" for a whole-prompt turn that names none: the store picks it (`by_digest`).
     conversation_id: str
     request_id: str
     generate: inference_pb2.GenerateRequest
     started: float
+    # The head this turn's prompt continues (chat_svc.continuation); "" when it continues none.
+    continues: str = ""
+
+    @property
+    def by_digest(self) -> bool:
+        """A whole-prompt turn that names no conversation: its prompt's digests say which one it is."""
+        return bool(self.turn.messages) and not self.turn.conversation_id
 
 
 async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
@@ -82,7 +92,7 @@ async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
         raise Shed(reason, ladder.retry_after)
     budget = deps.reduced_context_token_budget if rung >= Rung.REDUCED_CONTEXT else deps.context_token_budget
     model = turn.model or (ladder.light_model if ladder is not None and rung >= Rung.LIGHT_MODEL else "")
-    conversation_id = turn.conversation_id or conversation_id_for(turn)
+    conversation_id = turn.conversation_id or ("" if turn.messages else uuid.uuid4().hex)
     request_id = turn.request_id or uuid.uuid4().hex
     if turn.messages:
         # The request carries its whole prompt; stored context would only repeat it.
@@ -109,19 +119,10 @@ async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
         cache_only=rung >= Rung.CACHE_ONLY,
         whole=whole,
     )
-    return _Prepared(turn, conversation_id, request_id, generate, started)
-
-
-def conversation_id_for(turn: TurnInput) -> str:
-    """The conversation of a turn that names none: new, or for a whole-prompt turn, one derived from it.
-
-    A whole-prompt client (the OpenAI API) resends the conversation so far with every request; hashing the
-    user and the first user message puts every request of that conversation into the same stored one.
-    """
-    if not turn.messages:
-        return uuid.uuid4().hex
-    first = next(m.content for m in turn.messages if m.role == types_pb2.ROLE_USER)
-    return "oai-" + hashlib.sha256(f"{turn.user_id}\0{first}".encode()).hexdigest()[:32]
+    p = _Prepared(turn, conversation_id, request_id, generate, started)
+    if p.by_digest:
+        p.continues = continues_digest(turn.messages)
+    return p
 
 
 async def _recent_turns(
@@ -146,10 +147,12 @@ async def _recent_turns(
 async def _finish(
     deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.GenerateResponse
 ) -> TurnResult:
-    """Store the exchange (idempotent on the request id), then remember it as context."""
+    """Store the exchange (idempotent on the request id), then remember it as context where a later turn
+    reads it."""
     processing_time = time.perf_counter() - p.started
     # Counted once, with the configured tokenizer: history and context keep the same count.
     user_tokens = deps.count_tokens(p.turn.message)
+    head = head_digest(p.turn.messages, text) if p.by_digest else ""
     stored: store_pb2.AppendExchangeResponse = await deps.store.call(
         deps.store.stub.AppendExchange,
         store_pb2.AppendExchangeRequest(
@@ -162,12 +165,19 @@ async def _finish(
             ),
             model=last.model,
             processing_time=processing_time,
+            continues_digest=p.continues,
+            head_digest=head,
         ),
     )
     if stored.created:
         # Only this exchange's two messages in the conversation: history holds nothing before them.
         first_exchange = stored.conversation.message_count == 2
-        await _remember(deps, p, text, last.usage.completion_tokens, user_tokens, first_exchange)
+        if not p.by_digest:
+            await _remember(deps, p, text, last.usage.completion_tokens, user_tokens, first_exchange)
+        elif not first_exchange:
+            # Its client resends the prompt and reads no context: only a /chat turn naming the conversation
+            # may, and the context cached for it (if any) now lacks this exchange.
+            await _forget(deps, p.turn.user_id, stored.conversation.conversation_id)
     else:
         # A repeated request id: the first answer is the answer.
         text = stored.assistant_message.content
@@ -213,6 +223,18 @@ async def _remember(
         )
     except Exception:
         log.warning("context append failed", exc_info=True, extra={"conversation_id": p.conversation_id})
+
+
+async def _forget(deps: TurnDeps, user_id: str, conversation_id: str) -> None:
+    # One DEL and no conversation lock; the next reader rebuilds the context from history. A failure only
+    # leaves that reader older context, so it must not fail this turn.
+    try:
+        await deps.context.call(
+            deps.context.stub.ClearContext,
+            context_pb2.ClearContextRequest(user_id=user_id, conversation_id=conversation_id),
+        )
+    except Exception:
+        log.warning("context clear failed", exc_info=True, extra={"conversation_id": conversation_id})
 
 
 async def stream_turn(

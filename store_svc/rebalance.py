@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 # In foreign-key order. Deleting the user cascades to conversations, and from them to messages and requests.
 COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("user_id", "created_at"),
-    "conversations": ("user_id", "conversation_id", "title", "created_at", "updated_at", "message_count"),
+    "conversations": (
+        "user_id",
+        "conversation_id",
+        "title",
+        "created_at",
+        "updated_at",
+        "message_count",
+        "head_digest",
+    ),
     "exchange_requests": ("user_id", "request_id", "conversation_id", "created_at"),
     "messages": (
         "user_id",

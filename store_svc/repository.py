@@ -34,6 +34,8 @@ MAX_TITLE = 200
 MAX_REQUEST_ID = wire.REQUEST_ID_MAX
 MAX_CORRELATION_ID = 128
 MAX_MODEL = 200
+# A conversation's head digest (chat_svc sends 32 hex digits).
+MAX_DIGEST = 64
 # How much of the first user message becomes the title of a conversation created without one.
 DERIVED_TITLE_CHARS = 60
 _INT4_MAX = 2**31 - 1
@@ -194,6 +196,10 @@ ORDER BY m.message_id DESC
 
 # One round trip for a whole turn. Data-modifying CTEs run once each, on one snapshot, and foreign keys are
 # checked at the end of the statement, so the user and conversation may be created by this very statement.
+# The conversation is the one named ($2), or with a continues digest ($11, NULL when the request names a
+# conversation) the user's conversation whose head that is: FOR UPDATE, so that of two appends continuing one
+# head, the one that waited finds the head moved on (READ COMMITTED rechecks the locked row) and takes $2, a
+# new id, instead: a fork. Every append sets the head to $12 (NULL: nothing continues it by digest).
 # The request id is claimed in exchange_requests first (a concurrent duplicate waits there for the first to
 # commit, then claims nothing); a request id stored before inserts no message, so the conversation is neither
 # created nor touched and the final SELECT is empty: the caller then reads the stored exchange. A NULL request
@@ -203,27 +209,39 @@ _APPEND_EXCHANGE = f"""
 WITH new_user AS (
     INSERT INTO users (user_id) VALUES ($1::text) ON CONFLICT (user_id) DO NOTHING
 ),
+continued AS (
+    SELECT conversation_id FROM conversations
+    WHERE user_id = $1::text AND head_digest = $11::text
+    ORDER BY updated_at DESC, conversation_id
+    LIMIT 1
+    FOR UPDATE
+),
+target AS (
+    SELECT coalesce((SELECT conversation_id FROM continued), $2::text) AS conversation_id
+),
 request AS (
     INSERT INTO exchange_requests (user_id, request_id, conversation_id)
-    SELECT $1::text, $3::text, $2::text WHERE $3::text IS NOT NULL
+    SELECT $1::text, $3::text, target.conversation_id FROM target WHERE $3::text IS NOT NULL
     ON CONFLICT (user_id, request_id) DO NOTHING
     RETURNING 1
 ),
 new_messages AS (
     INSERT INTO messages (user_id, conversation_id, role, content, token_count, processing_time, model,
                           request_id)
-    SELECT * FROM (
-        VALUES ($1::text, $2::text, 'user', $4::text, $5::integer, NULL::double precision, NULL::text, $3::text),
-               ($1::text, $2::text, 'assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
+    SELECT $1::text, target.conversation_id, exchange.* FROM target CROSS JOIN (
+        VALUES ('user', $4::text, $5::integer, NULL::double precision, NULL::text, $3::text),
+               ('assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
     ) AS exchange
     WHERE $3::text IS NULL OR EXISTS (SELECT FROM request)
     RETURNING {_MESSAGE_COLUMNS}
 ),
 conversation AS (
-    INSERT INTO conversations AS c (user_id, conversation_id, title, message_count)
-    SELECT $1::text, $2::text, $10::text, count(*) FROM new_messages HAVING count(*) > 0
+    INSERT INTO conversations AS c (user_id, conversation_id, title, message_count, head_digest)
+    SELECT $1::text, (SELECT conversation_id FROM target), $10::text, count(*), $12::text
+    FROM new_messages HAVING count(*) > 0
     ON CONFLICT (user_id, conversation_id) DO UPDATE
-        SET message_count = c.message_count + excluded.message_count, updated_at = now()
+        SET message_count = c.message_count + excluded.message_count, updated_at = now(),
+            head_digest = excluded.head_digest
     RETURNING title, created_at, updated_at, message_count
 )
 SELECT m.*, c.title, c.created_at AS conversation_created_at, c.updated_at AS conversation_updated_at,
@@ -427,19 +445,27 @@ class StoreRepository:
         model: str = "",
         processing_time: float = 0.0,
         title: str = "",
+        continues_digest: str = "",
+        head_digest: str = "",
     ) -> Exchange:
         """Store a user message and its answer, creating the user and conversation as needed.
 
         Idempotent on (user_id, request_id): a request id stored before writes nothing and returns the stored
         exchange with `created=False` (from the conversation it was first stored in). An empty request id
-        opts out of that. An empty conversation id starts a new conversation; a new conversation is titled
-        `title`, or else the start of the user message.
+        opts out of that. An empty conversation id continues the user's conversation whose head digest is
+        `continues_digest` (one of two racing continuations only; the other starts a new conversation), or
+        else starts a new conversation; a new conversation is titled `title`, or else the start of the user
+        message. The conversation's head digest becomes `head_digest` ("": none).
         """
         _check_user_id(user_id)
+        if conversation_id:
+            continues_digest = ""  # a named conversation is the conversation
         conversation_id = conversation_id or uuid.uuid4().hex
         _check_conversation_id(conversation_id)
         _check_length("request_id", request_id, MAX_REQUEST_ID)
         _check_length("model", model, MAX_MODEL)
+        _check_length("continues_digest", continues_digest, MAX_DIGEST)
+        _check_length("head_digest", head_digest, MAX_DIGEST)
         _check_token_count(user_token_count)
         _check_token_count(assistant_token_count)
         title = _check_title(title) or derive_title(user_content)
@@ -454,6 +480,8 @@ class StoreRepository:
             processing_time,
             model or None,
             title,
+            continues_digest or None,
+            head_digest or None,
         )
         try:
             async with self.shards.writer(user_id) as db:

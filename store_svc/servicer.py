@@ -96,6 +96,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             model=request.model,
             processing_time=request.processing_time,
             title=request.title,
+            continues_digest=request.continues_digest,
+            head_digest=request.head_digest,
         )
         return store_pb2.AppendExchangeResponse(
             conversation=_conversation_pb(exchange.conversation),

@@ -3,9 +3,12 @@ on the streaming routes cancelling the generation down to the engine (on a mesh 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import grpc
@@ -13,12 +16,14 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from chat_svc.continuation import continues_digest, head_digest
 from chat_svc.servicer import to_turn_input
-from chat_svc.turn import TurnInput, conversation_id_for
-from chatterbot.v1 import chat_pb2, chat_pb2_grpc, types_pb2
+from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, context_pb2_grpc, types_pb2
 from chatterbot.wire import CONVERSATION_ID_PATTERN
+from context_svc.turns import context_key
 from ops.launcher import Mesh
 from tests.meshes import API_KEY, ShardConnections, own_mesh
 
@@ -130,40 +135,166 @@ def test_sdk_stream_without_include_usage_has_no_usage_chunk(client):
     assert all(c.choices for c in chunks)
 
 
-def test_resent_conversation_is_one_stored_conversation_and_reaches_the_model(client, pg):
-    user, first_question = "user-oai-conv", "Plan a trip to Lisbon"
-    first = (
-        client.chat.completions.create(
-            model=SIM_MODEL, messages=[{"role": "user", "content": first_question}], max_tokens=20, user=user
-        )
-        .choices[0]
-        .message.content
-    )
-    second = (
-        client.chat.completions.create(
-            model=SIM_MODEL,
-            messages=[
-                {"role": "user", "content": first_question},
-                {"role": "assistant", "content": first},
-                {"role": "user", "content": "And on day two?"},
-            ],
-            max_tokens=20,
-            user=user,
-        )
-        .choices[0]
-        .message.content
-    )
-    # System prompt, the first question, the first answer and the new question reached the model.
-    assert second.startswith(f"[simulated {SIM_MODEL}: 4 messages")
+def new_user() -> str:
+    return f"user-oai-{uuid.uuid4().hex[:12]}"
 
-    rows = stored(pg, user)
-    assert len({conversation_id for conversation_id, _, _ in rows}) == 1
-    assert [(role, content) for _, role, content in rows] == [
-        ("user", first_question),
-        ("assistant", first),
-        ("user", "And on day two?"),
-        ("assistant", second),
+
+def context_keys(valkey: redis.Redis, user_id: str) -> list[bytes]:
+    """The user's cached context lists (`ctx:{user:conversation}`)."""
+    return list(valkey.scan_iter(match=context_key(user_id, "*")))
+
+
+Messages = list[dict[str, str]]
+
+
+def ask(client: openai.OpenAI, user: str, messages: Messages, *, stream: bool = False) -> str:
+    """The answer to `messages`, as one completion or gathered from a stream."""
+    if not stream:
+        reply = client.chat.completions.create(model=SIM_MODEL, messages=messages, max_tokens=20, user=user)
+        return reply.choices[0].message.content
+    chunks = client.chat.completions.create(
+        model=SIM_MODEL, messages=messages, max_tokens=20, user=user, stream=True
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def converse(client: openai.OpenAI, user: str, messages: Messages, question: str, **kwargs) -> Messages:
+    """Ask `question` after `messages`, as an OpenAI client does: the conversation so far, the answer added."""
+    messages = [*messages, {"role": "user", "content": question}]
+    return [*messages, {"role": "assistant", "content": ask(client, user, messages, **kwargs)}]
+
+
+def conversations(pg: ShardConnections, user_id: str) -> dict[str, list[tuple[str, str]]]:
+    """(role, content) of the stored messages of each of a user's conversations, oldest first."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for conversation_id, role, content in stored(pg, user_id):
+        found.setdefault(conversation_id, []).append((role, content))
+    return found
+
+
+def pairs(messages: Messages) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_resent_conversation_is_one_stored_conversation_and_reaches_the_model(client, pg, valkey, stream):
+    user = new_user()
+    messages = converse(client, user, [], "Plan a trip to Lisbon", stream=stream)
+    messages = converse(client, user, messages, "And on day two?", stream=stream)
+    # System prompt, the first question, the first answer and the new question reached the model.
+    assert messages[-1]["content"].startswith(f"[simulated {SIM_MODEL}: 4 messages")
+    # A system message of the client's own changes the prompt, not the conversation.
+    messages = converse(
+        client,
+        user,
+        [{"role": "system", "content": "You are terse."}, *messages],
+        "And day three?",
+        stream=stream,
+    )
+    assert messages[-1]["content"].startswith(f"[simulated {SIM_MODEL}: 6 messages")
+
+    assert list(conversations(pg, user).values()) == [pairs(messages)]
+    # No turn of it named the conversation, so none reads its context: none was written.
+    assert context_keys(valkey, user) == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_clients_continuing_one_head_fork_into_conversations_of_their_own(client, pg, stream):
+    user = new_user()
+    opening = converse(client, user, [], "Name a colour", stream=stream)
+    mine = converse(client, user, opening, "A warmer one?", stream=stream)
+    # Another client resends the same opening: that head has moved on, so this is a conversation of its own.
+    theirs = converse(client, user, opening, "A colder one?", stream=stream)
+    mine = converse(client, user, mine, "Warmer still?", stream=stream)
+    theirs = converse(client, user, theirs, "Colder still?", stream=stream)
+
+    stored_conversations = sorted(conversations(pg, user).values(), key=len, reverse=True)
+    assert stored_conversations == [pairs(mine), pairs(theirs[len(opening) :])]
+
+
+async def test_concurrent_stateless_requests_are_conversations_of_their_own_and_write_no_context(
+    mesh, pg, valkey
+):
+    user, question = new_user(), "Summarize ticket 4711"
+    async with openai.AsyncOpenAI(
+        base_url=f"{mesh.edge_url}/v1", api_key=API_KEY, max_retries=0, timeout=60
+    ) as aclient:
+        replies = await asyncio.gather(
+            *(
+                aclient.chat.completions.with_raw_response.create(
+                    model=SIM_MODEL,
+                    messages=[{"role": "user", "content": question}],
+                    max_tokens=10,
+                    user=user,
+                )
+                for _ in range(20)
+            )
+        )
+    named = {r.headers["x-conversation-id"] for r in replies}
+    assert len(named) == 20
+    assert all(re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id) for conversation_id in named)
+
+    found = conversations(pg, user)
+    assert set(found) == named
+    answers = Counter(r.parse().choices[0].message.content for r in replies)
+    assert Counter(messages[1][1] for messages in found.values()) == answers
+    assert all([role for role, _ in messages] == ["user", "assistant"] for messages in found.values())
+    assert all(messages[0] == ("user", question) for messages in found.values())
+    assert context_keys(valkey, user) == []
+
+
+async def test_concurrent_stateless_streams_are_conversations_of_their_own(mesh, pg, valkey):
+    user, question = new_user(), "Stream ticket 4712"
+    async with openai.AsyncOpenAI(
+        base_url=f"{mesh.edge_url}/v1", api_key=API_KEY, max_retries=0, timeout=60
+    ) as aclient:
+
+        async def streamed() -> str:
+            chunks = await aclient.chat.completions.create(
+                model=SIM_MODEL,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=10,
+                user=user,
+                stream=True,
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+        answers = await asyncio.gather(*(streamed() for _ in range(8)))
+    found = conversations(pg, user)
+    assert len(found) == 8
+    assert sorted(messages for messages in found.values()) == sorted(
+        [("user", question), ("assistant", answer)] for answer in answers
+    )
+    assert context_keys(valkey, user) == []
+
+
+def test_a_continued_conversation_drops_its_stale_context_for_the_next_chat_reader(
+    mesh, client, edge, valkey
+):
+    user = new_user()
+    raw = client.chat.completions.with_raw_response.create(
+        model=SIM_MODEL, messages=[{"role": "user", "content": "Remember: blue"}], max_tokens=20, user=user
+    )
+    conversation_id = raw.headers["x-conversation-id"]
+    opening = [
+        {"role": "user", "content": "Remember: blue"},
+        {"role": "assistant", "content": raw.parse().choices[0].message.content},
     ]
+    # A reader of the conversation's context (a /chat turn naming it) caches it: the first exchange.
+    with grpc.insecure_channel(mesh.services["context"].url) as channel:
+        context = context_pb2_grpc.ContextServiceStub(channel)
+        request = context_pb2.GetContextRequest(user_id=user, conversation_id=conversation_id)
+        assert len(context.GetContext(request, timeout=10).turns) == 2
+    assert context_keys(valkey, user) == [context_key(user, conversation_id).encode()]
+
+    converse(client, user, opening, "And my colour?")
+    assert not valkey.exists(context_key(user, conversation_id))
+    # The next /chat turn rebuilds the context from history, both exchanges in it.
+    r = edge.post(
+        "/chat", json={"message": "Still there?", "user_id": user, "conversation_id": conversation_id}
+    )
+    assert r.status_code == 200, r.text
+    assert "6 messages" in r.json()["response"]
 
 
 def test_a_system_message_replaces_the_system_prompt(client):
@@ -384,16 +515,20 @@ def test_whole_prompt_turn_takes_greedy_sampling_and_short_answers():
         to_turn_input(chat_pb2.ChatTurn(user_id="user-v", message="hi", max_tokens=1), 2000)
 
 
-def test_a_resent_conversation_derives_the_same_conversation_id():
-    first = TurnInput(user_id="user-a", message="hi", messages=prompt((SYSTEM, "s"), (USER, "hi")))
-    later = TurnInput(
-        user_id="user-a",
-        message="more",
-        messages=prompt((SYSTEM, "s"), (USER, "hi"), (ASSISTANT, "hello"), (USER, "more")),
-    )
-    other_user = TurnInput(user_id="user-b", message="hi", messages=prompt((USER, "hi")))
-    assert conversation_id_for(first) == conversation_id_for(later) != conversation_id_for(other_user)
-    assert re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id_for(first))
+def test_the_head_of_an_exchange_is_what_the_resent_conversation_continues():
+    opening = prompt((SYSTEM, "s"), (USER, "hi"))
+    assert continues_digest(opening) == ""  # nothing answered yet: a new conversation
+    assert continues_digest(prompt((USER, "hi"), (USER, "again"))) == ""
+    head = head_digest(opening, "hello")
+    assert re.fullmatch("[0-9a-f]{32}", head)
+    resent = prompt((USER, "hi"), (ASSISTANT, "hello"), (USER, "more"))
+    # System messages are no part of the conversation: dropped, added or changed, the head is the same.
+    assert continues_digest(resent) == head == head_digest(prompt((USER, "hi")), "hello")
+    assert continues_digest([*prompt((SYSTEM, "other")), *resent]) == head
+    assert head_digest(opening, "hello!") != head
+    assert continues_digest(prompt((USER, "hi"), (ASSISTANT, "hello"), (USER, "more"), (USER, "x"))) != head
+    # Contents that join alike are still different conversations.
+    assert head_digest(prompt((USER, "a\nb")), "c") != head_digest(prompt((USER, "a")), "b\nc")
 
 
 def test_grpc_whole_prompt_turn_and_list_models(mesh, pg):
@@ -408,11 +543,23 @@ def test_grpc_whole_prompt_turn_and_list_models(mesh, pg):
         )
         reply = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=metadata, timeout=10)
         assert reply.response.startswith(f"[simulated {SIM_MODEL}: 2 messages")
-        assert reply.conversation_id.startswith("oai-")
+        assert re.fullmatch(CONVERSATION_ID_PATTERN, reply.conversation_id)
         assert stored(pg, "user-oai-grpc") == [
             (reply.conversation_id, "user", "Over gRPC"),
             (reply.conversation_id, "assistant", reply.response),
         ]
+        # The same rules as the OpenAI API's: the resent conversation continues the stored one.
+        resent = chat_pb2.ChatTurn(
+            user_id="user-oai-grpc",
+            message="Again",
+            max_tokens=20,
+            messages=prompt((USER, "Over gRPC"), (ASSISTANT, reply.response), (USER, "Again")),
+        )
+        again = stub.Chat(chat_pb2.ChatRequest(turn=resent), metadata=metadata, timeout=10)
+        assert again.conversation_id == reply.conversation_id
+        assert len(stored(pg, "user-oai-grpc")) == 4
+        other = stub.Chat(chat_pb2.ChatRequest(turn=turn), metadata=metadata, timeout=10)
+        assert other.conversation_id != reply.conversation_id
 
         with pytest.raises(grpc.RpcError) as queued:
             stub.SubmitChat(chat_pb2.SubmitChatRequest(turn=turn), metadata=metadata, timeout=10)

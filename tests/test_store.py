@@ -26,7 +26,7 @@ from store_svc.repository import JobResult, StoreRepository, derive_title
 from store_svc.servicer import StoreServicer
 
 TABLES = {"users", "conversations", "messages", "job_results", "exchange_requests", "shard_moves", "api_keys"}
-HEAD = "0004"
+HEAD = "0005"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -206,6 +206,132 @@ async def test_append_exchange_without_ids_starts_a_new_conversation_each_time(r
     b = await repo.append_exchange(user, "", "", "q", "a")
     assert a.created and b.created
     assert a.conversation.conversation_id != b.conversation.conversation_id
+
+
+async def head_of(pool: asyncpg.Pool, user: str, conversation_id: str) -> str | None:
+    return await pool.fetchval(
+        "SELECT head_digest FROM conversations WHERE user_id = $1 AND conversation_id = $2",
+        user,
+        conversation_id,
+    )
+
+
+async def test_an_append_continuing_a_head_extends_that_conversation_and_moves_its_head(repo, pool):
+    user, other = new_user(), new_user()
+    first = await repo.append_exchange(user, "", "req-1", "q1", "a1", head_digest="h1")
+    second = await repo.append_exchange(
+        user, "", "req-2", "q2", "a2", continues_digest="h1", head_digest="h2"
+    )
+    conversation_id = first.conversation.conversation_id
+    assert second.created and second.conversation.conversation_id == conversation_id
+    assert second.conversation.message_count == 4
+    assert second.conversation.title == "q1"
+    assert await head_of(pool, user, conversation_id) == "h2"
+
+    # The head moved on: continuing the old one again is a fork, a conversation of its own.
+    fork = await repo.append_exchange(
+        user, "", "req-3", "q2", "other", continues_digest="h1", head_digest="h3"
+    )
+    assert fork.conversation.conversation_id != conversation_id
+    assert fork.conversation.message_count == 2
+    # A head nobody has, and another user's head, continue nothing.
+    unknown = await repo.append_exchange(user, "", "req-4", "q", "a", continues_digest="nowhere")
+    foreign = await repo.append_exchange(other, "", "req-1", "q3", "a3", continues_digest="h2")
+    assert unknown.conversation.message_count == foreign.conversation.message_count == 2
+    assert await head_of(pool, user, unknown.conversation.conversation_id) is None
+    assert (await repo.get_conversation(user, conversation_id)).message_count == 4
+
+    # A replay writes nothing, the head included.
+    replay = await repo.append_exchange(
+        user, "", "req-2", "q2", "a2", continues_digest="h1", head_digest="hx"
+    )
+    assert not replay.created and replay.conversation.conversation_id == conversation_id
+    assert await head_of(pool, user, conversation_id) == "h2"
+
+
+async def test_an_append_naming_its_conversation_ignores_continues_and_clears_the_head(repo, pool):
+    user = new_user()
+    first = await repo.append_exchange(user, "", "req-1", "q1", "a1", head_digest="h1")
+    elsewhere = await repo.append_exchange(user, "c-named", "req-2", "q", "a", continues_digest="h1")
+    assert elsewhere.conversation.conversation_id == "c-named"
+    conversation_id = first.conversation.conversation_id
+    assert await head_of(pool, user, conversation_id) == "h1"
+
+    # A turn of the seed API names the conversation and sends no head: nothing continues it by digest.
+    await repo.append_exchange(user, conversation_id, "req-3", "q2", "a2")
+    assert await head_of(pool, user, conversation_id) is None
+    after = await repo.append_exchange(user, "", "req-4", "q3", "a3", continues_digest="h1")
+    assert after.conversation.conversation_id != conversation_id
+
+
+async def test_two_appends_continuing_one_head_at_once_fork(repo, pool, dsn):
+    user = new_user()
+    first = await repo.append_exchange(user, "", "req-0", "q", "a", head_digest="shared")
+    conversation_id = first.conversation.conversation_id
+
+    # Hold the conversation's row so that both appends are waiting for it before either can take it.
+    blocker = await asyncpg.connect(dsn)
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute(
+            "SELECT FROM conversations WHERE user_id = $1 AND conversation_id = $2 FOR UPDATE",
+            user,
+            conversation_id,
+        )
+        appends = [
+            asyncio.create_task(
+                repo.append_exchange(
+                    user,
+                    "",
+                    f"req-{i}",
+                    "next",
+                    f"answer {i}",
+                    continues_digest="shared",
+                    head_digest=f"h{i}",
+                )
+            )
+            for i in (1, 2)
+        ]
+        for _ in range(200):
+            # From outside the blocker's transaction, which would see one snapshot of the activity only.
+            waiting = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%continued AS%'"
+            )
+            if waiting == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 2
+        await holding.commit()
+        results = await asyncio.gather(*appends)
+    finally:
+        await blocker.close()
+
+    assert all(r.created for r in results)
+    continued = [r for r in results if r.conversation.conversation_id == conversation_id]
+    forked = [r for r in results if r.conversation.conversation_id != conversation_id]
+    assert len(continued) == len(forked) == 1
+    assert continued[0].conversation.message_count == 4
+    assert forked[0].conversation.message_count == 2
+    winner = continued[0].user_message.request_id[len("req-") :]
+    assert await head_of(pool, user, conversation_id) == f"h{winner}"
+    assert await head_of(pool, user, forked[0].conversation.conversation_id) != f"h{winner}"
+
+
+async def test_many_concurrent_continuations_of_one_head_continue_it_once(repo):
+    user = new_user()
+    first = await repo.append_exchange(user, "", "req-0", "q", "a", head_digest="shared")
+    results = await asyncio.gather(
+        *(
+            repo.append_exchange(
+                user, "", f"req-{i}", "next", "a", continues_digest="shared", head_digest=f"h{i}"
+            )
+            for i in range(1, 9)
+        )
+    )
+    ids = [r.conversation.conversation_id for r in results]
+    assert ids.count(first.conversation.conversation_id) == 1
+    assert len(set(ids)) == 8
 
 
 def test_a_derived_title_is_the_start_of_the_user_message():
@@ -485,6 +611,31 @@ async def test_grpc_append_exchange_is_idempotent_and_errors_map_to_status_codes
             store_pb2.GetConversationRequest(user_id=user, conversation_id="no-such-conversation"), timeout=5
         )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_grpc_append_exchange_continues_the_conversation_of_a_head(store_stub):
+    user = new_user()
+
+    def exchange(request_id: str, continues: str, head: str) -> store_pb2.AppendExchangeRequest:
+        return store_pb2.AppendExchangeRequest(
+            user_id=user,
+            request_id=request_id,
+            user_message=store_pb2.ExchangeMessage(content=f"q {request_id}"),
+            assistant_message=store_pb2.ExchangeMessage(content=f"a {request_id}"),
+            continues_digest=continues,
+            head_digest=head,
+        )
+
+    first = await store_stub.AppendExchange(exchange("req-1", "", "h1"), timeout=5)
+    second = await store_stub.AppendExchange(exchange("req-2", "h1", "h2"), timeout=5)
+    fresh = await store_stub.AppendExchange(exchange("req-3", "", "h3"), timeout=5)
+    assert second.conversation.conversation_id == first.conversation.conversation_id
+    assert second.conversation.message_count == 4
+    assert fresh.conversation.conversation_id != first.conversation.conversation_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await store_stub.AppendExchange(exchange("req-4", "x" * 65, ""), timeout=5)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_grpc_text_the_database_refuses_is_invalid_argument(store_stub):

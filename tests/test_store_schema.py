@@ -1,5 +1,6 @@
 """The store schema on real PostgreSQL: keys that lead with the user, monthly partitions made ahead of time,
-the plans of the hot reads, and lz4 where the server has it."""
+the plans of the hot reads (and of the head lookup of a continued conversation), and lz4 where the server
+has it."""
 
 from __future__ import annotations
 
@@ -168,3 +169,17 @@ async def test_hot_reads_use_the_indexes(db):
     print("\n-- a conversation's messages in order\n" + history)
     assert f"Index Scan Backward using {month_name(0)}_pkey" in history
     assert "Seq Scan" not in history
+
+    await conn.execute(
+        "UPDATE conversations SET head_digest = md5(user_id || conversation_id) WHERE conversation_id LIKE 'c1%'"
+    )
+    await conn.execute("ANALYZE conversations")
+    args = ("user-7", "c-new", "req-1", "q", 1, "a", 1, 0.1, "m", "t", "head-of-c3", "next-head")
+    append = await plan(repository._APPEND_EXCHANGE, *args)
+    print("\n-- the conversation a whole-prompt turn continues (AppendExchange)\n" + append)
+    assert "Index Scan using conversations_head_idx on conversations" in append
+    assert "Seq Scan on conversations" not in append
+    # The statement is prepared once and may run on a generic plan: the partial index serves that too.
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    generic = await plan(repository._APPEND_EXCHANGE, *args)
+    assert "Index Scan using conversations_head_idx on conversations" in generic, generic

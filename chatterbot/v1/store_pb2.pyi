@@ -164,7 +164,7 @@ class ExchangeMessage(_message.Message):
     def __init__(self, content: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
 
 class AppendExchangeRequest(_message.Message):
-    __slots__ = ("user_id", "conversation_id", "request_id", "user_message", "assistant_message", "model", "processing_time", "title")
+    __slots__ = ("user_id", "conversation_id", "request_id", "user_message", "assistant_message", "model", "processing_time", "title", "continues_digest", "head_digest")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class AppendExchangeRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
+    CONTINUES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     conversation_id: str
     request_id: str
@@ -181,7 +183,9 @@ class AppendExchangeRequest(_message.Message):
     model: str
     processing_time: float
     title: str
-    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., model: _Optional[str] = ..., processing_time: _Optional[float] = ..., title: _Optional[str] = ...) -> None: ...
+    continues_digest: str
+    head_digest: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., model: _Optional[str] = ..., processing_time: _Optional[float] = ..., title: _Optional[str] = ..., continues_digest: _Optional[str] = ..., head_digest: _Optional[str] = ...) -> None: ...
 
 class AppendExchangeResponse(_message.Message):
     __slots__ = ("conversation", "user_message", "assistant_message", "created")

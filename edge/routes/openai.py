@@ -189,8 +189,9 @@ async def chat_completions(
     x_conversation_id: str | None = Header(
         None,
         pattern=wire.CONVERSATION_ID_PATTERN,
-        description="Store the exchange in this conversation. Omitted: a conversation derived from the user and "
-        "the first user message, so resending a growing conversation keeps to one stored conversation",
+        description="Store the exchange in this conversation. Omitted: the stored conversation that `messages` "
+        "continues (its user and assistant messages before the last are those of the conversation, answers "
+        "included), else a new one; so resending a growing conversation keeps to one stored conversation",
     ),
 ) -> Response:
     """Generate the next assistant message of `messages` (OpenAI's chat completions API)."""
