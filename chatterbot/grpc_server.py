@@ -15,11 +15,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import prometheus_client
@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from chatterbot import local
 from chatterbot.guarded_client import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS
 from chatterbot.logs import configure_logging
 from chatterbot.settings import Settings
@@ -164,14 +165,17 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
         prometheus_client.start_http_server(port, addr=host)
 
 
-def build_server(app: GrpcApp) -> grpc.aio.Server:
-    """A grpc.aio server carrying `app`'s servicers behind the mesh's interceptors, not yet listening.
+def server_interceptors(app: GrpcApp) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors every call to `app` runs through, outermost first: metrics (so it counts the code a
+    call really ended with), status (every exception becomes a gRPC status, `app.error_translators` first),
+    then the app's own. The same chain serves network and in-process calls."""
+    return [MetricsInterceptor(), StatusInterceptor(app.error_translators), *app.interceptors]
 
-    Interceptors, outermost first: metrics (so it counts the code a call really ended with), status (every
-    exception becomes a gRPC status, `app.error_translators` first), then the app's own.
-    """
+
+def build_server(app: GrpcApp) -> grpc.aio.Server:
+    """A grpc.aio server carrying `app`'s servicers behind `server_interceptors(app)`, not yet listening."""
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(), StatusInterceptor(app.error_translators), *app.interceptors],
+        interceptors=server_interceptors(app),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -183,51 +187,74 @@ def build_server(app: GrpcApp) -> grpc.aio.Server:
     return server
 
 
+def build_local_server(app: GrpcApp) -> local.LocalServer:
+    """`app`'s servicers for callers in this process (chatterbot.local), behind the same interceptors."""
+    server = local.LocalServer(server_interceptors(app))
+    for add, servicer in app.servicers:
+        # It has what generated `add_XServicer_to_server` functions call on a server.
+        add(servicer, cast(grpc.aio.Server, server))
+    return server
+
+
+@asynccontextmanager
+async def serving(settings: Settings, app: GrpcApp, *, port: int) -> AsyncIterator[None]:
+    """`app` served on `port` with health and reflection while inside; on leaving, NOT_SERVING first, then
+    the calls in flight drain for up to the grace period."""
+    server = build_server(app)
+    health = _Health(app)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *app.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    address = f"{settings.bind_host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"{app.name}: cannot listen on {address}")
+    await health.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    await health.probe_once()
+    await server.start()
+    log.info("serving", extra={"service": app.name, "address": address})
+    prober = asyncio.create_task(health.run())
+    try:
+        yield
+    finally:
+        log.info(
+            "shutting down: draining in-flight calls",
+            extra={"service": app.name, "grace_seconds": settings.shutdown_grace_seconds},
+        )
+        prober.cancel()
+        # NOT_SERVING first so load balancers and the edge stop sending new calls.
+        await health.servicer.enter_graceful_shutdown()
+        await server.stop(settings.shutdown_grace_seconds)
+        log.info("stopped", extra={"service": app.name})
+
+
 async def serve_grpc_app(
     settings: Settings, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]], *, port: int
 ) -> None:
     """Run one service until SIGTERM/SIGINT, then drain in-flight calls for up to the grace period."""
+    stop = stop_on_signals()
+    async with factory(settings) as app, serving(settings, app, port=port):
+        try:
+            await stop.wait()
+        finally:
+            exit_if_shutdown_hangs(2 * settings.shutdown_grace_seconds + 10)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    async with factory(settings) as app:
-        server = build_server(app)
-        health = _Health(app)
-        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-        reflection.enable_server_reflection(
-            [
-                *app.service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        address = f"{settings.bind_host}:{port}"
-        if server.add_insecure_port(address) == 0:
-            raise RuntimeError(f"{app.name}: cannot listen on {address}")
-        await health.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-        await health.probe_once()
-        await server.start()
-        log.info("serving", extra={"service": app.name, "address": address})
-        prober = asyncio.create_task(health.run())
-        try:
-            await stop.wait()
-        finally:
-            log.info(
-                "shutting down: draining in-flight calls",
-                extra={"grace_seconds": settings.shutdown_grace_seconds},
-            )
-            _exit_if_shutdown_hangs(2 * settings.shutdown_grace_seconds + 10)
-            prober.cancel()
-            # NOT_SERVING first so load balancers and the edge stop sending new calls.
-            await health.servicer.enter_graceful_shutdown()
-            await server.stop(settings.shutdown_grace_seconds)
-            log.info("stopped")
+    return stop
 
 
-def _exit_if_shutdown_hangs(seconds: float) -> None:
+def exit_if_shutdown_hangs(seconds: float) -> None:
     """A process asked to stop must stop, even if a client library hangs in its close (nobody may be left to
     send SIGKILL when the parent itself is gone)."""
 

@@ -33,6 +33,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from chatterbot import local
 from chatterbot.breaker import AsyncCircuitBreaker, CircuitOpenError
 from chatterbot.settings import Settings
 from chatterbot.tracing import client_tracing_interceptors
@@ -204,10 +205,16 @@ class GuardedClient(Generic[StubT]):
             reset_timeout=settings.breaker_reset_seconds,
             is_failure=is_target_failure,
         )
-        self.channel = grpc.aio.insecure_channel(
-            address, options=channel_options(settings), interceptors=client_tracing_interceptors()
+        served_here = local.local_server(target)
+        # A target this process runs is called in process (chatterbot.local), with the same stub.
+        self.channel: grpc.aio.Channel | local.LocalChannel = (
+            local.LocalChannel(served_here)
+            if served_here is not None
+            else grpc.aio.insecure_channel(
+                address, options=channel_options(settings), interceptors=client_tracing_interceptors()
+            )
         )
-        self.stub: StubT = stub_factory(self.channel)
+        self.stub: StubT = stub_factory(self.channel)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Close the channel, cancelling calls still in flight."""
@@ -321,6 +328,8 @@ class GuardedClient(Generic[StubT]):
         finally:
             # A no-op for a finished call; for a consumer that left early it tells the server to stop.
             call.cancel()
+            if isinstance(call, local.LocalStreamCall):
+                await call.aclose()
             self._observe(method, code, started)
 
     def _observe(self, method: str, code: str, started: float) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,6 +28,14 @@ class Settings(BaseSettings):
 
     # --- process ---
     data_dir: Path = Field(Path(".chatterbot"), description="where `chatterbot up` keeps data, logs and keys")
+    up_mode: Literal["combined", "split"] = Field(
+        "combined",
+        description="how `chatterbot up` runs the services: combined (processes that each run every "
+        "component, calling each other in process) or split (a process per service, as in compose)",
+    )
+    up_processes: int = Field(
+        0, ge=0, description="combined mode: how many processes share the ports; 0 = one per core"
+    )
     log_level: str = "INFO"
     log_json: bool = True
     bind_host: str = Field("127.0.0.1", description="interface gRPC and HTTP servers listen on")

@@ -27,24 +27,34 @@ from chatterbot.settings import Settings
 
 log = logging.getLogger(__name__)
 _configured = False
+# Spans are made only where they are exported: with no OTLP endpoint, no request pays for tracing.
+_exporting = False
+
+
+def tracing_enabled() -> bool:
+    """Whether this process exports spans (`setup_tracing` found an OTLP endpoint)."""
+    return _exporting
 
 
 def setup_tracing(service: str, settings: Settings) -> None:
-    """Set the propagator, the tracer provider and the gRPC instrumentation of this process (once)."""
-    global _configured
+    """Set the propagator, the tracer provider and the gRPC instrumentation of this process (once); with no
+    OTLP endpoint set, nothing is instrumented."""
+    global _configured, _exporting
     if _configured:
         return
     _configured = True
     propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
-    if settings.otel_exporter_otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    if not settings.otel_exporter_otlp_endpoint:
+        return
+    _exporting = True
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider = TracerProvider(resource=Resource.create({"service.name": f"chatterbot-{service}"}))
-        endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500)
-        )
-        trace.set_tracer_provider(provider)
+    provider = TracerProvider(resource=Resource.create({"service.name": f"chatterbot-{service}"}))
+    endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500)
+    )
+    trace.set_tracer_provider(provider)
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
 
     GrpcAioInstrumentorServer().instrument()
@@ -59,8 +69,9 @@ def shutdown_tracing() -> None:
 
 def client_tracing_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """The interceptors that trace a channel's unary and server-streaming calls (a channel files each
-    interceptor under one kind of call only, so one object cannot serve both)."""
-    return [_TracingUnaryUnary(), _TracingUnaryStream()]
+    interceptor under one kind of call only, so one object cannot serve both); none when nothing is
+    exported."""
+    return [_TracingUnaryUnary(), _TracingUnaryStream()] if _exporting else []
 
 
 _PENDING_SPANS: set[asyncio.Future[None]] = set()

@@ -14,6 +14,7 @@ from chatterbot.events import EventFanout
 from chatterbot.guarded_client import GuardedClient
 from chatterbot.jetstream import connect, disconnect
 from chatterbot.settings import Settings
+from chatterbot.tracing import tracing_enabled
 from chatterbot.v1 import store_pb2_grpc
 from edge.chat_client import new_chat_client
 from edge.disconnects import install_disconnect_handler
@@ -71,9 +72,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(history.router)
     app.include_router(openai.router)
-    # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.
-    # No span per ASGI send/receive: a stream would open one per event.
-    FastAPIInstrumentor.instrument_app(
-        app, excluded_urls="livez,readyz,metrics", exclude_spans=["receive", "send"]
-    )
+    if tracing_enabled():
+        # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.
+        # No span per ASGI send/receive: a stream would open one per event.
+        FastAPIInstrumentor.instrument_app(
+            app, excluded_urls="livez,readyz,metrics", exclude_spans=["receive", "send"]
+        )
     return app

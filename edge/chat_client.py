@@ -31,8 +31,8 @@ def _async_stub(channel: grpc.aio.Channel) -> chat_pb2_grpc.ChatServiceAsyncStub
     return chat_pb2_grpc.ChatServiceStub(channel)
 
 
-def chat_client(request: Request) -> ChatClient:
-    """FastAPI dependency: the app's client of chat_svc."""
+async def chat_client(request: Request) -> ChatClient:
+    """FastAPI dependency: the app's client of chat_svc (async: FastAPI runs a plain function in a thread)."""
     client: ChatClient = request.app.state.chat
     return client
 

@@ -91,8 +91,9 @@ def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], reques
 
 
 def mesh_pids(mesh: Mesh) -> dict[str, int]:
-    """The mesh's processes by name: services (edge, chat, ..., worker), then nats, postgres, redis."""
-    processes = {**mesh.services, **mesh.servers}
+    """The mesh's processes by name: service processes (edge, chat, ... or mesh-0, mesh-1), then nats,
+    postgres, redis."""
+    processes = {**mesh.children, **mesh.servers}
     return {name: process.pid for name, process in processes.items() if process.pid}
 
 
@@ -639,6 +640,10 @@ async def measure_phase(
     }
 
 
+# What `--mode` measures: `chatterbot up`'s processes running every component, a process per service, or both.
+MESH_MODES = {"combined": ("combined",), "split": ("split",), "both": ("combined", "split")}
+
+
 def gateway_settings(upstream_base_url: str) -> Settings:
     """The mesh of `chatterbot up` on the openai engine, as the side-by-side harness configures it."""
     from chatterbot.settings import Settings
@@ -657,11 +662,13 @@ def gateway_settings(upstream_base_url: str) -> Settings:
 
 
 @contextlib.contextmanager
-def started_mesh(settings: Settings, data_dir: Path, progress: Progress) -> Iterator[Mesh]:
+def started_mesh(
+    settings: Settings, data_dir: Path, progress: Progress, mode: str = "split"
+) -> Iterator[Mesh]:
     from ops.launcher import Mesh
 
-    progress.begin("starting the mesh")
-    mesh = Mesh(settings, data_dir, prefer_configured_ports=False)
+    progress.begin(f"starting the mesh ({mode})")
+    mesh = Mesh(settings, data_dir, prefer_configured_ports=False, mode=mode)
     mesh.start()
     try:
         yield mesh
@@ -689,17 +696,20 @@ def bench_gateway(args: argparse.Namespace, progress: Progress) -> dict[str, Any
                         measure_phase(load, phase, upstream.url, pids, args.duration, args.warmup, progress)
                     )
                 )
-            with started_mesh(gateway_settings(upstream.base_url), Path(tmp) / "mesh", progress) as mesh:
-                chunks["mesh"] = smoke_check(mesh.edge_url)
-                pids = {**mesh_pids(mesh), "upstream": upstream.pid}
-                for phase in gateway_phases("mesh", args.connections):
-                    phases.append(
-                        asyncio.run(
-                            measure_phase(
-                                load, phase, mesh.edge_url, pids, args.duration, args.warmup, progress
+            for mode in MESH_MODES[args.mode]:
+                with started_mesh(
+                    gateway_settings(upstream.base_url), Path(tmp) / mode, progress, mode
+                ) as mesh:
+                    chunks[mode] = smoke_check(mesh.edge_url)
+                    pids = {**mesh_pids(mesh), "upstream": upstream.pid}
+                    for phase in gateway_phases(mode, args.connections):
+                        phases.append(
+                            asyncio.run(
+                                measure_phase(
+                                    load, phase, mesh.edge_url, pids, args.duration, args.warmup, progress
+                                )
                             )
                         )
-                    )
         finally:
             upstream.stop()
     return {
@@ -721,10 +731,11 @@ def added_latency(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     added = []
     for p in phases:
         d = direct.get((p["mode"], p["connections"]))
-        if p["target"] != "mesh" or d is None:
+        if p["target"] == "direct" or d is None:
             continue
         added.append(
             {
+                "target": p["target"],
                 "mode": p["mode"],
                 "connections": p["connections"],
                 "p50_ms": p["p50_ms"] - d["p50_ms"],
@@ -742,19 +753,21 @@ def print_gateway(r: dict[str, Any]) -> None:
     )
     print(f"load generator: {r['load_generator']}")
     chunks = r["stream_content_chunks"]
+    meshes = ", ".join(f"{chunks[name]} {name}" for name in chunks if name != "direct")
     print(
-        f"a streamed answer: {chunks.get('direct')} content chunks direct, {chunks.get('mesh')} through the mesh "
+        f"a streamed answer: {chunks.get('direct')} content chunks direct, {meshes} through the mesh "
         "(it sends tokens that arrive together as one chunk)"
     )
+    print("targets: direct = the upstream alone; combined = `chatterbot up`; split = a process per service")
     print(
-        f"{'target':<7} {'mode':<11} {'conns':>5} {'requests':>9} {'errors':>6} {'req/s':>8} {'p50 ms':>8} "
+        f"{'target':<8} {'mode':<11} {'conns':>5} {'requests':>9} {'errors':>6} {'req/s':>8} {'p50 ms':>8} "
         f"{'p90 ms':>8} {'p99 ms':>8}   cpu ms/req: {'mesh':>6} {'upstr':>6} {'client':>6}"
     )
     for p in r["phases"]:
         cpu = p["cpu_ms_per_request"]
-        mesh_cpu = f"{cpu['mesh']:6.2f}" if p["target"] == "mesh" else f"{'-':>6}"
+        mesh_cpu = f"{cpu['mesh']:6.2f}" if p["target"] != "direct" else f"{'-':>6}"
         print(
-            f"{p['target']:<7} {p['mode']:<11} {p['connections']:>5} {p['requests']:>9} {p['error_count']:>6} "
+            f"{p['target']:<8} {p['mode']:<11} {p['connections']:>5} {p['requests']:>9} {p['error_count']:>6} "
             f"{p['rps']:>8.1f} {p['p50_ms']:>8.2f} {p['p90_ms']:>8.2f} {p['p99_ms']:>8.2f}   "
             f"{'':>11} {mesh_cpu} {cpu['upstream']:6.2f} {cpu['client']:6.2f}"
         )
@@ -766,15 +779,15 @@ def print_gateway(r: dict[str, Any]) -> None:
     print("added by the mesh (mesh minus direct):")
     for a in r["added"]:
         print(
-            f"  {a['mode']:<11} c={a['connections']:<3} p50 +{a['p50_ms']:.2f} ms, p99 +{a['p99_ms']:.2f} ms, "
+            f"  {a['target']:<8} {a['mode']:<11} c={a['connections']:<3} p50 +{a['p50_ms']:.2f} ms, p99 +{a['p99_ms']:.2f} ms, "
             f"{100 * a['rps_share_of_direct']:.1f}% of direct req/s"
         )
     print("mesh CPU ms per request by process:")
     for p in r["phases"]:
-        if p["target"] == "mesh":
+        if p["target"] != "direct":
             shares = p["cpu_ms_per_request"]["by_process"]
             print(
-                f"  {p['mode']:<11} c={p['connections']:<3} "
+                f"  {p['target']:<8} {p['mode']:<11} c={p['connections']:<3} "
                 + "  ".join(f"{name} {ms:.2f}" for name, ms in shares.items())
             )
 
@@ -944,7 +957,7 @@ async def edge_in_flight(metrics_url: str) -> float | None:
 async def hold_streams(mesh: Mesh, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     import httpx
 
-    edge = mesh.services["edge"]
+    edge = mesh.children["edge"]
     pid = edge.pid
     assert pid is not None
     metrics_url = f"http://127.0.0.1:{edge.env['CHATTERBOT_METRICS_PORT']}/metrics"
@@ -1286,7 +1299,7 @@ def bench_jobs(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="chatterbot-bench-") as tmp,
         started_mesh(jobs_settings(args), Path(tmp), progress) as mesh,
     ):
-        worker = mesh.services["worker"]
+        worker = mesh.children["worker"]
         # Stopped, so the submissions are measured alone and queue up as a real backlog.
         progress.begin("stopping the workers")
         worker.stop()
@@ -1436,6 +1449,13 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     gateway.add_argument(
         "--connections", type=int, default=50, help="the loaded phases' connections (default 50)"
+    )
+    gateway.add_argument(
+        "--mode",
+        choices=tuple(MESH_MODES),
+        default="combined",
+        help="the mesh as `chatterbot up` runs it (combined, the default), a process per service (split), "
+        "or both, one after the other",
     )
     gateway.add_argument(
         "--load",

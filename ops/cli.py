@@ -18,19 +18,20 @@ if TYPE_CHECKING:
     from chatterbot.api_keys import ApiKeyRecord
     from chatterbot.jetstream import Job
 
-# `chatterbot serve <name>` runs the `main()` of these modules.
-SERVICE_ENTRY_POINTS = {
-    "edge": "edge.main",
-    "chat": "chat_svc.main",
-    "context": "context_svc.main",
-    "inference": "inference_svc.main",
-    "store": "store_svc.main",
-    "worker": "chat_svc.worker_main",
-}
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    importlib.import_module(SERVICE_ENTRY_POINTS[args.service]).main()
+    from ops import components
+
+    try:
+        names = components.parse_targets(args.service)
+    except ValueError as exc:
+        print(f"chatterbot serve: {exc}", file=sys.stderr)
+        return 2
+    if len(names) == 1 and args.ready_file is None:
+        # One component alone runs its own entry point: what compose and Kubernetes run.
+        importlib.import_module(components.COMPONENTS[names[0]]).main()
+    else:
+        components.run(names, Path(args.ready_file) if args.ready_file else None)
     return 0
 
 
@@ -40,7 +41,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     configure_logging("launcher", settings.log_level, json_output=False)
-    mesh = Mesh(settings, Path(args.data_dir or settings.data_dir))
+    mesh = Mesh(
+        settings,
+        Path(args.data_dir or settings.data_dir),
+        mode=args.mode or settings.up_mode,
+        processes=settings.up_processes if args.processes is None else args.processes,
+    )
     stop = threading.Event()
     # Signals only set a flag: the main thread started every child, so it alone stops them.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,7 +65,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     try:
         while not stop.wait(0.5):
-            failed = [name for name, svc in mesh.services.items() if not svc.is_running]
+            failed = [name for name, child in mesh.children.items() if not child.is_running]
             if failed:
                 logging.getLogger("ops.launcher").error("service exited: %s; stopping the mesh", failed)
                 return 1
@@ -391,10 +397,28 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="start the whole mesh on this machine (embedded servers unless URLs are set)"
     )
     up.add_argument("--data-dir", help="where data, logs and keys live (default: CHATTERBOT_DATA_DIR)")
+    up.add_argument(
+        "--mode",
+        choices=("combined", "split"),
+        help="combined: processes that each run every component, in process (default: CHATTERBOT_UP_MODE, "
+        "combined); split: a process per service",
+    )
+    up.add_argument(
+        "--processes",
+        type=int,
+        help="combined mode: processes sharing the ports (default: CHATTERBOT_UP_PROCESSES, 0 = one per core)",
+    )
     up.set_defaults(func=cmd_up)
 
-    serve = sub.add_parser("serve", help="run one service (what compose and Kubernetes run)")
-    serve.add_argument("service", choices=sorted(SERVICE_ENTRY_POINTS))
+    serve = sub.add_parser(
+        "serve",
+        help="run one service (what compose and Kubernetes run), or several in one process",
+        description="Run components: one (edge, chat, context, store, inference, worker), a comma-separated "
+        "list of them, or all. Components in one process call each other in process; every one still "
+        "listens on its own port.",
+    )
+    serve.add_argument("service", metavar="COMPONENTS", help="e.g. edge, or edge,chat,context,store, or all")
+    serve.add_argument("--ready-file", help="write this file once every component serves (removed at exit)")
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations to every shard")

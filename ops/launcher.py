@@ -1,7 +1,11 @@
 """`chatterbot up`: the whole mesh on one machine, on real servers.
 
-Embedded NATS (JetStream), PostgreSQL and Valkey start unless their URLs are set; then every service runs as
-its own process (`chatterbot serve <name>`), started in dependency order and each awaited until healthy.
+Embedded NATS (JetStream), PostgreSQL and Valkey start unless their URLs are set; then the services start in
+one of two modes, awaited until healthy:
+- `combined` (the default of `chatterbot up`): one process per core runs every component
+  (`chatterbot serve all`), the processes sharing each component's port, and components calling each other in
+  process. An engine that holds a model (vllm) stays in a process of its own: one copy of the model.
+- `split`: every service is a process of its own (`chatterbot serve <name>`), as compose and Kubernetes run it.
 Everything is stopped in reverse order on Ctrl-C or SIGTERM. Data, logs and the dev keys stay in the data dir.
 """
 
@@ -21,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.settings import Settings
+from ops.components import COMPONENTS
 from ops.embedded import (
     EmbeddedServer,
     NatsServer,
@@ -36,20 +41,44 @@ DATABASE = "chatterbot"
 # The embedded PostgreSQL holds two shard databases, so sharded routing is exercised on every machine.
 SHARD_DATABASES = ("chatterbot_shard0", "chatterbot_shard1")
 # Start order: dependencies first. The edge comes last so that a ready edge means a ready mesh.
-START_ORDER = ("store", "context", "inference", "chat", "worker", "edge")
+START_ORDER = tuple(COMPONENTS)
+MODES = ("combined", "split")
+# Engines that hold nothing but connections (the simulator, an HTTP upstream) run in every combined process.
+SHARED_NOTHING_ENGINES = frozenset({"sim", "openai"})
 
 
 class ServiceProcess(EmbeddedServer):
-    """One ChatterBot service run as `python -m ops serve <name>`; ready when its health says so."""
+    """One ChatterBot service run as `python -m ops serve <name>`; ready when its health says so.
+
+    With `components`, a process serving several (`python -m ops serve edge,chat,...`), ready once it has
+    written its ready file: its ports may be shared with other processes, so answering there proves nothing.
+    """
 
     def __init__(
-        self, name: str, log_dir: Path, port: int, env: dict[str, str], host: str = "127.0.0.1"
+        self,
+        name: str,
+        log_dir: Path,
+        port: int,
+        env: dict[str, str],
+        host: str = "127.0.0.1",
+        components: tuple[str, ...] = (),
     ) -> None:
         super().__init__(name, log_dir, host=host, port=port)
         self.env = env
+        self.components = components
+        self.ready_file = log_dir / f"{name}.ready" if components else None
 
     def _command(self) -> list[str]:
+        if self.ready_file is not None:
+            return [
+                *(sys.executable, "-m", "ops", "serve", ",".join(self.components)),
+                *("--ready-file", str(self.ready_file)),
+            ]
         return [sys.executable, "-m", "ops", "serve", self.name]
+
+    def _prepare(self) -> None:
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
 
     def _popen_kwargs(self) -> dict[str, Any]:
         return {"env": self.env}
@@ -61,6 +90,8 @@ class ServiceProcess(EmbeddedServer):
         return f"{self.dial_host}:{self.port}"
 
     def _is_ready(self) -> bool:
+        if self.ready_file is not None:
+            return self.ready_file.exists()
         if self.name == "edge":
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
@@ -76,6 +107,30 @@ class ServiceProcess(EmbeddedServer):
             except grpc.RpcError:
                 return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class Component:
+    """A component of a combined mesh: where it answers, and the first of the processes that serve it."""
+
+    name: str
+    port: int
+    process: ServiceProcess
+    mesh: Mesh
+
+    @property
+    def url(self) -> str:
+        host = self.process.dial_host
+        return f"http://{host}:{self.port}" if self.name == "edge" else f"{host}:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.process.env
+
+    @property
+    def is_running(self) -> bool:
+        """True while any process serving it runs."""
+        return any(child.is_running for child in self.mesh.children.values() if self.name in child.components)
 
 
 @dataclass
@@ -105,8 +160,15 @@ class Mesh:
     # Use the configured ports when free (`chatterbot up`) or always pick free ones (tests, several meshes).
     prefer_configured_ports: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    # "split" (a process per service) or "combined" (`processes` processes each running the components).
+    mode: str = "split"
+    # Combined processes sharing the ports; 0: one per core.
+    processes: int = 0
     servers: dict[str, EmbeddedServer] = field(default_factory=dict)
-    services: dict[str, ServiceProcess] = field(default_factory=dict)
+    # Where each component answers: its own process (split), or a view of the processes serving it.
+    services: dict[str, ServiceProcess | Component] = field(default_factory=dict)
+    # Every service process started, by name.
+    children: dict[str, ServiceProcess] = field(default_factory=dict)
     keys: DevKeys | None = None
 
     def start(self) -> None:
@@ -172,7 +234,6 @@ class Mesh:
         taken: set[int] = set()
         ports = {name: self._port(s.service_port(name), taken) for name in START_ORDER if name != "edge"}
         ports["edge"] = self._port(s.edge_port, taken)
-        metrics_ports = {name: self._port(0, taken) for name in START_ORDER}
         env = {
             **os.environ,
             **s.to_env(),
@@ -189,18 +250,45 @@ class Mesh:
             **self.extra_env,
         }
         log_dir = self.data_dir / "logs"
-        for name in START_ORDER:
-            service_env = {**env, "CHATTERBOT_METRICS_PORT": str(metrics_ports[name])}
-            service = ServiceProcess(name, log_dir, ports[name], service_env)
-            self.services[name] = service
-            log.info("starting %s", name)
-            service.start(timeout=60)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        alone = (
+            START_ORDER
+            if self.mode == "split"
+            else tuple(
+                name
+                for name in START_ORDER
+                if name == "inference" and s.inference_engine not in SHARED_NOTHING_ENGINES
+            )
+        )
+        for name in alone:
+            service_env = {**env, "CHATTERBOT_METRICS_PORT": str(self._port(0, taken))}
+            self._start_child(ServiceProcess(name, log_dir, ports[name], service_env))
+            self.services[name] = self.children[name]
+        together = tuple(name for name in START_ORDER if name not in alone)
+        if not together:
+            return
+        count = self.processes or os.cpu_count() or 1
+        for index in range(count):
+            service_env = {**env, "CHATTERBOT_METRICS_PORT": str(self._port(0, taken))}
+            process = ServiceProcess(
+                f"mesh-{index}", log_dir, ports["edge"], service_env, components=together
+            )
+            # The first process migrates and creates what the others then find ready.
+            self._start_child(process)
+        first = self.children["mesh-0"]
+        for name in together:
+            self.services[name] = Component(name, ports[name], first, self)
+
+    def _start_child(self, process: ServiceProcess) -> None:
+        self.children[process.name] = process
+        log.info("starting %s", process.name)
+        process.start(timeout=60)
 
     def stop(self) -> None:
         """Stop services (edge first), then servers; each gets its graceful shutdown, then SIGKILL."""
-        for name in reversed(START_ORDER):
-            if name in self.services:
-                self.services[name].stop()
+        for child in reversed(list(self.children.values())):
+            child.stop()
         for server in reversed(list(self.servers.values())):
             server.stop()
 
@@ -216,10 +304,12 @@ class Mesh:
             "api_key": self.keys.api_key,
             "admin_key": self.keys.admin_key,
             "grpc": {name: svc.url for name, svc in self.services.items() if name not in ("edge", "worker")},
+            "mode": self.mode,
             "metrics": {
-                name: f"http://127.0.0.1:{svc.env['CHATTERBOT_METRICS_PORT']}/metrics"
-                for name, svc in self.services.items()
+                name: f"http://127.0.0.1:{child.env['CHATTERBOT_METRICS_PORT']}/metrics"
+                for name, child in self.children.items()
             },
+            "pids": {name: child.pid for name, child in self.children.items()},
             "servers": {
                 "nats": self.services["chat"].env["CHATTERBOT_NATS_URL"],
                 "redis": self.services["chat"].env["CHATTERBOT_REDIS_URL"],

@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from prometheus_client import REGISTRY
 
+from chatterbot import tracing
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import (
     GuardedClient,
@@ -368,7 +369,9 @@ async def test_a_cancelled_unary_caller_cancels_the_server_call(echo, server):
         assert client.breaker.fail_counter == 0
 
 
-async def test_every_call_carries_the_callers_trace_context(echo, server):
+async def test_every_call_carries_the_callers_trace_context(echo, server, monkeypatch):
+    # As in a process that exports spans (an OTLP endpoint is set).
+    monkeypatch.setattr(tracing, "_exporting", True)
     seen: list[str] = []
 
     async def record(request, context):
