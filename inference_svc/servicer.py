@@ -69,6 +69,7 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
         seed=s.seed if s.HasField("seed") else None,
         stop=list(s.stop),
         model=request.model,
+        whole=request.whole,
     )
 
 

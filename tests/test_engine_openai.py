@@ -75,6 +75,8 @@ class Upstream:
 
     bodies: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
+    # The client's (host, port) of each request: one port for many requests is one kept-alive connection.
+    peers: list[tuple[str, int]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
 
@@ -128,6 +130,8 @@ def make_app(upstream: Upstream) -> Starlette:
         body = await request.json()
         upstream.bodies.append(body)
         upstream.headers.append(dict(request.headers))
+        assert request.client is not None
+        upstream.peers.append((request.client.host, request.client.port))
         if request.headers.get("authorization") != f"Bearer {API_KEY}":
             return error(401, "bad api key")
         model = body["model"]
@@ -147,7 +151,33 @@ def make_app(upstream: Upstream) -> Starlette:
             return JSONResponse({"id": "chatcmpl-1", "object": "chat.completion", "choices": []})
         if model == "slow-headers":
             await asyncio.sleep(5)
+        if body.get("stream") is False:
+            return whole_answer(model)
         return StreamingResponse(stream(model), media_type="text/event-stream")
+
+    def whole_answer(model: str) -> Response:
+        if model == "no-json":
+            return Response(b"<html>oops</html>", media_type="text/html")
+        if model == "error-event":
+            return JSONResponse({"error": {"message": "engine died", "code": 500}})
+        usage = (
+            None if model == "no-usage" else {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+        )
+        return JSONResponse(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(WORDS)},
+                        "finish_reason": "length",
+                    }
+                ],
+                **({"usage": usage} if usage else {}),
+            }
+        )
 
     async def stream(model: str) -> AsyncIterator[bytes]:
         try:
@@ -252,6 +282,54 @@ async def test_stream_is_complete_in_order_with_upstream_usage(upstream) -> None
     assert sent["messages"] == [{"role": m.role, "content": m.content} for m in HELLO]
     assert (sent["max_tokens"], sent["temperature"], sent["seed"], sent["stop"]) == (16, 0.0, 5, ["\n\n"])
     assert state.headers[-1]["x-request-id"] == "r-ok"
+
+
+async def test_a_whole_answer_is_asked_for_and_read_whole(upstream) -> None:
+    base_url, state = upstream
+    async with started(base_url, "ok") as engine:
+        deltas = await collect(engine, request("r-whole", whole=True))
+        assert engine.state() is EngineState.READY
+    text, last = deltas
+    assert text.text == "".join(WORDS)
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 11, 7)
+    assert sum(d.token_count for d in deltas) == 7
+    sent = state.bodies[-1]
+    assert sent["stream"] is False and "stream_options" not in sent
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("busy", Overloaded),
+        ("missing", UnknownModel),
+        ("no-json", EngineUnavailable),
+        ("error-event", EngineUnavailable),
+    ],
+)
+async def test_whole_answers_fail_as_streams_do(upstream, model, expected) -> None:
+    base_url, _ = upstream
+    async with started(base_url, model) as engine:
+        with pytest.raises(expected):
+            await collect(engine, request(f"r-whole-{model}", whole=True))
+
+
+async def test_a_whole_answer_without_usage_is_counted(upstream) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "no-usage") as engine:
+        text, last = await collect(engine, request("r-whole-no-usage", whole=True))
+    assert (last.finish_reason, last.completion_tokens) == ("length", 1)
+    assert last.prompt_tokens > 0 and text.token_count + last.token_count == 1
+
+
+async def test_requests_reuse_one_kept_alive_connection(upstream) -> None:
+    base_url, state = upstream
+    async with started(base_url, "ok") as engine:
+        before = len(state.peers)
+        for i in range(4):
+            await collect(engine, request(f"r-reuse-{i}"))
+            await collect(engine, request(f"r-reuse-whole-{i}", whole=True))
+    # Each stream was read to its end, so its connection went back to the pool for the next request.
+    assert len(set(state.peers[before:])) == 1, state.peers[before:]
 
 
 @pytest.mark.parametrize("name", SEPARATORS)

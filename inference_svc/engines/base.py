@@ -30,6 +30,8 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     model: str = ""
+    # The caller takes the answer whole, not token by token: an engine may generate it in one piece.
+    whole: bool = False
 
 
 @dataclass(frozen=True)

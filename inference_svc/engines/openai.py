@@ -1,7 +1,9 @@
 """Any OpenAI-compatible upstream (a `vllm serve` fleet, Ray Serve LLM, llama.cpp, Ollama) as an engine.
 
-Streams `POST {base_url}/chat/completions` with `stream: true` and `stream_options.include_usage`, over one
-long-lived `httpx.AsyncClient` (created in `start()`, closed in `stop()`), so connections are pooled.
+Streams `POST {base_url}/chat/completions` with `stream: true` and `stream_options.include_usage`, or asks
+for the whole answer (`stream: false`) when its caller takes it whole, over one long-lived
+`aiohttp.ClientSession` (created in `start()`, closed in `stop()`): connections are kept alive and pooled, and
+a stream read to its end hands its connection back for the next request.
 
 Upstream failures map to the engine errors that `inference_svc.servicer.engine_status` turns into gRPC status:
 
@@ -34,12 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
-from httpx_sse import EventSource, aconnect_sse
+from yarl import URL
 
 from chatterbot.settings import Settings
 from chatterbot.tokens import approx_token_count
@@ -58,8 +60,14 @@ from inference_svc.engines.base import (
     UnknownModel,
     UpstreamRejected,
 )
+from inference_svc.engines.sse import EventDecoder
 
 log = logging.getLogger(__name__)
+
+
+# Idle pooled connections are closed after this long; upstreams keep theirs alive for about as long.
+KEEPALIVE_SECONDS = 30.0
+READ_BYTES = 64 * 1024
 
 
 class OpenAIEngine:
@@ -86,10 +94,10 @@ class OpenAIEngine:
         self.model_id = model_id or upstream_model
         self.timeout = timeout
         self.is_default = is_default
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._state = EngineState.LOADING
         self._max_model_len = 0
-        self._running: dict[str, httpx.Response | None] = {}  # by request id; None until headers
+        self._running: dict[str, aiohttp.ClientResponse | None] = {}  # by request id; None until headers
         self._abort_requested: set[str] = set()
 
     @classmethod
@@ -116,12 +124,17 @@ class OpenAIEngine:
             raise ValueError("the openai engine needs a base URL (CHATTERBOT_OPENAI_BASE_URL)")
         self._state = EngineState.LOADING
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
+        self._completions = URL(f"{self.base_url}/chat/completions")
+        self._models = URL(f"{self.base_url}/models")
+        self._session = aiohttp.ClientSession(
             headers=headers,
-            timeout=httpx.Timeout(self.timeout),
-            # Streams are long; the pool must hold as many as the service runs at once.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            # `timeout` bounds connecting and each wait for data, not a whole (long) stream.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
+            # Streams are long; the pool holds as many as the service runs at once.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS),
+            # Upstream cookies mean nothing to requests made for many users.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,
         )
         try:
             await self.probe()
@@ -130,20 +143,21 @@ class OpenAIEngine:
 
     async def stop(self) -> None:
         self._state = EngineState.FAILED
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def probe(self) -> None:
         """Ask the upstream for its models; READY if it answers, FAILED (and the error raised) if not."""
         try:
-            response = await self._http().get("/models")
-            if response.status_code != 200:
-                raise _status_error(response.status_code, response.text, self.upstream_model)
-            for card in response.json().get("data", []):
-                if card.get("id") == self.upstream_model and card.get("max_model_len"):
-                    self._max_model_len = int(card["max_model_len"])
-        except httpx.HTTPError as exc:
+            async with self._http().get(self._models) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise _status_error(response.status, text, self.upstream_model)
+                for card in orjson.loads(text).get("data", []):
+                    if card.get("id") == self.upstream_model and card.get("max_model_len"):
+                        self._max_model_len = int(card["max_model_len"])
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self._state = EngineState.FAILED
             raise _transport_error(exc) from exc
         except (EngineError, ValueError):
@@ -171,21 +185,22 @@ class OpenAIEngine:
         response = self._running[request_id]
         if response is not None:
             # A read in progress fails at once; the stream sees the flag and ends as aborted.
-            await response.aclose()
+            response.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if request.model and request.model != self.model_id:
             raise UnknownModel(request.model)
-        client = self._http()
+        session = self._http()
         body: dict[str, Any] = {
             "model": self.upstream_model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": not request.whole,
         }
+        if not request.whole:
+            body["stream_options"] = {"include_usage": True}
         if request.seed is not None:
             body["seed"] = request.seed
         if request.stop:
@@ -196,79 +211,118 @@ class OpenAIEngine:
         # The gauge mirrors load(): streams open upstream, which only this engine sees. Latency, token and
         # abort metrics are measured once, for every engine, in inference_svc.generation.
         metrics.RUNNING.labels(self.model_id).inc()
-        chunks = 0  # content chunks sent on: the token count when the upstream reports no usage
-        finish: str | None = None
-        usage: dict[str, Any] | None = None
         try:
-            try:
-                async with aconnect_sse(
-                    client,
-                    "POST",
-                    "/chat/completions",
-                    content=orjson.dumps(body),
-                    headers={"Content-Type": "application/json", "X-Request-Id": rid},
-                ) as source:
-                    response = source.response
-                    if response.status_code != 200:
-                        await response.aread()
-                        raise _status_error(response.status_code, response.text, self.upstream_model)
-                    self._running[rid] = response
-                    async for chunk in _chunks(source):
-                        if rid in self._abort_requested:
-                            break
-                        if "error" in chunk:
-                            error = (
-                                chunk["error"]
-                                if isinstance(chunk["error"], dict)
-                                else {"message": chunk["error"]}
-                            )
-                            raise _status_error(
-                                int(error.get("code") or 500), str(error.get("message")), self.upstream_model
-                            )
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for choice in chunk.get("choices") or ():
-                            text = (choice.get("delta") or {}).get("content")
-                            if text:
-                                chunks += 1
-                                yield Delta(text=text, token_count=1)
-                            if choice.get("finish_reason"):
-                                finish = choice["finish_reason"]
-            except (httpx.HTTPError, httpx.StreamError) as exc:
-                if rid not in self._abort_requested:
-                    raise self._failed(_transport_error(exc)) from exc
-            except EngineUnavailable as exc:
-                raise self._failed(exc) from None
-            if rid in self._abort_requested:
-                finish = "abort"
-            if finish is None:
-                raise self._failed(EngineUnavailable("upstream ended the stream without a finish reason"))
-
-            if usage:
-                prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                completion_tokens = int(usage.get("completion_tokens") or chunks)
-            else:
-                prompt_tokens = sum(approx_token_count(m.content) for m in request.messages)
-                completion_tokens = chunks
-            if finish != "abort":
-                self._state = EngineState.READY
-            yield Delta(
-                text="",
-                # Upstreams may pack several tokens in a chunk; the last delta makes the counts add up.
-                token_count=max(0, completion_tokens - chunks),
-                finish_reason=finish,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-            )
+            answer = self._whole(session, rid, body) if request.whole else self._streamed(session, rid, body)
+            async with contextlib.aclosing(answer) as deltas:
+                async for delta in deltas:
+                    yield delta
         finally:
             self._running.pop(rid, None)
             self._abort_requested.discard(rid)
             metrics.RUNNING.labels(self.model_id).dec()
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
+    @contextlib.asynccontextmanager
+    async def _post(
+        self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The upstream's response to `body`, registered for abort(); an error status raised as an engine
+        error. Transport failures become engine errors too (none for a request that was aborted)."""
+        try:
+            async with session.post(
+                self._completions,
+                data=orjson.dumps(body),
+                headers={"Content-Type": "application/json", "X-Request-Id": rid},
+            ) as response:
+                self._running[rid] = response
+                if response.status != 200:
+                    raise _status_error(response.status, await response.text(), self.upstream_model)
+                yield response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if rid not in self._abort_requested:
+                raise self._failed(_transport_error(exc)) from exc
+        except EngineUnavailable as exc:
+            raise self._failed(exc) from None
+
+    async def _streamed(
+        self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any]
+    ) -> AsyncGenerator[Delta, None]:
+        """The answer as the upstream streams it (`stream: true`)."""
+        chunks = 0  # content chunks sent on: the token count when the upstream reports no usage
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        async with self._post(session, rid, body) as response:
+            if response.content_type != "text/event-stream":
+                raise EngineUnavailable(
+                    f"upstream answered {response.content_type!r}, not an event stream"
+                )
+            async for chunk in _chunks(response):
+                if rid in self._abort_requested:
+                    break
+                _raise_error_event(chunk, self.upstream_model)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        chunks += 1
+                        yield Delta(text=text, token_count=1)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+        yield self._last(rid, finish, usage, chunks, body)
+
+    async def _whole(
+        self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any]
+    ) -> AsyncGenerator[Delta, None]:
+        """The answer in one piece (`stream: false`): one response for the upstream to send and this to read."""
+        text = ""
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        async with self._post(session, rid, body) as response:
+            raw = await response.read()
+            try:
+                payload = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise EngineUnavailable(f"upstream answered with no JSON: {raw[:200]!r}") from None
+            _raise_error_event(payload, self.upstream_model)
+            usage = payload.get("usage")
+            for choice in payload.get("choices") or ():
+                text = (choice.get("message") or {}).get("content") or ""
+                finish = choice.get("finish_reason")
+                break
+        pieces = 1 if text else 0
+        if text and rid not in self._abort_requested:
+            yield Delta(text=text, token_count=1)
+        yield self._last(rid, finish, usage, pieces, body)
+
+    def _last(
+        self, rid: str, finish: str | None, usage: dict[str, Any] | None, counted: int, body: dict[str, Any]
+    ) -> Delta:
+        """The final delta: finish reason and token counts (`counted` tokens were already sent on)."""
+        if rid in self._abort_requested:
+            finish = "abort"
+        if finish is None:
+            raise self._failed(EngineUnavailable("upstream ended the answer without a finish reason"))
+        if usage:
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or counted)
+        else:
+            prompt_tokens = sum(approx_token_count(m["content"]) for m in body["messages"])
+            completion_tokens = counted
+        if finish != "abort":
+            self._state = EngineState.READY
+        return Delta(
+            text="",
+            # Upstreams may pack several tokens in a chunk; the last delta makes the counts add up.
+            token_count=max(0, completion_tokens - counted),
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise EngineUnavailable(f"openai engine for {self.model_id} is not started")
-        return self._client
+        return self._session
 
     def _failed(self, exc: EngineError) -> EngineError:
         """An upstream that cannot serve makes this engine unhealthy until a stream succeeds again."""
@@ -277,26 +331,35 @@ class OpenAIEngine:
         return exc
 
 
-async def _chunks(source: EventSource) -> AsyncGenerator[dict[str, Any], None]:
-    """The JSON payloads of the upstream's server-sent events, up to `[DONE]`.
-
-    httpx-sse splits lines only on CR, LF and CRLF, as the SSE spec says; httpx's own `aiter_lines()` also
-    splits on U+2028, U+2029 and U+0085, which JSON carries unescaped inside a chunk's content. Comments
-    (keep-alives) never reach here; an event with no data (a bare `id:` or `retry:`) is skipped.
-    """
-    async with contextlib.aclosing(source.aiter_sse()) as events:
-        async for event in events:
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON payloads of the upstream's server-sent events, up to `[DONE]` (engines.sse reads the
+    stream by the spec's line rules). After `[DONE]` the body is read to its end, so that its connection
+    goes back to the pool instead of closing."""
+    decoder = EventDecoder()
+    done = False
+    async for data in response.content.iter_any():
+        for event in decoder.feed(data):
+            if done:
+                continue
             if event.data == "[DONE]":
-                return
-            if event.data:
+                done = True
+            else:
                 yield orjson.loads(event.data)
 
 
-def _transport_error(exc: httpx.HTTPError | httpx.StreamError) -> EngineError:
-    # Nothing reached the upstream on a connect or pool timeout: UNAVAILABLE tells callers a retry is safe.
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+def _raise_error_event(payload: dict[str, Any], model: str) -> None:
+    """Raise the engine error an `{"error": ...}` payload (a mid-stream error event) stands for."""
+    if "error" not in payload:
+        return
+    error = payload["error"] if isinstance(payload["error"], dict) else {"message": payload["error"]}
+    raise _status_error(int(error.get("code") or 500), str(error.get("message")), model)
+
+
+def _transport_error(exc: aiohttp.ClientError | TimeoutError) -> EngineError:
+    # Nothing reached the upstream when connecting failed: UNAVAILABLE tells callers a retry is safe.
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return EngineUnavailable(f"upstream not reachable: {exc!r}")
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return EngineTimeout(f"upstream did not answer in time: {exc!r}")
     return EngineUnavailable(f"upstream failed: {exc!r}")
 
