@@ -276,6 +276,15 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes this process's event loop: uvloop's (its I/O and scheduling are in C) or asyncio's own."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextManager[GrpcApp]]) -> None:
     """Entry point of `chatterbot serve <name>` for a gRPC service."""
     from chatterbot.settings import get_settings
@@ -286,6 +295,7 @@ def run_service(name: str, factory: Callable[[Settings], AbstractAsyncContextMan
     start_metrics_server(settings.metrics_port)
     tune_gc()
     try:
-        asyncio.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings)) as runner:
+            runner.run(serve_grpc_app(settings, factory, port=settings.service_port(name)))
     finally:
         shutdown_tracing()

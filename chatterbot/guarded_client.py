@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -245,9 +246,19 @@ class GuardedClient(Generic[StubT]):
                 CLIENT_CALLS.labels(self.target, method, "CIRCUIT_OPEN").inc()
                 raise
 
-        if not retry:
+        if not retry or self._settings.retry_attempts <= 1:
             return await attempt()
-        return await self._retrying(budget)(attempt)
+        # The first attempt runs as is; only a call that must be retried pays for the retry machinery.
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not _is_retryable(exc) or time.monotonic() >= deadline:
+                raise
+            logger.debug("retrying %s.%s after %s", self.target, method, _code_of(exc))
+        await self._sleep_before_retry(deadline)
+        return await self._retrying(deadline - time.monotonic(), attempts=self._settings.retry_attempts - 1)(
+            attempt
+        )
 
     async def stream(
         self,
@@ -267,30 +278,50 @@ class GuardedClient(Generic[StubT]):
         method = method_name(rpc)
         budget = self._settings.stream_deadline_seconds if timeout is None else timeout
         deadline = time.monotonic() + budget
-        async for attempt in self._retrying(budget):
-            with attempt:
-                responses = self.breaker.stream(
-                    self._stream_attempt, method, rpc, request, deadline, metadata
-                )
-                try:
-                    first = await anext(responses)
-                except StopAsyncIteration:
-                    return
-                except CircuitOpenError:
-                    CLIENT_CALLS.labels(self.target, method, "CIRCUIT_OPEN").inc()
-                    raise
+
+        async def attempt() -> tuple[AsyncIterator[ResponseT], ResponseT] | None:
+            """The open stream and its first message; None for a stream that ended without one."""
+            responses = self.breaker.stream(self._stream_attempt, method, rpc, request, deadline, metadata)
+            try:
+                return responses, await anext(responses)
+            except StopAsyncIteration:
+                return None
+            except CircuitOpenError:
+                CLIENT_CALLS.labels(self.target, method, "CIRCUIT_OPEN").inc()
+                raise
+
+        # The first attempt runs as is; only a stream that must be retried pays for the retry machinery.
+        try:
+            opened = await attempt()
+        except Exception as exc:
+            if self._settings.retry_attempts <= 1 or not _is_retryable(exc) or time.monotonic() >= deadline:
+                raise
+            logger.debug("retrying %s.%s after %s", self.target, method, _code_of(exc))
+            await self._sleep_before_retry(deadline)
+            retrying = self._retrying(deadline - time.monotonic(), self._settings.retry_attempts - 1)
+            opened = await retrying(attempt)
+        if opened is None:
+            return
+        responses, first = opened
         try:
             yield first
             async for response in responses:
                 yield response
         finally:
-            await responses.aclose()
+            await responses.aclose()  # type: ignore[attr-defined]
 
-    def _retrying(self, budget: float) -> AsyncRetrying:
+    async def _sleep_before_retry(self, deadline: float) -> None:
+        # Full-jitter exponential backoff before the first retry, as `_retrying` waits before later ones.
+        settings = self._settings
+        cap = min(settings.retry_max_backoff, settings.retry_initial_backoff)
+        await asyncio.sleep(min(max(0.0, deadline - time.monotonic()), random.uniform(0, cap)))
+
+    def _retrying(self, budget: float, attempts: int | None = None) -> AsyncRetrying:
         settings = self._settings
         return AsyncRetrying(
             retry=retry_if_exception(_is_retryable),
-            stop=stop_after_attempt(max(1, settings.retry_attempts)) | stop_before_delay(budget),
+            stop=stop_after_attempt(max(1, settings.retry_attempts if attempts is None else attempts))
+            | stop_before_delay(budget),
             wait=wait_random_exponential(
                 multiplier=settings.retry_initial_backoff, max=settings.retry_max_backoff
             ),

@@ -203,7 +203,8 @@ class LocalUnaryUnary(_LocalMethod):
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:
-            raise _unexpected(exc) from exc
+            # A handler that set its code before raising (the generated base classes do) ends with that code.
+            raise context.error() or _unexpected(exc) from exc
         finally:
             context._done = True
         error = context.error()
@@ -236,16 +237,23 @@ class LocalStreamCall:
         deadline = _deadline_of(self._timeout)
         context = LocalContext(self._metadata, deadline)
         handler = await self._method._handler(self._metadata)
-        behaviour = handler.unary_stream
+        behaviour: Callable[..., Any] | None = handler.unary_stream
+        if behaviour is None and handler.unary_unary is not None:
+            # A unary handler for a streaming method (a denial raised before any answer): gRPC runs it too.
+            behaviour = _one_message(handler.unary_unary)
         if behaviour is None:
             raise rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{self._method.method} is not a streaming method")
-        responses = behaviour(self._request, cast(Any, context))
+        try:
+            responses = behaviour(self._request, cast(Any, context))
+        except Exception as exc:
+            # A synchronous handler that failed at once (a generated base class method sets its code first).
+            raise context.error() or _unexpected(exc) from exc
         if not inspect.isasyncgen(responses):
             # A handler that writes with context.write(); none of the mesh's services has one.
             if inspect.iscoroutine(responses):
                 responses.close()
             raise rpc_error(grpc.StatusCode.UNIMPLEMENTED, "writer-style streams are not served in process")
-        loop_deadline = None if deadline is None else asyncio.get_running_loop().time() + self._timeout
+        loop_deadline = None if self._timeout is None else asyncio.get_running_loop().time() + self._timeout
         try:
             while True:
                 try:
@@ -261,13 +269,20 @@ class LocalStreamCall:
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:
-            raise _unexpected(exc) from exc
+            raise context.error() or _unexpected(exc) from exc
         finally:
             context._done = True
             await responses.aclose()
         error = context.error()
         if error is not None:
             raise error
+
+
+def _one_message(unary: Callable[..., Any]) -> Callable[..., AsyncGenerator[Any, None]]:
+    async def stream(request: Any, context: Any) -> AsyncGenerator[Any, None]:
+        yield await unary(request, context)
+
+    return stream
 
 
 class LocalUnaryStream(_LocalMethod):

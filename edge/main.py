@@ -73,7 +73,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
         # Longer than a proxy's idle timeout, so the proxy (or a pooled client) never reuses a connection
         # the edge is closing at that moment.
         "timeout_keep_alive": int(settings.edge_keepalive_seconds),
-        "loop": "asyncio",
+        "loop": settings.event_loop,
         "http": "httptools",
     }
     options.update(overrides)

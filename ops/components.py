@@ -21,6 +21,7 @@ from pathlib import Path
 from chatterbot import local
 from chatterbot.grpc_server import (
     build_local_server,
+    event_loop_factory,
     exit_if_shutdown_hangs,
     serving,
     start_metrics_server,
@@ -69,7 +70,8 @@ def run(names: list[str], ready_file: Path | None = None) -> None:
     start_metrics_server(settings.metrics_port)
     tune_gc()
     try:
-        asyncio.run(serve_components(settings, names, ready_file))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings)) as runner:
+            runner.run(serve_components(settings, names, ready_file))
     finally:
         shutdown_tracing()
 
