@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     bind_host: str = Field("127.0.0.1", description="interface gRPC and HTTP servers listen on")
     metrics_port: int = Field(0, description="Prometheus port of this process; 0 disables it")
     shutdown_grace_seconds: float = Field(10.0, description="how long SIGTERM waits for in-flight calls")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="the event loop every process runs on: uvloop (faster I/O) or asyncio's own"
+    )
 
     # --- where the services are (callers dial these; a service binds bind_host and the port) ---
     chat_addr: str = "127.0.0.1:50051"
