@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import signal
 import sys
 import threading
@@ -37,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from chatterbot.logs import configure_logging
-    from ops.launcher import Mesh
+    from ops.embedded import StartCancelled
+    from ops.launcher import Mesh, RestartPolicy, Supervisor
 
     settings = get_settings()
     configure_logging("launcher", settings.log_level, json_output=False)
@@ -47,11 +47,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         mode=args.mode or settings.up_mode,
         processes=settings.up_processes if args.processes is None else args.processes,
     )
+    given = {"initial_delay": args.restart_delay, "burst": args.restart_burst, "window": args.restart_window}
+    policy = RestartPolicy(**{name: value for name, value in given.items() if value is not None})
     stop = threading.Event()
-    # Signals only set a flag: the main thread started every child, so it alone stops them.
+    # Signals only set a flag: the main thread and the supervisor's threads, which started every child, alone
+    # stop them; a restart that is pending or under way is given up at once. The flag is set from a thread of
+    # its own: a handler runs in the main thread, which may hold the event's lock inside `stop.wait()`.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    mesh.start()
+        signal.signal(sig, lambda *_: threading.Thread(target=stop.set, name="stop").start())
+    try:
+        mesh.start(cancel=stop)
+    except StartCancelled:
+        print("ChatterBot stopped while starting.", flush=True)
+        return 0
     info = mesh.up_info()
     print(
         f"\nChatterBot is up.\n"
@@ -60,19 +68,38 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  admin key:  {info['admin_key']}\n"
         f"  gRPC:       " + ", ".join(f"{k} {v}" for k, v in info["grpc"].items()) + "\n"
         f"  details:    {mesh.data_dir / 'up.json'}\n"
-        f"Press Ctrl-C to stop.\n",
+        f"  status:     chatterbot status --data-dir {mesh.data_dir}\n"
+        f"A process that exits is restarted; Ctrl-C stops everything.\n",
         flush=True,
     )
-    try:
-        while not stop.wait(0.5):
-            failed = [name for name, child in mesh.children.items() if not child.is_running]
-            if failed:
-                logging.getLogger("ops.launcher").error("service exited: %s; stopping the mesh", failed)
-                return 1
-    finally:
-        mesh.stop()
-        print("ChatterBot stopped.", flush=True)
+    Supervisor(mesh, policy).run(stop)
+    print("ChatterBot stopped.", flush=True)
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ops.launcher import format_status, launcher_running, read_status
+
+    data_dir = Path(args.data_dir or get_settings().data_dir).resolve()
+    status = read_status(data_dir)
+    if status is None:
+        print(f"chatterbot status: no launcher has run in {data_dir}", file=sys.stderr)
+        return 3
+    running = launcher_running(status)
+    if args.json:
+        print(json.dumps({**status, "launcher_running": running}, indent=2))
+    else:
+        print(format_status(status))
+    if not running:
+        print(
+            f"chatterbot status: the launcher of {data_dir} is not running; shown: what it last wrote",
+            file=sys.stderr,
+        )
+        return 3
+    # As `systemctl is-system-running` says degraded: 1 while any process is not running.
+    return 0 if all(c["state"] == "running" for c in status["components"]) else 1
 
 
 def _shard_dsns(args: argparse.Namespace) -> list[str]:
@@ -408,7 +435,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="combined mode: processes sharing the ports (default: CHATTERBOT_UP_PROCESSES, 0 = one per core)",
     )
+    # Defaults (None here) are RestartPolicy's, listed in the README's "Supervision".
+    up.add_argument(
+        "--restart-delay",
+        type=float,
+        help="seconds before the first restart of a process that exited; doubled (and jittered) for each "
+        "exit in a row",
+    )
+    up.add_argument(
+        "--restart-burst",
+        type=int,
+        help="restarts allowed within --restart-window; past them a process is reported and left stopped",
+    )
+    up.add_argument("--restart-window", type=float, help="seconds over which --restart-burst counts")
     up.set_defaults(func=cmd_up)
+
+    status_of_up = sub.add_parser(
+        "status",
+        help="every process of the running `chatterbot up`: pid, uptime, restarts, health",
+        description="Reads the status the running launcher keeps in its data dir. Exit status: 0 when every "
+        "process runs, 1 when one is restarting or was given up, 3 when no launcher runs there.",
+    )
+    status_of_up.add_argument("--data-dir", help="the launcher's data dir (default: CHATTERBOT_DATA_DIR)")
+    status_of_up.add_argument("--json", action="store_true", help="the status as JSON")
+    status_of_up.set_defaults(func=cmd_status)
 
     serve = sub.add_parser(
         "serve",

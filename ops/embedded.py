@@ -2,7 +2,9 @@
 
 Each server gets a free TCP port (kept across restarts, so clients reconnect to the same address) and a data
 dir of its own, which holds its data and its log file `<name>.log`. Tests kill and restart these servers to
-inject faults, so `kill()` is a real SIGKILL of the whole process tree and `start()` recovers from it.
+inject faults, so `kill()` is a real SIGKILL of the whole process tree and `start()` recovers from it. A
+supervisor reads `exit_status()` to learn that a server died and how, and passes `start()` a `cancel` event so
+that a shutdown cuts a restart short.
 
 No server outlives its parent: on Linux each child asks the kernel, through `prctl(PR_SET_PDEATHSIG)`, for
 its shutdown signal when its parent goes away, even if the parent is SIGKILLed. The kernel sends that signal
@@ -45,6 +47,7 @@ __all__ = [
     "EmbeddedServerError",
     "NatsServer",
     "PostgresServer",
+    "StartCancelled",
     "ValkeyServer",
     "free_port",
     "port_is_free",
@@ -62,6 +65,10 @@ _GONE = (psutil.NoSuchProcess, ProcessLookupError)
 
 class EmbeddedServerError(RuntimeError):
     """An embedded server could not be started (its log tail is in the message)."""
+
+
+class StartCancelled(EmbeddedServerError):
+    """A start was given up because its `cancel` event was set (a shutdown began); nothing was left running."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -192,6 +199,10 @@ class EmbeddedServer:
         self.port = port if port is not None else free_port(host)
         self.log_path = self.data_dir / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        # Kept after the process is gone (and reaped by kill() or stop()), for whoever supervises it.
+        self._returncode: int | None = None
+        # Where the log of the latest start begins.
+        self._log_offset = 0
         self._lock = threading.RLock()
 
     # --- what subclasses define ---
@@ -237,21 +248,56 @@ class EmbeddedServer:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def start(self, timeout: float = 30) -> None:
+    def exit_status(self) -> int | None:
+        """The server's exit status once it has exited (negative: the signal that killed it), else None.
+
+        None too while another thread starts, stops or kills it: only a settled exit counts, so a
+        supervisor polling this never mistakes a `restart()` under way for a crash.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            proc = self._proc
+            if proc is None:
+                return self._returncode
+            code = proc.poll()
+            if code is not None:
+                self._returncode = code
+            return code
+        finally:
+            self._lock.release()
+
+    def probe(self) -> bool:
+        """True when the server answers now (its readiness check; any failure to answer is False)."""
+        try:
+            return self._is_ready()
+        except (OSError, http.client.HTTPException, subprocess.SubprocessError, EmbeddedServerError):
+            return False
+
+    def log_tail(self) -> str:
+        """The last lines its latest start wrote to its log."""
+        return self._log_tail(self._log_offset)
+
+    def start(self, timeout: float = 30, cancel: threading.Event | None = None) -> None:
         """Start the server and block until it answers; do nothing if it already runs.
 
         Raises `EmbeddedServerError`, with the tail of the server's log, if the server exits or does not
-        answer within `timeout` seconds. Call from a long-lived thread: see the module docstring.
+        answer within `timeout` seconds, and `StartCancelled` as soon as `cancel` is set (then nothing is
+        left running). Call from a long-lived thread: see the module docstring.
         """
         with self._lock:
             if self.is_running:
                 return
+            # Checked under the lock that stop() takes: once a shutdown has set `cancel` and stopped this
+            # server, no start that was about to begin can bring it back.
+            if cancel is not None and cancel.is_set():
+                raise StartCancelled(f"{self.name}: not started, shutting down")
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._prepare()
             cmd = self._command()
             launch, preexec = _with_parent_death_signal(cmd, self.shutdown_signal)
             with open(self.log_path, "ab") as log:
-                log_offset = log.tell()
+                log_offset = self._log_offset = log.tell()
                 log.write(
                     f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}: "
                     f"{' '.join(cmd)}\n".encode()
@@ -273,17 +319,19 @@ class EmbeddedServer:
                 "started %s (pid %s) on %s, log %s", self.name, self._proc.pid, self.url, self.log_path
             )
             try:
-                self._wait_ready(timeout, log_offset)
+                self._wait_ready(timeout, log_offset, cancel)
                 self._after_ready()
             except BaseException:
                 self._kill_tree()
                 raise
 
-    def _wait_ready(self, timeout: float, log_offset: int) -> None:
+    def _wait_ready(self, timeout: float, log_offset: int, cancel: threading.Event | None = None) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
+            if cancel is not None and cancel.is_set():
+                raise StartCancelled(f"{self.name}: start given up, shutting down")
             code = self._proc.poll()
             if code is not None:
                 raise EmbeddedServerError(
@@ -300,7 +348,10 @@ class EmbeddedServer:
                     f"{self.name} did not answer within {timeout:g}s; last lines of {self.log_path}:\n"
                     f"{self._log_tail(log_offset)}"
                 )
-            time.sleep(delay)
+            if cancel is not None:
+                cancel.wait(delay)
+            else:
+                time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 
     def _log_tail(self, offset: int = 0) -> str:
@@ -317,6 +368,8 @@ class EmbeddedServer:
         with self._lock:
             proc = self._proc
             if proc is None or proc.poll() is not None:
+                if proc is not None:
+                    self._returncode = proc.returncode
                 self._proc = None
                 return
             deadline = time.monotonic() + timeout
@@ -337,6 +390,7 @@ class EmbeddedServer:
                 with contextlib.suppress(*_GONE):
                     p.kill()
             _wait_gone(survivors, 5)
+            self._returncode = proc.returncode
             self._proc = None
             logger.info("stopped %s (exit code %s)", self.name, proc.returncode)
 
@@ -364,6 +418,7 @@ class EmbeddedServer:
             proc.wait()
             if _wait_gone(family, 10):
                 raise EmbeddedServerError(f"children of {self.name} survived SIGKILL")
+        self._returncode = proc.returncode
         self._proc = None
         logger.info("killed %s", self.name)
 
@@ -545,17 +600,19 @@ class PostgresServer(EmbeddedServer):
         self.pgdata = self.data_dir / "pgdata"
         self.user = "postgres"
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, cancel: threading.Event | None = None) -> None:
         """Start PostgreSQL (running initdb first if the cluster is new) and create the default database."""
         try:
-            super().start(timeout)
+            super().start(timeout, cancel)
+        except StartCancelled:
+            raise
         except EmbeddedServerError as exc:
             # As root, another pytest session can close the path to data_dir between our chmod and the
             # server's first look at it (see _open_path_to_data_dir); that race is worth one more try.
             if self._system_user() is None or "Permission denied" not in str(exc):
                 raise
             logger.warning("%s could not reach its data dir; starting it again", self.name)
-            super().start(timeout)
+            super().start(timeout, cancel)
 
     @property
     def url(self) -> str:
