@@ -252,9 +252,7 @@ class OpenAIEngine:
         usage: dict[str, Any] | None = None
         async with self._post(session, rid, body) as response:
             if response.content_type != "text/event-stream":
-                raise EngineUnavailable(
-                    f"upstream answered {response.content_type!r}, not an event stream"
-                )
+                raise EngineUnavailable(f"upstream answered {response.content_type!r}, not an event stream")
             async for chunk in _chunks(response):
                 if rid in self._abort_requested:
                     break
