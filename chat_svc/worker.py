@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 # An idle worker asks each priority in turn; short waits keep a new streaming job's pickup fast.
 IDLE_FETCH_TIMEOUT = 0.1
+# While a lower priority has jobs waiting, an empty higher one is asked only this long before the next turn.
+BUSY_FETCH_TIMEOUT = 0.005
 # Tells watchers a new try begins: the text so far is to be discarded (its seq is the publisher's).
 RESTART = JobEvent(0, restart=True)
 
@@ -126,6 +128,8 @@ class Worker:
         self._subs: list[JetStreamContext.PullSubscription] = []
         self._core_subs: list[Subscription] = []
         self._dispatcher: asyncio.Task[None] | None = None
+        # The priority that had jobs last time (index into _subs); len(_subs) when none had any.
+        self._found_at = len(PRIORITIES)
 
     async def start(self) -> None:
         for _, durable in PRIORITIES.values():
@@ -161,28 +165,42 @@ class Worker:
     async def _dispatch(self) -> None:
         while not self._stopping.is_set():
             await self._slots.acquire()
+            taken = 1
+            # Every slot free at this moment is filled from one fetch: a backlog drains as fast as jobs run.
+            while not self._slots.locked():
+                await self._slots.acquire()
+                taken += 1
             try:
-                msg = await self._next_job()
+                msgs = await self._next_jobs(taken)
             except BaseException:
-                self._slots.release()
+                for _ in range(taken):
+                    self._slots.release()
                 raise
-            task = asyncio.create_task(self._run(msg))
-            task.add_done_callback(lambda _: self._slots.release())
+            for _ in range(taken - len(msgs)):
+                self._slots.release()
+            for msg in msgs:
+                task = asyncio.create_task(self._run(msg))
+                task.add_done_callback(lambda _: self._slots.release())
 
-    async def _next_job(self) -> Msg:
-        """The next job, streaming before interactive before batch."""
+    async def _next_jobs(self, wanted: int) -> list[Msg]:
+        """Up to `wanted` jobs of the highest priority that has any: streaming, interactive, then batch."""
         while True:
-            for sub in self._subs:
+            for index, sub in enumerate(self._subs):
+                # Empty priorities above one that had work are asked briefly, so a backlog below them is not
+                # slowed by a wait per turn; when nothing had work, each waits for jobs a while.
+                timeout = BUSY_FETCH_TIMEOUT if index < self._found_at else IDLE_FETCH_TIMEOUT
                 try:
-                    msgs = await sub.fetch(1, timeout=IDLE_FETCH_TIMEOUT)
-                except nats.errors.TimeoutError:
+                    msgs = await sub.fetch(wanted, timeout=timeout)
+                except TimeoutError:
                     continue
                 except nats.errors.Error:
                     # Disconnected: the client reconnects on its own; try again shortly.
                     await asyncio.sleep(0.5)
                     continue
                 if msgs:
-                    return msgs[0]
+                    self._found_at = index
+                    return msgs
+            self._found_at = len(self._subs)
 
     async def _on_cancel(self, msg: Msg) -> None:
         correlation_id = msg.subject[len(CANCEL_SUBJECT_PREFIX) :]
