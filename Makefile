@@ -22,6 +22,17 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Debian's Chromium, which the browser tests (tests/test_browser.py) drive through Playwright; Playwright's own
+# browser downloads stay off. Installed once, skipped when present.
+CHROMIUM ?= /usr/bin/chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
+
+.PHONY: chromium
+chromium:
+	@test -x $(CHROMIUM) || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 # Python stubs and .pyi type stubs, generated into the one shared package (chatterbot/v1).
 proto: $(STAMP)
 	rm -f chatterbot/v1/*_pb2*.py chatterbot/v1/*_pb2*.pyi

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SERVICES = ("chat", "context", "inference", "store")
@@ -115,6 +115,27 @@ class Settings(BaseSettings):
     )
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, description="an idle server-sent event stream gets a keep-alive comment this often"
+    )
+
+    # --- browsers: the chat page at /, other origins, and streams an EventSource can open ---
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins whose pages may call the edge, comma-separated: https://app.example.com, "
+        "http://localhost:* (any port), https://*.example.com (one label), or * (any, not with credentials); "
+        "empty: none (`chatterbot up` allows loopback origins)",
+    )
+    cors_allow_credentials: bool = Field(
+        False,
+        description="let pages on those origins send cookies and HTTP authentication (API keys travel in "
+        "headers and need no credentials); not allowed with *",
+    )
+    stream_ticket_secret: str = Field(
+        "",
+        description="HMAC secret of stream tickets, the same on every edge replica; empty: one is made once "
+        "and kept in Redis for all of them",
+    )
+    stream_ticket_seconds: int = Field(
+        300, gt=0, description="how long a stream ticket (the ?ticket= of a stream_endpoint) opens its stream"
     )
 
     # --- tracing: W3C trace context always flows; spans are exported over OTLP/HTTP when this is set ---
@@ -227,6 +248,20 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any_origin(self) -> Settings:
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError(
+                "CHATTERBOT_CORS_ORIGINS=* cannot be combined with CHATTERBOT_CORS_ALLOW_CREDENTIALS: "
+                "name the origins"
+            )
+        return self
 
     @field_validator("postgres_shards", mode="before")
     @classmethod

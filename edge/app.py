@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from chatterbot.api_keys import KeyResolver, store_lookup
@@ -17,12 +18,16 @@ from chatterbot.settings import Settings
 from chatterbot.tracing import tracing_enabled
 from chatterbot.v1 import store_pb2_grpc
 from edge.chat_client import new_chat_client
+from edge.cors import cors_options
 from edge.disconnects import install_disconnect_handler
 from edge.health import MeshHealth
 from edge.middleware import EdgeGuard
 from edge.problems import install_problem_handlers
 from edge.rate_limits import RateLimitHeaders, RateLimits
-from edge.routes import chat, health, history, jobs, openai
+from edge.request_ids import RequestIds
+from edge.routes import chat, health, history, jobs, openai, ui, whoami
+from edge.server_errors import ServerErrorsAsProblems
+from edge.tickets import StreamTickets, ticket_secret
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -39,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.keys = KeyResolver.from_settings(settings, store_lookup(app.state.store))
         app.state.rate_limits = RateLimits(settings)
         app.state.health = MeshHealth(settings)
+        app.state.tickets = StreamTickets(await ticket_secret(settings), settings.stream_ticket_seconds)
         # One NATS connection and one event subscription per edge process, shared by every SSE stream.
         app.state.nc = await connect(settings, "chatterbot-edge")
         app.state.fanout = EventFanout(app.state.nc, keepalive_seconds=settings.sse_keepalive_seconds)
@@ -65,6 +71,13 @@ def create_app(settings: Settings) -> FastAPI:
         EdgeGuard, max_in_flight=settings.edge_max_in_flight, max_body_bytes=settings.max_body_bytes
     )
     app.add_middleware(RateLimitHeaders)
+    # Outside the others (the last added is outermost), so that every answer, errors and 500s included,
+    # carries its request id and, for an allowed origin, the CORS headers a page needs to read it.
+    app.add_middleware(ServerErrorsAsProblems)
+    app.add_middleware(RequestIds)
+    cors = cors_options(settings)
+    if cors is not None:
+        app.add_middleware(CORSMiddleware, **cors)
     install_problem_handlers(app)
     install_disconnect_handler(app)
     app.include_router(health.router)
@@ -72,6 +85,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(history.router)
     app.include_router(openai.router)
+    app.include_router(whoami.router)
+    app.include_router(ui.router)
+    app.mount("/static", ui.page_files(), name="static")
     if tracing_enabled():
         # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.
         # No span per ASGI send/receive: a stream would open one per event.

@@ -63,6 +63,9 @@ class ChatRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.1, le=1.0)
     conversation_id: ConversationId | None = None
     stream: bool = Field(False, description="Answer as a text/event-stream instead of one JSON body")
+    model: str | None = Field(
+        None, max_length=200, description="A model of GET /v1/models; null: the default model"
+    )
 
 
 class ChatResponse(BaseModel):
@@ -118,7 +121,8 @@ class Degradation(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded"]
     components: dict[str, Literal["up", "down"]]
-    timestamp: str
+    timestamp: float = Field(description="Seconds since the epoch, as the seed API has it")
+    time: str = Field(description="The same instant, RFC 3339")
     degradation: Degradation | None = None
     reasons: list[str] = Field(default_factory=list, description="Why the status is degraded")
 
@@ -156,6 +160,7 @@ class AsyncChatAccepted(BaseModel):
     message: str
     correlation_id: str
     check_endpoint: str
+    stream_endpoint: str = Field(description="Watch the turn here; open it as it is (it carries a ticket)")
 
 
 class StreamChatAccepted(BaseModel):
@@ -236,6 +241,12 @@ class ConversationTitle(BaseModel):
     title: StoredText = Field(min_length=1, max_length=200)
 
 
+class SeedConversationTitle(ConversationTitle):
+    """Body of the seed API's `PUT /conversations/title`."""
+
+    conversation_id: ConversationId
+
+
 class Conversation(BaseModel):
     conversation_id: str
     title: str
@@ -254,6 +265,7 @@ class ConversationList(BaseModel):
 
 class HistoryMessage(BaseModel):
     message_id: int = Field(description="Increasing within a user; the `before` cursor")
+    conversation_id: str | None = Field(None, description="Set when the history spans conversations")
     role: RoleName
     content: str
     token_count: int
@@ -264,9 +276,16 @@ class HistoryMessage(BaseModel):
 
 class History(BaseModel):
     user_id: str
-    conversation_id: str
-    messages: list[HistoryMessage] = Field(description="Oldest first: the newest `limit` before the cursor")
+    conversation_id: str | None = Field(description="null: the latest messages across conversations")
+    messages: list[HistoryMessage] = Field(
+        description="Oldest first: the newest `limit` before the cursor. Across conversations: each one's "
+        "newest `limit`, newest conversation first"
+    )
     next_before: int | None = Field(None, description="Pass as `before` for the older page; null when none")
+    next_page_token: str | None = Field(
+        None,
+        description="Across conversations: pass as `page_token` for older conversations; null on the last",
+    )
 
 
 class ConversationDeleted(BaseModel):

@@ -36,6 +36,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.settings import Settings
+from edge.cors import LOOPBACK_ORIGINS
 from ops.components import COMPONENTS
 from ops.embedded import (
     EmbeddedServer,
@@ -261,6 +262,12 @@ class Mesh:
                 if name != "edge"
             },
             "CHATTERBOT_EDGE_PORT": str(ports["edge"]),
+            # A front end in development (any port on this machine) may call the edge, unless set otherwise.
+            **(
+                {}
+                if "cors_origins" in s.model_fields_set
+                else {"CHATTERBOT_CORS_ORIGINS": ",".join(LOOPBACK_ORIGINS)}
+            ),
             "CHATTERBOT_API_KEYS": ",".join(api_keys),
             "CHATTERBOT_ADMIN_KEYS": ",".join(admin_keys),
             "CHATTERBOT_DATA_DIR": str(self.data_dir),

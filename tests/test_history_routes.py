@@ -3,6 +3,7 @@ and context that survives a Redis flush."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
@@ -10,6 +11,7 @@ import httpx
 
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, context_pb2_grpc
 from context_svc.turns import context_key
+from tests.clients import create_key
 from tests.meshes import API_KEY
 
 
@@ -127,7 +129,7 @@ def test_context_survives_a_redis_flush(edge, mesh, valkey):
 
 
 def test_history_routes_validate_and_authenticate(mesh, edge):
-    assert edge.get(f"/history/{new_user()}").status_code == 422  # conversation_id is required
+    assert edge.get(f"/history/{new_user()}").json()["messages"] == []  # the seed's form: every conversation
     assert edge.get("/conversations/ab").status_code == 422
     assert edge.post("/conversations", json={"user_id": "ab"}).status_code == 422
     assert edge.put("/conversations/c1/title", json={"user_id": new_user(), "title": ""}).status_code == 422
@@ -158,3 +160,50 @@ def test_the_matching_chat_service_rpcs_over_grpc(mesh):
             timeout=10,
         )
         assert deleted.message_count == 0
+
+
+def test_the_seed_apis_conversation_routes_still_answer(edge):
+    user = new_user()
+    first = chat(edge, user, "first conversation")["conversation_id"]
+    second = chat(edge, user, "second conversation")["conversation_id"]
+
+    # GET /history/{user_id} without conversation_id: the latest messages, newest conversation first.
+    latest = edge.get(f"/history/{user}")
+    assert latest.status_code == 200, latest.text
+    body = latest.json()
+    assert body["conversation_id"] is None and body["next_page_token"] is None
+    assert [(m["conversation_id"], m["role"]) for m in body["messages"]] == [
+        (second, "user"),
+        (second, "assistant"),
+        (first, "user"),
+        (first, "assistant"),
+    ]
+    paged = edge.get(f"/history/{user}", params={"limit": 1}).json()
+    assert [m["role"] for m in paged["messages"]] == ["assistant", "assistant"]
+
+    renamed = edge.put(
+        "/conversations/title", json={"user_id": user, "conversation_id": first, "title": "Renamed"}
+    )
+    assert renamed.status_code == 200 and renamed.json()["title"] == "Renamed"
+    deleted = edge.delete(f"/conversations/{user}/{second}")
+    assert deleted.status_code == 200 and deleted.json() == {"conversation_id": second, "deleted_messages": 2}
+    assert [c["conversation_id"] for c in edge.get(f"/conversations/{user}").json()["conversations"]] == [
+        first
+    ]
+
+
+def test_the_seed_apis_conversation_routes_keep_user_keys_to_their_user(edge, mesh):
+    user, other = new_user(), new_user()
+    theirs = chat(edge, other, "not yours")["conversation_id"]
+    key = create_key(mesh, "--user", user).key
+    headers = {"X-API-Key": key}
+    assert edge.get(f"/history/{other}", headers=headers).status_code == 403
+    body = {"user_id": other, "conversation_id": theirs, "title": "Mine now"}
+    assert edge.put("/conversations/title", json=body, headers=headers).status_code == 403
+    assert edge.delete(f"/conversations/{other}/{theirs}", headers=headers).status_code == 403
+
+
+def test_health_timestamp_is_seconds_since_the_epoch(edge):
+    body = edge.get("/health").json()
+    assert isinstance(body["timestamp"], float) and abs(body["timestamp"] - time.time()) < 60
+    assert body["time"].startswith(time.strftime("%Y", time.gmtime()))

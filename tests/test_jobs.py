@@ -51,7 +51,7 @@ def test_stream_chat_streams_tokens_then_done(edge, pg):
     accepted = edge.post("/stream-chat", json={"message": "stream me", "user_id": "user-stream-1"}).json()
     assert accepted["status"] == "streaming"
     cid = accepted["correlation_id"]
-    assert accepted["stream_endpoint"] == f"/stream/{cid}"
+    assert accepted["stream_endpoint"].startswith(f"/stream/{cid}?ticket=")
     events = read_stream(edge, cid)
     ids = [int(i) for i, _, _ in events]
     assert ids == list(range(1, len(events) + 1))

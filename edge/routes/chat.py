@@ -60,6 +60,7 @@ def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn
         temperature=body.temperature,
         conversation_id=body.conversation_id or "",
         request_id=request_id,
+        model=body.model or "",
     )
 
 

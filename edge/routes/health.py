@@ -23,10 +23,12 @@ async def health(request: Request) -> HealthResponse:
     reasons = [f"down: {', '.join(down)}"] if down else []
     if rung not in ("none", "unknown"):
         reasons.append(f"{rung}: {reason}")
+    now = datetime.now(UTC)
     return HealthResponse(
         status="degraded" if reasons else "healthy",
         components=components,
-        timestamp=datetime.now(UTC).isoformat(),
+        timestamp=now.timestamp(),
+        time=now.isoformat(),
         degradation=Degradation(rung=rung, reason=reason),
         reasons=reasons,
     )

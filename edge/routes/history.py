@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -22,6 +23,7 @@ from edge.protocol import (
     History,
     HistoryMessage,
     Problem,
+    SeedConversationTitle,
     role_name,
     storable,
 )
@@ -45,6 +47,7 @@ UserIdQuery = Annotated[
 ]
 ConversationIdPath = Annotated[str, Path(pattern=wire.CONVERSATION_ID_PATTERN)]
 ConversationIdQuery = Annotated[str, Query(pattern=wire.CONVERSATION_ID_PATTERN)]
+ConversationIdFilter = Annotated[str | None, Query(pattern=wire.CONVERSATION_ID_PATTERN)]
 
 
 def _time(ts: Timestamp) -> str:
@@ -103,45 +106,78 @@ async def create_conversation(
     return _conversation(reply.conversation)
 
 
-@router.get("/history/{user_id}", response_model=History, responses=_ERRORS)
-async def history(
-    user_id: UserIdPath,
-    conversation_id: ConversationIdQuery,
-    limit: int = Query(50, ge=1, le=500),
-    before: int | None = Query(None, ge=1, description="next_before of the previous page"),
-    caller: Caller = Depends(require_key),
-    client: ChatClient = Depends(chat_client),
-) -> History:
-    """A conversation's messages, oldest first; page towards older ones with `before`."""
-    check_user(caller, user_id)
+def _message(m: types_pb2.HistoryMessage, conversation_id: str | None = None) -> HistoryMessage:
+    return HistoryMessage(
+        message_id=m.message_id,
+        conversation_id=conversation_id,
+        role=role_name(m.role),
+        content=m.content,
+        token_count=m.token_count,
+        created_at=_time(m.create_time),
+        processing_time=m.processing_time if m.role == types_pb2.ROLE_ASSISTANT else None,
+        model=m.model or None,
+    )
+
+
+async def _messages(
+    client: ChatClient, caller: Caller, user_id: str, conversation_id: str, limit: int, before: int
+) -> chat_pb2.ListMessagesResponse:
     reply: chat_pb2.ListMessagesResponse = await downstream(
         client.call(
             client.stub.ListMessages,
             chat_pb2.ListMessagesRequest(
-                user_id=user_id,
-                conversation_id=conversation_id,
-                page_size=limit,
-                before_message_id=before or 0,
+                user_id=user_id, conversation_id=conversation_id, page_size=limit, before_message_id=before
             ),
             metadata=metadata(caller),
         )
     )
+    return reply
+
+
+# Conversations one page of the seed's history across conversations spans.
+CONVERSATIONS_PER_HISTORY_PAGE = 10
+
+
+@router.get("/history/{user_id}", response_model=History, responses=_ERRORS)
+async def history(
+    user_id: UserIdPath,
+    conversation_id: ConversationIdFilter = None,
+    limit: int = Query(50, ge=1, le=500),
+    before: int | None = Query(None, ge=1, description="next_before of the previous page"),
+    page_token: str | None = Query(
+        None, max_length=512, description="Without conversation_id: next_page_token of the previous page"
+    ),
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> History:
+    """A conversation's messages, oldest first; page towards older ones with `before`. Without
+    `conversation_id` (the seed API's form): the newest `limit` messages of each of the user's latest
+    conversations, newest conversation first; page towards older conversations with `page_token`."""
+    check_user(caller, user_id)
+    if conversation_id is not None:
+        reply = await _messages(client, caller, user_id, conversation_id, limit, before or 0)
+        return History(
+            user_id=user_id,
+            conversation_id=conversation_id,
+            messages=[_message(m) for m in reply.messages],
+            next_before=reply.next_before_message_id or None,
+        )
+    listed: chat_pb2.ListConversationsResponse = await downstream(
+        client.call(
+            client.stub.ListConversations,
+            chat_pb2.ListConversationsRequest(
+                user_id=user_id, page_size=CONVERSATIONS_PER_HISTORY_PAGE, page_token=page_token or ""
+            ),
+            metadata=metadata(caller),
+        )
+    )
+    ids = [c.conversation_id for c in listed.conversations]
+    pages = await asyncio.gather(*(_messages(client, caller, user_id, cid, limit, 0) for cid in ids))
     return History(
         user_id=user_id,
-        conversation_id=conversation_id,
-        messages=[
-            HistoryMessage(
-                message_id=m.message_id,
-                role=role_name(m.role),
-                content=m.content,
-                token_count=m.token_count,
-                created_at=_time(m.create_time),
-                processing_time=m.processing_time if m.role == types_pb2.ROLE_ASSISTANT else None,
-                model=m.model or None,
-            )
-            for m in reply.messages
-        ],
-        next_before=reply.next_before_message_id or None,
+        conversation_id=None,
+        messages=[_message(m, cid) for cid, page in zip(ids, pages, strict=True) for m in page.messages],
+        next_page_token=listed.next_page_token or None,
     )
 
 
@@ -166,6 +202,16 @@ async def rename_conversation(
     return _conversation(reply.conversation)
 
 
+@router.put("/conversations/title", response_model=Conversation, responses=_ERRORS)
+async def rename_conversation_seed(
+    body: SeedConversationTitle,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> Conversation:
+    """The seed API's rename: the conversation named in the body."""
+    return await rename_conversation(body, body.conversation_id, caller, client)
+
+
 @router.delete("/conversations/{conversation_id}", response_model=ConversationDeleted, responses=_ERRORS)
 async def delete_conversation(
     conversation_id: ConversationIdPath,
@@ -183,3 +229,16 @@ async def delete_conversation(
         )
     )
     return ConversationDeleted(conversation_id=conversation_id, deleted_messages=reply.message_count)
+
+
+@router.delete(
+    "/conversations/{user_id}/{conversation_id}", response_model=ConversationDeleted, responses=_ERRORS
+)
+async def delete_conversation_seed(
+    user_id: UserIdPath,
+    conversation_id: ConversationIdPath,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> ConversationDeleted:
+    """The seed API's delete: the user in the path."""
+    return await delete_conversation(conversation_id, user_id, caller, client)

@@ -8,11 +8,12 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 
 from chatterbot.jetstream import DLQ_STREAM, EVENTS_STREAM, JOBS_STREAM, PRIORITIES
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_admin, require_key
+from edge.browser_protocol import StreamTicket
 from edge.chat_client import ChatClient, chat_client, metadata
 from edge.middleware import StreamMeter
 from edge.problems import ProblemError, downstream
@@ -34,6 +35,7 @@ from edge.protocol import (
 )
 from edge.routes.chat import ERRORS, to_chat_turn, token_event
 from edge.sse import EventStreamResponse
+from edge.tickets import StreamTickets, Ticket, stream_reader
 
 router = APIRouter(tags=["queued chats"])
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -68,6 +70,11 @@ async def _result(client: ChatClient, caller: Caller, correlation_id: str) -> ch
     )
 
 
+def _stream_endpoint(request: Request, caller: Caller, correlation_id: str) -> str:
+    tickets: StreamTickets = request.app.state.tickets
+    return tickets.endpoint(correlation_id, caller.principal.key_id)
+
+
 @router.post("/async-chat", response_model=AsyncChatAccepted, status_code=200, responses=ERRORS)
 async def async_chat(
     body: ChatRequest,
@@ -75,13 +82,14 @@ async def async_chat(
     caller: Caller = Depends(require_key),
     client: ChatClient = Depends(chat_client),
 ) -> AsyncChatAccepted:
-    """Queue a turn; poll `check_endpoint` for the answer."""
+    """Queue a turn; poll `check_endpoint` for the answer, or watch it on `stream_endpoint`."""
     cid = await _submit(body, request, caller, client, types_pb2.JOB_PRIORITY_INTERACTIVE)
     return AsyncChatAccepted(
         status="processing",
         message="Your request is being processed",
         correlation_id=cid,
         check_endpoint=f"/check-response/{cid}",
+        stream_endpoint=_stream_endpoint(request, caller, cid),
     )
 
 
@@ -92,10 +100,14 @@ async def stream_chat(
     caller: Caller = Depends(require_key),
     client: ChatClient = Depends(chat_client),
 ) -> StreamChatAccepted:
-    """Queue a turn at streaming priority; read its tokens from `stream_endpoint`."""
+    """Queue a turn at streaming priority; read its tokens from `stream_endpoint` (with a key, or as it is:
+    it carries a ticket)."""
     cid = await _submit(body, request, caller, client, types_pb2.JOB_PRIORITY_STREAMING)
     return StreamChatAccepted(
-        status="streaming", message="Stream is ready", correlation_id=cid, stream_endpoint=f"/stream/{cid}"
+        status="streaming",
+        message="Stream is ready",
+        correlation_id=cid,
+        stream_endpoint=_stream_endpoint(request, caller, cid),
     )
 
 
@@ -147,13 +159,22 @@ def _sse(event: Mapping[str, Any]) -> dict[str, str]:
 async def stream(
     correlation_id: str,
     request: Request,
-    caller: Caller = Depends(require_key),
+    reader: Caller | Ticket = Depends(stream_reader),
     client: ChatClient = Depends(chat_client),
     last_event_id: str | None = Header(None, description="Resume after this event id"),
+    last_event_id_query: str | None = Query(
+        None,
+        alias="last_event_id",
+        max_length=20,
+        description="The same, for clients that cannot send headers (the header wins)",
+    ),
 ) -> EventStreamResponse:
     """Token events of a queued turn. Reconnect with `Last-Event-ID` to continue after the last event seen;
-    a finished job is replayed whole while its events are retained."""
-    result = await _result(client, caller, correlation_id)
+    a finished job is replayed whole while its events are retained. Send a key, or open a `stream_endpoint`
+    with its ticket as it is."""
+    # A ticket was signed for this stream: the key that got it could see it, so there is nothing to ask.
+    result = await _result(client, reader, correlation_id) if isinstance(reader, Caller) else None
+    last_event_id = last_event_id or last_event_id_query
     try:
         after = int(last_event_id) if last_event_id else 0
     except ValueError:
@@ -178,7 +199,7 @@ async def stream(
                         return
                     if event.get("error"):
                         return
-            if seen == after and result.status == types_pb2.JOB_STATUS_SUCCEEDED:
+            if seen == after and result is not None and result.status == types_pb2.JOB_STATUS_SUCCEEDED:
                 # Finished and no longer retained: the stored answer, whole.
                 meter.token()
                 yield _sse({"seq": after + 1, "token": result.response})
@@ -192,6 +213,27 @@ async def stream(
     # Draining, the edge ends these streams at once (EventFanout.drain): the client resumes on another replica
     # with Last-Event-ID.
     return EventStreamResponse(events())
+
+
+@router.post(
+    "/stream/{correlation_id}/ticket", response_model=StreamTicket, responses={**ERRORS, **_NOT_FOUND}
+)
+async def stream_ticket(
+    correlation_id: str,
+    request: Request,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> StreamTicket:
+    """A new ticket to a queued turn's stream, for a client that cannot send its key when it reopens it (the
+    ticket handed out with the turn expires)."""
+    r = await _result(client, caller, correlation_id)
+    tickets: StreamTickets = request.app.state.tickets
+    return StreamTicket(
+        correlation_id=correlation_id,
+        stream_endpoint=tickets.endpoint(correlation_id, caller.principal.key_id),
+        expires_in=tickets.lifetime_seconds,
+        job_status=types_pb2.JobStatus.Name(r.status).removeprefix("JOB_STATUS_").lower(),
+    )
 
 
 @router.delete("/stream/{correlation_id}", response_model=StreamCancelled, responses={**ERRORS, **_NOT_FOUND})
