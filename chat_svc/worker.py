@@ -185,12 +185,16 @@ class Worker:
     async def _next_jobs(self, wanted: int) -> list[Msg]:
         """Up to `wanted` jobs of the highest priority that has any: streaming, interactive, then batch."""
         while True:
+            # Batches while jobs are waiting; one at a time when idle (a waiting single pull costs nothing,
+            # a waiting batch pull returns at once and would spin).
+            backlog = self._found_at < len(self._subs)
+            batch = wanted if backlog else 1
             for index, sub in enumerate(self._subs):
                 # Empty priorities above one that had work are asked briefly, so a backlog below them is not
                 # slowed by a wait per turn; when nothing had work, each waits for jobs a while.
-                timeout = BUSY_FETCH_TIMEOUT if index < self._found_at else IDLE_FETCH_TIMEOUT
+                timeout = BUSY_FETCH_TIMEOUT if backlog and index < self._found_at else IDLE_FETCH_TIMEOUT
                 try:
-                    msgs = await sub.fetch(wanted, timeout=timeout)
+                    msgs = await sub.fetch(batch, timeout=timeout)
                 except TimeoutError:
                     continue
                 except nats.errors.Error:
