@@ -14,7 +14,7 @@ dir, so it needs nothing running and leaves nothing behind; all traffic stays on
            else from a lean HTTP/1.1 keep-alive client on raw asyncio streams in a process of its own, so it
            costs little of the cores it measures; the output says which.
   sse      Whether one edge holds `--streams` concurrent queued streams (POST /stream-chat, then
-           GET /stream/{id}), and what each costs it in memory and event-loop time (was scripts/bench_sse.py).
+           GET /stream/{id}), and what each costs it in memory and event-loop time.
   jobs     JetStream jobs accepted per second through POST /async-chat with the workers stopped, then that
            backlog drained by the workers, counted in the store's shards: none lost, none stored twice.
 
