@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,14 +48,16 @@ def test_the_load_generator_counts_requests_and_stream_ends_against_the_fake_ups
             assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
 
 
-@pytest.mark.timeout(120)
-def test_gateway_measures_direct_and_mesh_phases_without_errors():
-    r = bench("gateway", "--duration", "1", "--warmup", "0.3", "--connections", "8", timeout=110)
+@pytest.mark.timeout(200)
+def test_gateway_measures_direct_and_both_mesh_modes_without_errors():
+    r = bench(
+        "gateway", "--duration", "1", "--warmup", "0.3", "--connections", "8", "--mode", "both", timeout=190
+    )
     assert r["benchmark"] == "gateway" and r["load_generator"]
     phases = {(p["target"], p["mode"], p["connections"]): p for p in r["phases"]}
     assert set(phases) == {
         (target, mode, c)
-        for target in ("direct", "mesh")
+        for target in ("direct", "combined", "split")
         for mode in ("non-stream", "stream")
         for c in (8, 1)
     }
@@ -62,15 +65,25 @@ def test_gateway_measures_direct_and_mesh_phases_without_errors():
         assert p["requests"] > 0 and p["error_count"] == 0 and p["errors"] == {}, p
         assert p["rps"] > 0 and 0 < p["p50_ms"] <= p["p99_ms"]
         assert set(p["cpu_ms_per_request"]) == {"mesh", "upstream", "client", "by_process"}
-    mesh_cpu = phases[("mesh", "non-stream", 1)]["cpu_ms_per_request"]
+    split_cpu = phases[("split", "non-stream", 1)]["cpu_ms_per_request"]
     assert {"edge", "chat", "context", "inference", "store", "worker", "nats", "postgres", "redis"} <= set(
-        mesh_cpu["by_process"]
+        split_cpu["by_process"]
     )
-    assert mesh_cpu["mesh"] > 0 and mesh_cpu["upstream"] > 0
-    added = {(a["mode"], a["connections"]): a for a in r["added"]}
-    assert set(added) == {("non-stream", 8), ("stream", 8), ("non-stream", 1), ("stream", 1)}
+    combined_cpu = phases[("combined", "non-stream", 8)]["cpu_ms_per_request"]
+    # One process per core, each running every component.
+    processes = {name for name in combined_cpu["by_process"] if name.startswith("mesh-")}
+    assert len(processes) == (os.cpu_count() or 1), combined_cpu
+    for cpu in (split_cpu, combined_cpu):
+        assert cpu["mesh"] > 0 and cpu["upstream"] > 0
+    added = {(a["target"], a["mode"], a["connections"]): a for a in r["added"]}
+    assert set(added) == {
+        (target, mode, c)
+        for target in ("combined", "split")
+        for mode in ("non-stream", "stream")
+        for c in (8, 1)
+    }
     assert r["stream_content_chunks"]["direct"] == r["answer_tokens"] == 16
-    assert r["stream_content_chunks"]["mesh"] >= 1
+    assert r["stream_content_chunks"]["combined"] >= 1 and r["stream_content_chunks"]["split"] >= 1
 
 
 @pytest.mark.timeout(120)

@@ -71,9 +71,11 @@ def test_delete_stream_cancels_the_job(client):
 
 def test_worker_killed_mid_generation_is_redelivered_and_stored_once(slow_mesh, client, pg, tmp_path):
     worker_a = slow_mesh.services["worker"]
-    # 400 tokens at 15 ms: the kill below lands mid-generation however fast the second worker starts.
+    # The simulator answers this prompt with all 400 tokens (its length is fixed by the prompt), 6 s at 15 ms a
+    # token: the kill below lands mid-generation however fast the second worker starts.
     cid = client.post(
-        "/stream-chat", json={"message": "survive a crash", "user_id": "user-crash-1", "max_tokens": 400}
+        "/stream-chat",
+        json={"message": "survive a worker crash", "user_id": "user-crash-1", "max_tokens": 400},
     ).json()["correlation_id"]
     before_crash = read_stream(client, cid, stop_after=5)
     worker_b = extra_worker(slow_mesh, tmp_path)
