@@ -19,7 +19,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/chatterbot up
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's Chromium, which the browser tests (tests/test_browser.py) drive through Playwright; Playwright's own
