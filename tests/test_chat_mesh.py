@@ -236,5 +236,8 @@ def test_stopped_inference_opens_the_breaker_and_chat_recovers(mesh, edge):
             break
         time.sleep(0.2)
     assert r.status_code == 200, r.text
-    health = edge.get("/health").json()
+    # /health follows the services' own health checks, which see inference back on their next probe.
+    deadline = time.monotonic() + 15
+    while (health := edge.get("/health").json())["status"] != "healthy" and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert health["status"] == "healthy", health
