@@ -167,6 +167,17 @@ def _unexpected(exc: BaseException) -> grpc.aio.AioRpcError:
     return rpc_error(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
 
 
+def _call_error(context: LocalContext, exc: Exception) -> grpc.aio.AioRpcError:
+    """The error the caller sees for a handler that raised `exc`, as the network path would answer it."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return context.error() or _unexpected(RuntimeError("aborted without a status"))
+    if isinstance(exc, TimeoutError):
+        # Only the call's own deadline raises it here: handlers' timeouts are answered by the status guard.
+        return rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    # A handler that set its code before raising (the generated base classes do) ends with that code.
+    return context.error() or _unexpected(exc)
+
+
 class _LocalMethod:
     def __init__(self, server: LocalServer, method: str) -> None:
         self._server = server
@@ -196,15 +207,10 @@ class LocalUnaryUnary(_LocalMethod):
         try:
             async with asyncio.timeout(timeout):
                 response = await behaviour(request, cast(Any, context))
-        except grpc.aio.AbortError:
-            raise context.error() or _unexpected(RuntimeError("aborted without a status")) from None
-        except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:
-            # A handler that set its code before raising (the generated base classes do) ends with that code.
-            raise context.error() or _unexpected(exc) from exc
+            raise _call_error(context, exc) from exc
         finally:
             context._done = True
         error = context.error()
@@ -247,7 +253,7 @@ class LocalStreamCall:
             responses = behaviour(self._request, cast(Any, context))
         except Exception as exc:
             # A synchronous handler that failed at once (a generated base class method sets its code first).
-            raise context.error() or _unexpected(exc) from exc
+            raise _call_error(context, exc) from exc
         if not inspect.isasyncgen(responses):
             # A handler that writes with context.write(); none of the mesh's services has one.
             if inspect.iscoroutine(responses):
@@ -262,14 +268,10 @@ class LocalStreamCall:
                 except StopAsyncIteration:
                     break
                 yield response
-        except grpc.aio.AbortError:
-            raise context.error() or _unexpected(RuntimeError("aborted without a status")) from None
-        except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:
-            raise context.error() or _unexpected(exc) from exc
+            raise _call_error(context, exc) from exc
         finally:
             context._done = True
             await responses.aclose()
