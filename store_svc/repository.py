@@ -204,14 +204,15 @@ ORDER BY m.message_id DESC
 # commit, then claims nothing); a request id stored before inserts no message, so the conversation is neither
 # created nor touched and the final SELECT is empty: the caller then reads the stored exchange. A NULL request
 # id claims nothing and always inserts. The VALUES rows are inserted in order: the user message gets the
-# smaller id.
+# smaller id. `$11 IS NOT NULL` stands first so that the cached generic plan skips the lookup outright for the
+# appends that continue nothing (most of them), whatever the planner estimates for the user's conversations.
 _APPEND_EXCHANGE = f"""
 WITH new_user AS (
     INSERT INTO users (user_id) VALUES ($1::text) ON CONFLICT (user_id) DO NOTHING
 ),
 continued AS (
     SELECT conversation_id FROM conversations
-    WHERE user_id = $1::text AND head_digest = $11::text
+    WHERE $11::text IS NOT NULL AND user_id = $1::text AND head_digest = $11::text
     ORDER BY updated_at DESC, conversation_id
     LIMIT 1
     FOR UPDATE

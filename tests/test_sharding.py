@@ -301,7 +301,7 @@ def test_migrate_applies_to_every_shard_and_reruns_as_a_no_op(servers):
             await conn.close()
         return found
 
-    assert asyncio.run(versions()) == ["0005", "0005"]
+    assert asyncio.run(versions()) == ["0006", "0006"]
 
 
 def _job(user: str):

@@ -26,7 +26,7 @@ from store_svc.repository import JobResult, StoreRepository, derive_title
 from store_svc.servicer import StoreServicer
 
 TABLES = {"users", "conversations", "messages", "job_results", "exchange_requests", "shard_moves", "api_keys"}
-HEAD = "0005"
+HEAD = "0006"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
