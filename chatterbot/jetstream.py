@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -100,14 +99,13 @@ class Job(QueuedTurn):
 # Not frozen, though never changed once built: a frozen dataclass's __init__ costs five times as much, and an
 # event is built per token, by the worker that publishes it and by every process that reads it.
 @dataclass(slots=True)
-class JobEvent(Mapping[str, Any]):
+class JobEvent:
     """One event of a job on `chat.events.<correlation id>`: a token, a restart marker, the end, or an error.
 
     On the wire it is the JSON object published since the first release: `seq`, `token` and `done` always,
     `restart` only when true, `error` only when set, and the turn's details (`conversation_id`,
-    `finish_reason`, `usage`, `processing_time`) on the final `done` event. Read as a `Mapping`, an event is
-    that JSON object, for readers of the dict form (the edge frames it into SSE as it comes). Built and read
-    per token: no validation beyond what decoding needs.
+    `finish_reason`, `usage`, `processing_time`) on the final `done` event. Built and read per token: no
+    validation beyond what decoding needs.
     """
 
     seq: int
@@ -160,35 +158,6 @@ class JobEvent(Mapping[str, Any]):
             usage=wire.usage_from_dict(usage) if usage is not None else None,
             processing_time=float(body.get("processing_time", 0.0)),
         )
-
-    # --- the JSON object, read as a mapping ---
-
-    def _present(self, key: str) -> bool:
-        if key in _ALWAYS:
-            return True
-        if key in _DETAILS:
-            return self.done and (key != "usage" or self.usage is not None)
-        return (key == "restart" and self.restart) or (key == "error" and bool(self.error))
-
-    def __getitem__(self, key: str) -> Any:
-        if not self._present(key):
-            raise KeyError(key)
-        if key == "usage" and self.usage is not None:
-            return wire.usage_dict(self.usage)
-        return getattr(self, key)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._present(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.wire())
-
-    def __len__(self) -> int:
-        return len(self.wire())
-
-
-_ALWAYS = frozenset({"seq", "token", "done"})
-_DETAILS = frozenset({"conversation_id", "finish_reason", "usage", "processing_time"})
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:

@@ -9,6 +9,8 @@ Prints throughput and latency percentiles, the mesh's added p50 latency over the
 mesh's processes (services, PostgreSQL, Valkey, NATS; not the load generator) spent per request, in all and by
 process: what bounds throughput once the cores are busy, and steadier than latency on a shared machine.
 `--itl-ms` gives the engine a time per token, so the cost of streaming tokens through the mesh shows.
+The measuring (percentiles, CPU time per process, the mesh's start and stop, progress on stderr) is
+`chatterbot bench`'s, from `ops.bench`; what is this script's own is the three paths and the sim engine.
 
     python scripts/bench_mesh.py --seconds 10 --concurrency 16
     python scripts/bench_mesh.py --seconds 10 --concurrency 1 --max-tokens 64 --itl-ms 1
@@ -18,41 +20,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
-import psutil
 
 from chatterbot.settings import Settings
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+from ops.bench import (
+    ADMIN_KEY,
+    KEY,
+    Progress,
+    cpu_ms_per_request,
+    cpu_seconds,
+    make_progress,
+    mesh_pids,
+    percentile,
+    started_mesh,
+    tick,
+)
 from ops.launcher import Mesh
 
-KEY = "bench-service-key"
+Call = Callable[[int, int], Awaitable[None]]  # (worker, its n-th request)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU time (user + system) of each process and its children so far."""
-    spent = {}
-    for name, pid in pids.items():
-        try:
-            process = psutil.Process(pid)
-            spent[name] = sum(sum(p.cpu_times()[:2]) for p in (process, *process.children(recursive=True)))
-        except psutil.NoSuchProcess:
-            spent[name] = 0.0
-    return spent
-
-
-async def run(name: str, call, seconds: float, concurrency: int, pids: dict[str, int] | None = None) -> dict:
+async def run(
+    name: str, call: Call, seconds: float, concurrency: int, pids: dict[str, int], progress: Progress
+) -> dict[str, Any]:
+    """`concurrency` workers calling `call` back to back for `seconds`: requests, latency and CPU."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -69,13 +69,16 @@ async def run(name: str, call, seconds: float, concurrency: int, pids: dict[str,
                 errors += 1
             n += 1
 
-    cpu_before = cpu_seconds(pids or {})
+    progress.begin(f"{name} c={concurrency}", seconds)
+    cpu_before = cpu_seconds(pids)
     started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    ticker = asyncio.create_task(tick(progress, started))
+    try:
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    finally:
+        ticker.cancel()
     elapsed = time.perf_counter() - started
-    cpu_after = cpu_seconds(pids or {})
-    served = max(1, len(latencies))
-    cpu_ms = {p: (cpu_after[p] - cpu_before[p]) / served * 1000 for p in cpu_after}
+    cpu_ms = cpu_ms_per_request(cpu_before, cpu_seconds(pids), len(latencies))
     return {
         "name": name,
         "requests": len(latencies),
@@ -83,13 +86,14 @@ async def run(name: str, call, seconds: float, concurrency: int, pids: dict[str,
         "rps": len(latencies) / elapsed,
         "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
-        "mean_ms": statistics.mean(latencies) * 1000,
         "cpu_ms": cpu_ms,
     }
 
 
-async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -> list[dict]:
-    pids = {name: process.pid for name, process in {**mesh.servers, **mesh.services}.items() if process.pid}
+async def bench(
+    mesh: Mesh, seconds: float, concurrency: int, max_tokens: int, progress: Progress
+) -> list[dict[str, Any]]:
+    pids = mesh_pids(mesh)
     channel = grpc.aio.insecure_channel(mesh.services["inference"].url)
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -126,9 +130,9 @@ async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -
         r.raise_for_status()
 
     try:
-        await run("warm-up", chat, 1.0, concurrency)
+        await run("warm-up", chat, 1.0, concurrency, {}, progress)
         return [
-            await run(name, call, seconds, concurrency, pids)
+            await run(name, call, seconds, concurrency, pids, progress)
             for name, call in (("engine", engine), ("chat", chat), ("openai", openai))
         ]
     finally:
@@ -136,35 +140,24 @@ async def bench(mesh: Mesh, seconds: float, concurrency: int, max_tokens: int) -
         await channel.close()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--itl-ms", type=float, default=0.0, help="the engine's time per token (default 0)")
-    args = parser.parse_args()
-    settings = Settings(
+def sim_settings(itl_ms: float) -> Settings:
+    """A mesh on the sim engine with no time to first token and `itl_ms` a token, answering in full."""
+    return Settings(
         _env_file=None,
         api_keys=[KEY],
-        admin_keys=["bench-admin-key"],
+        admin_keys=[ADMIN_KEY],
         log_level="WARNING",
         sim_ttft_ms=0,
         sim_prefill_ms_per_token=0,
-        sim_itl_ms=args.itl_ms,
-        sim_itl_at_max_ms=args.itl_ms,
+        sim_itl_ms=itl_ms,
+        sim_itl_at_max_ms=itl_ms,
         sim_mean_output_tokens=100_000,
         sim_max_num_seqs=256,
         result_cache_ttl_seconds=0,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        mesh = Mesh(settings, Path(tmp), prefer_configured_ports=False)
-        mesh.start()
-        try:
-            results = asyncio.run(bench(mesh, args.seconds, args.concurrency, args.max_tokens))
-        finally:
-            mesh.stop()
+
+
+def print_results(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print(
         f"$ python scripts/bench_mesh.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
         f"--max-tokens {args.max_tokens} --itl-ms {args.itl_ms:g}"
@@ -188,6 +181,27 @@ def main() -> int:
             f"{r['name']}: adds {r['p50_ms'] - engine['p50_ms']:.2f} ms at p50 over the engine; "
             f"{r['rps'] / engine['rps']:.2f}x its throughput"
         )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--itl-ms", type=float, default=0.0, help="the engine's time per token (default 0)")
+    args = parser.parse_args()
+    progress = make_progress(True)
+    try:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            started_mesh(sim_settings(args.itl_ms), Path(tmp), progress) as mesh,
+        ):
+            results = asyncio.run(bench(mesh, args.seconds, args.concurrency, args.max_tokens, progress))
+    finally:
+        progress.close()
+    print_results(args, results)
     return 0
 
 

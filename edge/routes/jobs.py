@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from fastapi import APIRouter, Depends, Header, Query, Request
 
-from chatterbot.jetstream import DLQ_STREAM, EVENTS_STREAM, JOBS_STREAM, PRIORITIES
+from chatterbot import wire
+from chatterbot.events import EventFanout
+from chatterbot.jetstream import DLQ_STREAM, EVENTS_STREAM, JOBS_STREAM, PRIORITIES, JobEvent
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_admin, require_key
 from edge.browser_protocol import StreamTicket
@@ -41,8 +43,6 @@ router = APIRouter(tags=["queued chats"])
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "Unknown correlation id"}
 }
-# The keys of a job event (as workers publish it) that its SSE body carries when present.
-_DETAILS = ("conversation_id", "finish_reason", "usage", "processing_time")
 
 
 async def _submit(
@@ -132,19 +132,24 @@ async def check_response(
     )
 
 
-def _sse(event: Mapping[str, Any]) -> dict[str, str]:
+def _sse(event: JobEvent) -> dict[str, str]:
     """A job event as an SSE event: the seed's {token, done} body, plus details on the last one."""
-    seq = str(event["seq"])
-    if event.get("error"):
-        return {"id": seq, "event": "error", "data": JobStreamError(error=event["error"]).model_dump_json()}
-    done = bool(event.get("done"))
-    restart = bool(event.get("restart"))
-    details = {key: event[key] for key in _DETAILS if key in event}
-    if not (done or restart or details):
-        return {"id": seq, "data": token_event(event.get("token", ""))}  # the hot path: a token
-    body = StreamEvent(
-        token=event.get("token", ""), done=done, **({"restart": True} if restart else {}), **details
-    )
+    seq = str(event.seq)
+    if event.error:
+        return {"id": seq, "event": "error", "data": JobStreamError(error=event.error).model_dump_json()}
+    if not (event.done or event.restart):
+        return {"id": seq, "data": token_event(event.token)}  # the hot path: a token
+    # Only what the event carries is set, so that the body leaves out the rest (exclude_unset).
+    details: dict[str, Any] = {"restart": True} if event.restart else {}
+    if event.done:
+        details.update(
+            conversation_id=event.conversation_id,
+            finish_reason=event.finish_reason,
+            processing_time=event.processing_time,
+        )
+        if event.usage is not None:
+            details["usage"] = wire.usage_dict(event.usage)
+    body = StreamEvent(token=event.token, done=event.done, **details)
     return {"id": seq, "data": body.model_dump_json(exclude_unset=True)}
 
 
@@ -179,7 +184,7 @@ async def stream(
         after = int(last_event_id) if last_event_id else 0
     except ValueError:
         raise ProblemError(422, "Last-Event-ID must be an event id of this stream") from None
-    fanout = request.app.state.fanout
+    fanout: EventFanout = request.app.state.fanout
     meter = StreamMeter(request, "/stream/{correlation_id}")
 
     async def events() -> AsyncIterator[dict[str, str] | None]:
@@ -190,22 +195,22 @@ async def stream(
                     if event is None:
                         yield None  # keep-alive
                         continue
-                    seen = event["seq"]
-                    if event.get("token"):
+                    seen = event.seq
+                    if event.token:
                         meter.token()
                     yield _sse(event)
-                    if event.get("done"):
+                    if event.done:
                         yield {"id": str(seen + 1), "data": "[DONE]"}
                         return
-                    if event.get("error"):
+                    if event.error:
                         return
             if seen == after and result is not None and result.status == types_pb2.JOB_STATUS_SUCCEEDED:
                 # Finished and no longer retained: the stored answer, whole.
                 meter.token()
-                yield _sse({"seq": after + 1, "token": result.response})
-                yield _sse(
-                    {"seq": after + 2, "token": "", "done": True, "conversation_id": result.conversation_id}
-                )
+                yield _sse(JobEvent(after + 1, result.response))
+                # Its end carries the conversation id alone (a done JobEvent would add the other details).
+                done = StreamEvent(token="", done=True, conversation_id=result.conversation_id)
+                yield {"id": str(after + 2), "data": done.model_dump_json(exclude_unset=True)}
                 yield {"id": str(after + 3), "data": "[DONE]"}
         finally:
             meter.close()
