@@ -1,16 +1,21 @@
 """The public contract of the OpenAI-compatible routes: request and response bodies of `/v1/chat/completions`
 and `/v1/models`, shaped like OpenAI's chat API (the subset ChatterBot serves).
 
-Requests are validated here, every text the store keeps included (`StoredText`). Responses are built from these
+Requests are validated here, every text the store keeps included (`StoredText`). Nothing a request says is
+silently ignored: a parameter of OpenAI's API that this server cannot honour (`REFUSED`: tools, structured output,
+penalties, ...) is refused unless its value asks for nothing, and one that is not OpenAI's at all is refused too;
+the routes answer both with 400 and OpenAI's error object naming the parameter. Responses are built from these
 models; a stream's chunks are rendered once per stream and filled per token (`edge.json_templates`), so the hot
 path runs no validation. `tests/test_openai_api.py` checks them with the official SDK.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from chatterbot import wire
 from edge.protocol import FinishReason, Problem, StoredText, Usage, storable
@@ -22,35 +27,140 @@ MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 256
 
 
+# --- parameters this server does not honour ---
+
+# The validation error types of a parameter the server refuses: one of OpenAI's it cannot honour, and one that is
+# not part of OpenAI's chat completions API at all (pydantic's, for a field no model declares). The routes answer
+# them with 400, as OpenAI does, where other invalid input is a 422.
+UNSUPPORTED_PARAMETER = "unsupported_parameter"
+UNRECOGNIZED_PARAMETER = "extra_forbidden"
+REFUSAL_TYPES = frozenset({UNSUPPORTED_PARAMETER, UNRECOGNIZED_PARAMETER})
+
+_TOOL_CALLING = "tool calling is not supported by this server"
+_LOGPROBS = "log probabilities are not returned by this server"
+_PENALTIES = "presence and frequency penalties are not supported by this server"
+_PROMPT_CACHE = "prompt caching is not steered by this server"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a parameter is refused, and the values that ask for nothing (OpenAI's defaults; null always does),
+    which are accepted."""
+
+    reason: str
+    accepted: tuple[object, ...] = ()
+
+    def allows(self, value: object) -> bool:
+        # `True == 1`, so a boolean matches booleans only.
+        return value is None or any(
+            value == ok and isinstance(value, bool) is isinstance(ok, bool) for ok in self.accepted
+        )
+
+
+# Every parameter of OpenAI's chat completions API that this server does not honour, by where a request writes it
+# (`messages.*.tool_calls` on any message). Each is a 400 naming it, unless its value is one of those accepted.
+# Tool calling and structured output are to be served later; until then they are refused, never ignored.
+REFUSED: dict[str, Refusal] = {
+    "tools": Refusal(_TOOL_CALLING, ([],)),
+    "tool_choice": Refusal(_TOOL_CALLING, ("none",)),
+    "functions": Refusal(_TOOL_CALLING, ([],)),
+    "function_call": Refusal(_TOOL_CALLING, ("none",)),
+    "response_format": Refusal(
+        "structured output (JSON mode, JSON schemas) is not supported by this server", ({"type": "text"},)
+    ),
+    "logprobs": Refusal(_LOGPROBS, (False,)),
+    "top_logprobs": Refusal(_LOGPROBS),
+    "logit_bias": Refusal("logit bias is not supported by this server", ({},)),
+    "presence_penalty": Refusal(_PENALTIES, (0,)),
+    "frequency_penalty": Refusal(_PENALTIES, (0,)),
+    "n": Refusal("this server generates one choice", (1,)),
+    "modalities": Refusal("this server generates text only", (["text"],)),
+    "audio": Refusal("audio output is not supported by this server"),
+    "prediction": Refusal("predicted outputs are not supported by this server"),
+    "web_search_options": Refusal("web search is not supported by this server"),
+    "reasoning_effort": Refusal("the models of this server do not take a reasoning effort"),
+    "verbosity": Refusal("the models of this server do not take a verbosity", ("medium",)),
+    "service_tier": Refusal("this server has one service tier", ("auto", "default")),
+    "store": Refusal(
+        "stored completions are not served (the exchange is kept as chat history, as every completion is)",
+        (False,),
+    ),
+    "metadata": Refusal("metadata is not stored: stored completions are not served", ({},)),
+    "moderation": Refusal("moderation is not run by this server"),
+    "prompt_cache_key": Refusal(_PROMPT_CACHE),
+    "prompt_cache_options": Refusal(_PROMPT_CACHE),
+    "prompt_cache_retention": Refusal(_PROMPT_CACHE),
+    "safety_identifier": Refusal("this server runs no abuse monitoring; `user` names whose history it is"),
+    "stream_options.include_obfuscation": Refusal("this server's chunks carry no obfuscation", (False,)),
+    "messages.*.role": Refusal(
+        f"{_TOOL_CALLING}: tool and function messages answer tool calls",
+        ("system", "developer", "user", "assistant"),
+    ),
+    "messages.*.tool_calls": Refusal(_TOOL_CALLING, ([],)),
+    "messages.*.tool_call_id": Refusal(_TOOL_CALLING),
+    "messages.*.function_call": Refusal(_TOOL_CALLING),
+    "messages.*.audio": Refusal("audio is not supported by this server"),
+    "messages.*.refusal": Refusal("a refusal cannot be shown to the model; send it as content"),
+}
+
+
+def _refused_in(prefix: str) -> list[str]:
+    """The fields of REFUSED that a model reached at `prefix` holds."""
+    rests = (name.removeprefix(prefix) for name in REFUSED if name.startswith(prefix))
+    return [rest for rest in rests if "." not in rest]
+
+
+def _refuse_unhonoured(prefix: str, value: Any, info: ValidationInfo) -> Any:
+    refusal = REFUSED[prefix + (info.field_name or "")]
+    if not refusal.allows(value):
+        raise PydanticCustomError(UNSUPPORTED_PARAMETER, "{reason}", {"reason": refusal.reason})
+    return value
+
+
 # --- requests ---
 
 
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts are served."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     type: str
     text: str = ""
 
-    @model_validator(mode="after")
-    def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise ValueError(f"content parts of type {self.type!r} are not supported; only 'text'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # Before the fields: a part of another type is refused for its type, not for the fields that come with it.
+        if isinstance(data, dict) and data.get("type", "text") != "text":
+            raise ValueError(f"content parts of type {data['type']!r} are not supported; only 'text'")
+        return data
 
 
 class ChatCompletionMessage(BaseModel):
-    """One message of the prompt. `developer` is OpenAI's newer name for `system`; `name` is accepted and ignored."""
+    """One message of the prompt. `developer` is OpenAI's newer name for `system`. `name` is accepted, but not
+    sent to the model (a prompt carries roles and contents only). Tool and function messages, and an assistant's
+    tool calls, are refused (REFUSED)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = Field(
         None,
         description="A string or a list of text parts (joined by newlines); null only on assistant messages",
     )
-    name: str | None = None
+    name: str | None = Field(None, description="Accepted, but not sent to the model")
+    # Refused unless they ask for nothing (REFUSED): what an assistant message that the SDK hands back may carry.
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    refusal: str | None = None
+
+    @field_validator(*_refused_in("messages.*."))
+    @classmethod
+    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unhonoured("messages.*.", value, info)
 
     @field_validator("content")
     @classmethod
@@ -79,15 +189,24 @@ class ChatCompletionMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = Field(False, description="Send a last chunk with empty choices and the usage")
+    include_obfuscation: bool | None = Field(
+        None, description="Refused unless false: chunks carry no obfuscation"
+    )
+
+    @field_validator(*_refused_in("stream_options."))
+    @classmethod
+    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unhonoured("stream_options.", value, info)
 
 
 class ChatCompletionRequest(BaseModel):
-    """Body of `POST /v1/chat/completions`. Fields of OpenAI's API not listed here are accepted and ignored."""
+    """Body of `POST /v1/chat/completions`. A parameter of OpenAI's API that this server does not honour
+    (REFUSED) is refused unless it asks for nothing; one that is not OpenAI's is refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatCompletionMessage] = Field(
         min_length=1,
@@ -121,7 +240,52 @@ class ChatCompletionRequest(BaseModel):
         description="Whose history the exchange is stored in (the seed API's user_id); omitted: the configured "
         "default user (CHATTERBOT_OPENAI_DEFAULT_USER)",
     )
-    n: int = Field(1, ge=1, le=1, description="Only one choice is generated")
+    # Accepted: it shapes only tool calls, and with `tools` refused there are none.
+    parallel_tool_calls: bool | None = Field(
+        None, description="Accepted: there are no tool calls to run in parallel"
+    )
+
+    # OpenAI's parameters that this server does not honour: refused unless they ask for nothing (REFUSED).
+    n: int | None = Field(None, description="1 only: one choice is generated")
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+
+    @field_validator(*_refused_in(""))
+    @classmethod
+    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unhonoured("", value, info)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        # Options of a stream that is not asked for would go unused: refused, as OpenAI refuses them.
+        if options is not None and not info.data.get("stream"):
+            raise PydanticCustomError(UNSUPPORTED_PARAMETER, "only allowed when stream is true")
+        return options
 
     @field_validator("stop")
     @classmethod

@@ -367,6 +367,24 @@ def test_models_lists_the_served_model(client):
     assert all(m.object == "model" and m.owned_by == "chatterbot" and m.created > 0 for m in models)
 
 
+def test_a_served_model_is_retrieved_and_another_is_not_found(mesh, client):
+    model = client.models.retrieve(SIM_MODEL)
+    assert (model.id, model.object, model.owned_by) == (SIM_MODEL, "model", "chatterbot")
+    assert model.created > 0
+
+    for unknown in ("no-such-model", "org/no-such-model"):  # an id may hold a slash, sent percent-encoded
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve(unknown)
+        error = caught.value
+        assert error.type == "not_found_error" and error.param == "model" and error.code == "404"
+        assert unknown in error.message
+        assert error.response.headers["content-type"] == "application/problem+json"
+    # The same keys as the model list.
+    with sdk(mesh, api_key="not-a-key") as wrong, pytest.raises(openai.PermissionDeniedError):
+        wrong.models.retrieve(SIM_MODEL)
+    assert httpx.get(f"{mesh.edge_url}/v1/models/{SIM_MODEL}").status_code == 401
+
+
 @pytest.mark.parametrize(
     ("messages", "kwargs", "fragment"),
     [
@@ -376,11 +394,7 @@ def test_models_lists_the_served_model(client):
             {},
             "the last message must be a user message",
         ),
-        (
-            [{"role": "tool", "content": "x", "tool_call_id": "t1"}, {"role": "user", "content": "hi"}],
-            {},
-            "role",
-        ),
+        ([{"role": "robot", "content": "x"}, {"role": "user", "content": "hi"}], {}, "role"),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
             {},
@@ -388,7 +402,6 @@ def test_models_lists_the_served_model(client):
         ),
         ([{"role": "user", "content": "hi"}], {"temperature": 3}, "temperature"),
         ([{"role": "user", "content": "hi"}], {"max_tokens": 5000}, "max_tokens"),
-        ([{"role": "user", "content": "hi"}], {"n": 2}, "n"),
         ([{"role": "user", "content": "x" * 2001}], {}, "2000 characters"),
     ],
 )

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions` (whole or streamed) and `GET /v1/models`.
+"""The OpenAI-compatible API: `POST /v1/chat/completions` (whole or streamed), `GET /v1/models` and
+`GET /v1/models/{model}`.
 
 A completion is one chat turn through chat_svc whose prompt is the request's `messages` (ChatTurn.messages):
 no stored context is read, but the exchange (the last user message and the answer) is stored as history
@@ -29,6 +30,8 @@ from edge.disconnects import unless_disconnected
 from edge.json_templates import JSONTemplate
 from edge.middleware import StreamMeter
 from edge.openai_protocol import (
+    REFUSAL_TYPES,
+    UNRECOGNIZED_PARAMETER,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChoice,
@@ -97,12 +100,30 @@ def openai_problem(
     return ModelResponse(problem, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
+def _refused_param(error: FieldError) -> str:
+    # The field as the request writes it: without `body` and without pydantic's names of union members
+    # (`list[ContentPart]`).
+    return ".".join(str(part) for part in error.loc[1:] if "[" not in str(part))
+
+
+def _refusal(error: FieldError) -> str:
+    if error.type == UNRECOGNIZED_PARAMETER:
+        return f"Unrecognized request argument supplied: {_refused_param(error)}"
+    return f"{_refused_param(error)}: {error.msg}"
+
+
 def _validation_problem(exc: RequestValidationError) -> Response:
     # The OpenAI routes have always named every part of `loc` as a string.
     errors = [
         FieldError(loc=[str(part) for part in e.loc], msg=e.msg, type=e.type)
         for e in field_errors(exc.errors())
     ]
+    refused = [e for e in errors if e.type in REFUSAL_TYPES]
+    if refused:
+        # A parameter the server cannot honour, or one OpenAI's API does not have: a 400 naming it, as OpenAI
+        # answers (and vLLM, for tool calls it does not serve), whatever else is wrong with the request.
+        detail = "; ".join(_refusal(e) for e in refused[:3])
+        return openai_problem(400, detail, errors=refused, param=_refused_param(refused[0]))
     # `param` names the field without where it was (body, query, header), as OpenAI does.
     param = next((".".join(str(part) for part in e.loc[1:]) for e in errors if len(e.loc) > 1), None)
     return openai_problem(422, describe(errors), errors=errors, param=param)
@@ -131,6 +152,11 @@ class OpenAIErrorRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": OpenAIProblem,
+        "description": "A parameter this server does not honour (tools, response_format, penalties, ...; see "
+        "REFUSED in edge/openai_protocol.py), or one that OpenAI's API does not have; `error.param` names it",
+    },
     401: {"model": OpenAIProblem, "description": "Missing API key"},
     403: {"model": OpenAIProblem, "description": "Invalid API key"},
     404: {"model": OpenAIProblem, "description": "Unknown model"},
@@ -336,15 +362,35 @@ async def _stream(
     return EventStreamResponse(with_pings(events(), keepalive_seconds))
 
 
-@router.get("/models", response_model=ModelList, responses={k: _ERRORS[k] for k in (401, 403, 429, 503, 504)})
-async def list_models(
-    caller: Caller = Depends(require_key), client: ChatClient = Depends(chat_client)
-) -> Response:
-    """The models the inference service serves (OpenAI's model list)."""
+async def _served_models(caller: Caller, client: ChatClient) -> ModelList:
     reply: chat_pb2.ChatServiceListModelsResponse = await downstream(
         client.call(
             client.stub.ListModels, chat_pb2.ChatServiceListModelsRequest(), metadata=metadata(caller)
         )
     )
     created = int(time.time())
-    return ModelResponse(ModelList(data=[ModelCard(id=m.id, created=created) for m in reply.models]))
+    return ModelList(data=[ModelCard(id=m.id, created=created) for m in reply.models])
+
+
+@router.get("/models", response_model=ModelList, responses={k: _ERRORS[k] for k in (401, 403, 429, 503, 504)})
+async def list_models(
+    caller: Caller = Depends(require_key), client: ChatClient = Depends(chat_client)
+) -> Response:
+    """The models the inference service serves (OpenAI's model list)."""
+    return ModelResponse(await _served_models(caller, client))
+
+
+# `:path`, since a served id may hold a slash (`org/model`), which the SDKs send percent-encoded.
+@router.get(
+    "/models/{model:path}",
+    response_model=ModelCard,
+    responses={k: _ERRORS[k] for k in (401, 403, 404, 429, 503, 504)},
+)
+async def retrieve_model(
+    model: str, caller: Caller = Depends(require_key), client: ChatClient = Depends(chat_client)
+) -> Response:
+    """One model of `GET /v1/models` (OpenAI's model retrieval); another id is a 404."""
+    for card in (await _served_models(caller, client)).data:
+        if card.id == model:
+            return ModelResponse(card)
+    return openai_problem(404, f"The model {model!r} does not exist", param="model")
