@@ -177,9 +177,9 @@ async def test_hot_reads_use_the_indexes(db):
     args = ("user-7", "c-new", "req-1", "q", 1, "a", 1, 0.1, "m", "t", "head-of-c3", "next-head")
     append = await plan(repository._APPEND_EXCHANGE, *args)
     print("\n-- the conversation a whole-prompt turn continues (AppendExchange)\n" + append)
-    assert "Index Scan using conversations_head_idx on conversations" in append
+    assert "Index Scan using conversations_head_recent_idx on conversations" in append
     assert "Seq Scan on conversations" not in append
-    # The statement is prepared once and may run on a generic plan: the partial index serves that too.
+    # The statement is prepared once and may run on a generic plan: the partial index serves that too, whatever the head.
     await conn.execute("SET plan_cache_mode = force_generic_plan")
     generic = await plan(repository._APPEND_EXCHANGE, *args)
-    assert "Index Scan using conversations_head_idx on conversations" in generic, generic
+    assert "Index Scan using conversations_head_recent_idx on conversations" in generic, generic

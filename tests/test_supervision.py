@@ -30,8 +30,9 @@ from tests.meshes import ADMIN_KEY, API_KEY
 
 CHATTERBOT = str(Path(sys.executable).with_name("chatterbot"))
 SERVERS = ("nats", "postgres", "redis")
-# A first restart 1-2 s after the exit: long enough for /health to see the component down.
-POLICY = RestartPolicy(initial_delay=2.0, burst=3, window=60.0, stable_after=10.0)
+# A first restart 2-4 s after the exit: longer than the services' 2 s between dependency probes, so /health sees
+# the component down before it is back.
+POLICY = RestartPolicy(initial_delay=4.0, burst=3, window=60.0, stable_after=10.0)
 
 
 @pytest.fixture(scope="module")
