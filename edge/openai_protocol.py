@@ -104,17 +104,18 @@ REFUSED: dict[str, Refusal] = {
 }
 
 
-def _refused_in(prefix: str) -> list[str]:
-    """The fields of REFUSED that a model reached at `prefix` holds."""
+def _refusing(prefix: str) -> Any:
+    """The field validator of a model reached at `prefix` (`""`, `"messages.*."`, ...): it refuses the values of
+    REFUSED's fields there that ask for something."""
     rests = (name.removeprefix(prefix) for name in REFUSED if name.startswith(prefix))
-    return [rest for rest in rests if "." not in rest]
 
+    def refuse(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        refusal = REFUSED[prefix + (info.field_name or "")]
+        if not refusal.allows(value):
+            raise PydanticCustomError(UNSUPPORTED_PARAMETER, "{reason}", {"reason": refusal.reason})
+        return value
 
-def _refuse_unhonoured(prefix: str, value: Any, info: ValidationInfo) -> Any:
-    refusal = REFUSED[prefix + (info.field_name or "")]
-    if not refusal.allows(value):
-        raise PydanticCustomError(UNSUPPORTED_PARAMETER, "{reason}", {"reason": refusal.reason})
-    return value
+    return field_validator(*(rest for rest in rests if "." not in rest))(classmethod(refuse))
 
 
 # --- requests ---
@@ -157,10 +158,7 @@ class ChatCompletionMessage(BaseModel):
     audio: dict[str, Any] | None = None
     refusal: str | None = None
 
-    @field_validator(*_refused_in("messages.*."))
-    @classmethod
-    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unhonoured("messages.*.", value, info)
+    _refuse = _refusing("messages.*.")
 
     @field_validator("content")
     @classmethod
@@ -196,10 +194,7 @@ class StreamOptions(BaseModel):
         None, description="Refused unless false: chunks carry no obfuscation"
     )
 
-    @field_validator(*_refused_in("stream_options."))
-    @classmethod
-    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unhonoured("stream_options.", value, info)
+    _refuse = _refusing("stream_options.")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -272,10 +267,7 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
 
-    @field_validator(*_refused_in(""))
-    @classmethod
-    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unhonoured("", value, info)
+    _refuse = _refusing("")
 
     @field_validator("stream_options")
     @classmethod
