@@ -1,9 +1,9 @@
 """Any OpenAI-compatible upstream (a `vllm serve` fleet, Ray Serve LLM, llama.cpp, Ollama) as an engine.
 
 Streams `POST {base_url}/chat/completions` with `stream: true` and `stream_options.include_usage`, or asks
-for the whole answer (`stream: false`) when its caller takes it whole, over one long-lived
-`aiohttp.ClientSession` (created in `start()`, closed in `stop()`): connections are kept alive and pooled, and
-a stream read to its end hands its connection back for the next request.
+for the whole answer (`stream: false`) when its caller takes it whole, over one `engines.http1.Http1Client`
+(created in `start()`, closed in `stop()`): connections are kept alive and pooled, and a stream read to its end
+hands its connection back for the next request.
 
 Upstream failures map to the engine errors that `inference_svc.servicer.engine_status` turns into gRPC status:
 
@@ -39,9 +39,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from chatterbot.settings import Settings
 from chatterbot.tokens import approx_token_count
@@ -60,6 +58,7 @@ from inference_svc.engines.base import (
     UnknownModel,
     UpstreamRejected,
 )
+from inference_svc.engines.http1 import ConnectFailed, Http1Client, HttpError, ReadTimeout, Response
 from inference_svc.engines.sse import EventDecoder
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,6 @@ log = logging.getLogger(__name__)
 
 # Idle pooled connections are closed after this long; upstreams keep theirs alive for about as long.
 KEEPALIVE_SECONDS = 30.0
-READ_BYTES = 64 * 1024
 
 
 class OpenAIEngine:
@@ -94,10 +92,10 @@ class OpenAIEngine:
         self.model_id = model_id or upstream_model
         self.timeout = timeout
         self.is_default = is_default
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Http1Client | None = None
         self._state = EngineState.LOADING
         self._max_model_len = 0
-        self._running: dict[str, aiohttp.ClientResponse | None] = {}  # by request id; None until headers
+        self._running: dict[str, Response | None] = {}  # by request id; None until headers
         self._abort_requested: set[str] = set()
 
     @classmethod
@@ -124,17 +122,14 @@ class OpenAIEngine:
             raise ValueError("the openai engine needs a base URL (CHATTERBOT_OPENAI_BASE_URL)")
         self._state = EngineState.LOADING
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._completions = URL(f"{self.base_url}/chat/completions")
-        self._models = URL(f"{self.base_url}/models")
-        self._session = aiohttp.ClientSession(
+        # `timeout` bounds connecting and each wait for data, not a whole (long) stream. The pool holds as
+        # many connections as the service runs streams at once.
+        self._client = Http1Client(
+            self.base_url,
             headers=headers,
-            # `timeout` bounds connecting and each wait for data, not a whole (long) stream.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
-            # Streams are long; the pool holds as many as the service runs at once.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS),
-            # Upstream cookies mean nothing to requests made for many users.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
+            keepalive_seconds=KEEPALIVE_SECONDS,
         )
         try:
             await self.probe()
@@ -143,21 +138,21 @@ class OpenAIEngine:
 
     async def stop(self) -> None:
         self._state = EngineState.FAILED
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
     async def probe(self) -> None:
         """Ask the upstream for its models; READY if it answers, FAILED (and the error raised) if not."""
         try:
-            async with self._http().get(self._models) as response:
+            async with await self._http().request("GET", "/models") as response:
                 text = await response.text()
                 if response.status != 200:
                     raise _status_error(response.status, text, self.upstream_model)
                 for card in orjson.loads(text).get("data", []):
                     if card.get("id") == self.upstream_model and card.get("max_model_len"):
                         self._max_model_len = int(card["max_model_len"])
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except HttpError as exc:
             self._state = EngineState.FAILED
             raise _transport_error(exc) from exc
         except (EngineError, ValueError):
@@ -190,7 +185,7 @@ class OpenAIEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if request.model and request.model != self.model_id:
             raise UnknownModel(request.model)
-        session = self._http()
+        client = self._http()
         body: dict[str, Any] = {
             "model": self.upstream_model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -212,7 +207,7 @@ class OpenAIEngine:
         # abort metrics are measured once, for every engine, in inference_svc.generation.
         metrics.RUNNING.labels(self.model_id).inc()
         try:
-            answer = self._whole(session, rid, body) if request.whole else self._streamed(session, rid, body)
+            answer = self._whole(client, rid, body) if request.whole else self._streamed(client, rid, body)
             async with contextlib.aclosing(answer) as deltas:
                 async for delta in deltas:
                     yield delta
@@ -222,35 +217,34 @@ class OpenAIEngine:
             metrics.RUNNING.labels(self.model_id).dec()
 
     @contextlib.asynccontextmanager
-    async def _post(
-        self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any]
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _post(self, client: Http1Client, rid: str, body: dict[str, Any]) -> AsyncIterator[Response]:
         """The upstream's response to `body`, registered for abort(); an error status raised as an engine
         error. Transport failures become engine errors too (none for a request that was aborted)."""
         try:
-            async with session.post(
-                self._completions,
-                data=orjson.dumps(body),
-                headers={"Content-Type": "application/json", "X-Request-Id": rid},
+            async with await client.request(
+                "POST",
+                "/chat/completions",
+                orjson.dumps(body),
+                {"Content-Type": "application/json", "X-Request-Id": rid},
             ) as response:
                 self._running[rid] = response
                 if response.status != 200:
                     raise _status_error(response.status, await response.text(), self.upstream_model)
                 yield response
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except HttpError as exc:
             if rid not in self._abort_requested:
                 raise self._failed(_transport_error(exc)) from exc
         except EngineUnavailable as exc:
             raise self._failed(exc) from None
 
     async def _streamed(
-        self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any]
+        self, client: Http1Client, rid: str, body: dict[str, Any]
     ) -> AsyncGenerator[Delta, None]:
         """The answer as the upstream streams it (`stream: true`)."""
         chunks = 0  # content chunks sent on: the token count when the upstream reports no usage
         finish: str | None = None
         usage: dict[str, Any] | None = None
-        async with self._post(session, rid, body) as response:
+        async with self._post(client, rid, body) as response:
             if response.content_type != "text/event-stream":
                 raise EngineUnavailable(f"upstream answered {response.content_type!r}, not an event stream")
             async for chunk in _chunks(response):
@@ -269,13 +263,13 @@ class OpenAIEngine:
         yield self._last(rid, finish, usage, chunks, body)
 
     async def _whole(
-        self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any]
+        self, client: Http1Client, rid: str, body: dict[str, Any]
     ) -> AsyncGenerator[Delta, None]:
         """The answer in one piece (`stream: false`): one response for the upstream to send and this to read."""
         text = ""
         finish: str | None = None
         usage: dict[str, Any] | None = None
-        async with self._post(session, rid, body) as response:
+        async with self._post(client, rid, body) as response:
             raw = await response.read()
             try:
                 payload = orjson.loads(raw)
@@ -317,10 +311,10 @@ class OpenAIEngine:
             completion_tokens=completion_tokens,
         )
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _http(self) -> Http1Client:
+        if self._client is None:
             raise EngineUnavailable(f"openai engine for {self.model_id} is not started")
-        return self._session
+        return self._client
 
     def _failed(self, exc: EngineError) -> EngineError:
         """An upstream that cannot serve makes this engine unhealthy until a stream succeeds again."""
@@ -329,13 +323,13 @@ class OpenAIEngine:
         return exc
 
 
-async def _chunks(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
+async def _chunks(response: Response) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON payloads of the upstream's server-sent events, up to `[DONE]` (engines.sse reads the
     stream by the spec's line rules). After `[DONE]` the body is read to its end, so that its connection
     goes back to the pool instead of closing."""
     decoder = EventDecoder()
     done = False
-    async for data in response.content.iter_any():
+    async for data in response:
         for event in decoder.feed(data):
             if done:
                 continue
@@ -353,11 +347,11 @@ def _raise_error_event(payload: dict[str, Any], model: str) -> None:
     raise _status_error(int(error.get("code") or 500), str(error.get("message")), model)
 
 
-def _transport_error(exc: aiohttp.ClientError | TimeoutError) -> EngineError:
+def _transport_error(exc: HttpError) -> EngineError:
     # Nothing reached the upstream when connecting failed: UNAVAILABLE tells callers a retry is safe.
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectFailed):
         return EngineUnavailable(f"upstream not reachable: {exc!r}")
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, ReadTimeout):
         return EngineTimeout(f"upstream did not answer in time: {exc!r}")
     return EngineUnavailable(f"upstream failed: {exc!r}")
 
