@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatterbot import local
 from chatterbot.guarded_client import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS
+from chatterbot.labelled import series
 from chatterbot.logs import configure_logging
 from chatterbot.settings import Settings
 from chatterbot.status import GuardInterceptor, StatusInterceptor, Translator
@@ -51,6 +52,7 @@ SERVER_LATENCY = prometheus_client.Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 SERVER_IN_FLIGHT = prometheus_client.Gauge("chatterbot_grpc_server_in_flight", "RPCs in progress", ["method"])
+_handled, _latency, _in_flight = series(SERVER_HANDLED), series(SERVER_LATENCY), series(SERVER_IN_FLIGHT)
 
 Probe = Callable[[], Awaitable[bool]]
 
@@ -94,13 +96,13 @@ class _Measured:
 
     async def __aenter__(self) -> None:
         self.start = time.perf_counter()
-        SERVER_IN_FLIGHT.labels(self.method).inc()
+        _in_flight(self.method).inc()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        SERVER_IN_FLIGHT.labels(self.method).dec()
-        SERVER_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+        _in_flight(self.method).dec()
+        _latency(self.method).observe(time.perf_counter() - self.start)
         code: object
         if exc_type is None:
             code = self.context.code() or grpc.StatusCode.OK
@@ -109,7 +111,7 @@ class _Measured:
         else:
             code = self.context.code() or grpc.StatusCode.UNKNOWN
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        SERVER_HANDLED.labels(self.method, name).inc()
+        _handled(self.method, name).inc()
 
 
 class _Health:

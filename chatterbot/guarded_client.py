@@ -36,6 +36,7 @@ from tenacity import (
 
 from chatterbot import local
 from chatterbot.breaker import AsyncCircuitBreaker, CircuitOpenError
+from chatterbot.labelled import series
 from chatterbot.settings import Settings
 from chatterbot.tracing import client_tracing_interceptors
 
@@ -82,6 +83,7 @@ CLIENT_CALLS = Counter(
     "Outbound call attempts by final status code; CIRCUIT_OPEN when the breaker refused the attempt",
     ["target", "method", "code"],
 )
+_latency, _calls = series(CLIENT_LATENCY), series(CLIENT_CALLS)
 
 
 def dependency_unavailable_metadata(dependency: str, retry_after: float) -> tuple[tuple[str, str], ...]:
@@ -364,8 +366,8 @@ class GuardedClient(Generic[StubT]):
             self._observe(method, code, started)
 
     def _observe(self, method: str, code: str, started: float) -> None:
-        CLIENT_LATENCY.labels(self.target, method).observe(time.perf_counter() - started)
-        CLIENT_CALLS.labels(self.target, method, code).inc()
+        _latency(self.target, method).observe(time.perf_counter() - started)
+        _calls(self.target, method, code).inc()
 
 
 def _tag(exc: BaseException, target: str) -> None:

@@ -8,6 +8,7 @@ import prometheus_client
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatterbot.labelled import series
 from edge.protocol import Problem
 
 # Cheap probes and scrapes are never shed or counted against the cap.
@@ -24,6 +25,7 @@ LATENCY = prometheus_client.Histogram(
     ["route", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+_requests, _latency = series(REQUESTS), series(LATENCY)
 IN_FLIGHT = prometheus_client.Gauge("chatterbot_edge_in_flight", "Requests being served, streams included")
 SHED = prometheus_client.Counter(
     "chatterbot_edge_shed_total", "Requests refused because too many were in flight"
@@ -112,8 +114,8 @@ class EdgeGuard:
             IN_FLIGHT.dec()
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            REQUESTS.labels(template, scope["method"], str(status)).inc()
-            LATENCY.labels(template, scope["method"]).observe(time.perf_counter() - started)
+            _requests(template, scope["method"], str(status)).inc()
+            _latency(template, scope["method"]).observe(time.perf_counter() - started)
 
 
 class BodyTooLarge(Exception):

@@ -3,26 +3,24 @@
 `EventStreamResponse` sends the events of an async iterator: a dict (`data`, optional `id` and `event`) is one
 event, `None` a keep-alive comment. Per stream it costs the response's own task plus one that waits for the
 client to hang up (then the iterator is closed at once: a gRPC stream behind it is cancelled, and with it the
-generation). Keep-alives come from the source: `with_pings` adds them to any iterator; the queued-stream
-fan-out (chatterbot.events) sends them to all of its watchers from one timer, so an idle stream costs no timer
-of its own; it also ends them all when the edge drains, so their clients resume on another replica with
-Last-Event-ID.
+generation). Keep-alives: with `ping_seconds`, a timer task of the response's own writes one whenever the
+stream has been quiet that long, while the events pass from their iterator to the socket in the response's
+task with no hand-over between tasks; the queued-stream fan-out (chatterbot.events) sends them itself to all
+of its watchers from one timer, so an idle stream costs no timer of its own; it also ends them all when the
+edge drains, so their clients resume on another replica with Last-Event-ID.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from edge.disconnects import ClientDisconnected, until_disconnected
-
-T = TypeVar("T")
 
 _SEP = "\r\n"
 PING = b": ping\r\n\r\n"
@@ -60,44 +58,25 @@ async def close_iterator(source: AsyncIterator[Any]) -> None:
         await aclose()
 
 
-async def with_pings(source: AsyncIterator[T], seconds: float) -> AsyncIterator[T | None]:
-    """The items of `source`, and None whenever `seconds` pass without one."""
-    pending: asyncio.Future[T] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait((pending,), timeout=seconds)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                pending = None
-            yield item
-    finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-        await close_iterator(source)
-
-
 class EventStreamResponse(Response):
     """A `text/event-stream` response of `events` (dicts are events, None keep-alives)."""
 
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncIterator[Mapping[str, str] | None], *, headers: Mapping[str, str] | None = None
+        self,
+        events: AsyncIterator[Mapping[str, str] | None],
+        *,
+        headers: Mapping[str, str] | None = None,
+        ping_seconds: float | None = None,
     ) -> None:
+        """`ping_seconds`: a keep-alive whenever that long passes without an event (None: only the events')."""
         self.events = events
+        self.ping_seconds = ping_seconds
         self.status_code = 200
         self.background = None
         self.init_headers({**_HEADERS, **(headers or {})})
+        self._last_write = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -109,7 +88,27 @@ class EventStreamResponse(Response):
             await close_iterator(self.events)
 
     async def _pump(self, send: Send) -> None:
-        async for event in self.events:
-            body = PING if event is None else encode(event)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+        loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
+        pinger = asyncio.ensure_future(self._pings(send)) if self.ping_seconds else None
+        try:
+            async for event in self.events:
+                body = PING if event is None else encode(event)
+                self._last_write = loop.time()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        finally:
+            if pinger is not None:
+                pinger.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pings(self, send: Send) -> None:
+        # ASGI servers write a message before send() first waits, so a ping never lands inside an event.
+        assert self.ping_seconds is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            quiet = loop.time() - self._last_write
+            if quiet < self.ping_seconds:
+                await asyncio.sleep(self.ping_seconds - quiet)
+                continue
+            self._last_write = loop.time()
+            await send({"type": "http.response.body", "body": PING, "more_body": True})

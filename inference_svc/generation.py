@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from chatterbot.labelled import series
 from inference_svc import metrics
 from inference_svc.engines.base import Delta, EngineState, EngineUnavailable, GenerationRequest, Overloaded
 from inference_svc.models import ModelRegistry
@@ -55,6 +56,10 @@ class Generator:
             await self.cache.put(key, produced)
 
 
+_ttft, _itl, _tokens = series(metrics.TTFT), series(metrics.ITL), series(metrics.TOKENS)
+_prompt_tokens, _aborts = series(metrics.PROMPT_TOKENS), series(metrics.ABORTS)
+
+
 async def measured(model: str, deltas: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
     """An engine's deltas, unchanged, with the engine metrics observed: here once, the same for every engine.
 
@@ -74,19 +79,19 @@ async def measured(model: str, deltas: AsyncGenerator[Delta, None]) -> AsyncGene
                 if n > 0:
                     now = time.perf_counter()
                     if first:
-                        metrics.TTFT.labels(model).observe(now - arrived)
+                        _ttft(model).observe(now - arrived)
                         first = False
                     else:
-                        itl = metrics.ITL.labels(model)
+                        itl = _itl(model)
                         for _ in range(n):
                             itl.observe((now - last) / n)
                     last = now
-                    metrics.TOKENS.labels(model).inc(n)
+                    _tokens(model).inc(n)
                 if delta.finish_reason is not None:
                     ended = True
-                    metrics.PROMPT_TOKENS.labels(model).inc(delta.prompt_tokens)
+                    _prompt_tokens(model).inc(delta.prompt_tokens)
                     if delta.finish_reason == "abort":
-                        metrics.ABORTS.labels(model).inc()
+                        _aborts(model).inc()
                 yield delta
         except Exception:
             failed = True
@@ -94,7 +99,7 @@ async def measured(model: str, deltas: AsyncGenerator[Delta, None]) -> AsyncGene
         finally:
             # GeneratorExit (closed) and CancelledError get here without setting either flag.
             if not ended and not failed:
-                metrics.ABORTS.labels(model).inc()
+                _aborts(model).inc()
 
 
 async def coalesce(

@@ -29,7 +29,7 @@ from edge.protocol import (
     finish_reason,
 )
 from edge.rate_limits import RATE_LIMITED_RESPONSE
-from edge.sse import EventStreamResponse, close_iterator, with_pings
+from edge.sse import EventStreamResponse, close_iterator
 
 router = APIRouter(tags=["chat"])
 
@@ -148,4 +148,4 @@ async def _stream(
             # Closing the guarded stream cancels the gRPC call, and with it the generation.
             await close_iterator(stream)
 
-    return EventStreamResponse(with_pings(events(), keepalive_seconds))
+    return EventStreamResponse(events(), ping_seconds=keepalive_seconds)

@@ -55,7 +55,7 @@ from edge.problems import (
 )
 from edge.protocol import FieldError, FinishReason, Usage, finish_reason
 from edge.responses import ModelResponse
-from edge.sse import EventStreamResponse, close_iterator, with_pings
+from edge.sse import EventStreamResponse, close_iterator
 
 # `developer` is OpenAI's newer name for `system`.
 _ROLE_ALIASES = {"developer": "system"}
@@ -359,7 +359,7 @@ async def _stream(
             await close_iterator(stream)
         yield {"data": "[DONE]"}
 
-    return EventStreamResponse(with_pings(events(), keepalive_seconds))
+    return EventStreamResponse(events(), ping_seconds=keepalive_seconds)
 
 
 async def _served_models(caller: Caller, client: ChatClient) -> ModelList:

@@ -41,6 +41,7 @@ from typing import Any
 
 import orjson
 
+from chatterbot.labelled import series
 from chatterbot.settings import Settings
 from chatterbot.tokens import approx_token_count
 from inference_svc import metrics
@@ -63,6 +64,8 @@ from inference_svc.engines.sse import EventDecoder
 
 log = logging.getLogger(__name__)
 
+
+_running = series(metrics.RUNNING)
 
 # Idle pooled connections are closed after this long; upstreams keep theirs alive for about as long.
 KEEPALIVE_SECONDS = 30.0
@@ -205,7 +208,7 @@ class OpenAIEngine:
         self._running[rid] = None
         # The gauge mirrors load(): streams open upstream, which only this engine sees. Latency, token and
         # abort metrics are measured once, for every engine, in inference_svc.generation.
-        metrics.RUNNING.labels(self.model_id).inc()
+        _running(self.model_id).inc()
         try:
             answer = self._whole(client, rid, body) if request.whole else self._streamed(client, rid, body)
             async with contextlib.aclosing(answer) as deltas:
@@ -214,7 +217,7 @@ class OpenAIEngine:
         finally:
             self._running.pop(rid, None)
             self._abort_requested.discard(rid)
-            metrics.RUNNING.labels(self.model_id).dec()
+            _running(self.model_id).dec()
 
     @contextlib.asynccontextmanager
     async def _post(self, client: Http1Client, rid: str, body: dict[str, Any]) -> AsyncIterator[Response]:
