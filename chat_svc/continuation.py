@@ -19,28 +19,59 @@ import orjson
 from chatterbot import wire
 from chatterbot.v1 import types_pb2
 
-_CONVERSATION_ROLES = frozenset({types_pb2.ROLE_USER, types_pb2.ROLE_ASSISTANT})
+_CONVERSATION_ROLES = frozenset({types_pb2.ROLE_USER, types_pb2.ROLE_ASSISTANT, types_pb2.ROLE_TOOL})
 _ASSISTANT = wire.role_name(types_pb2.ROLE_ASSISTANT)
 
+# A message as its digest sees it: [role, content], with an assistant's calls or a tool result's call id after.
+Entry = list[object]
 
-def _conversation(messages: Sequence[types_pb2.ChatMessage]) -> list[tuple[str, str]]:
-    return [(wire.role_name(m.role), m.content) for m in messages if m.role in _CONVERSATION_ROLES]
+
+def _calls(calls: Sequence[types_pb2.ToolCall]) -> list[list[str]]:
+    return [[c.id, c.name, c.arguments] for c in calls]
 
 
-def _digest(conversation: list[tuple[str, str]]) -> str:
-    # JSON of [role, content] pairs: no separator in the content can make two conversations digest alike.
+def _entry(m: types_pb2.ChatMessage) -> Entry:
+    entry: Entry = [wire.role_name(m.role), m.content]
+    if m.tool_calls:
+        entry.append(_calls(m.tool_calls))
+    elif m.role == types_pb2.ROLE_TOOL:
+        entry.append(m.tool_call_id)
+    return entry
+
+
+def _conversation(messages: Sequence[types_pb2.ChatMessage]) -> list[Entry]:
+    return [_entry(m) for m in messages if m.role in _CONVERSATION_ROLES]
+
+
+def _digest(conversation: list[Entry]) -> str:
+    # JSON of [role, content, ...] lists: no separator in the content can make two conversations digest alike.
     return hashlib.sha256(orjson.dumps(conversation)).hexdigest()[:32]
 
 
+def new_inputs(messages: Sequence[types_pb2.ChatMessage]) -> int:
+    """How many of the prompt's last messages are this turn's own: its tool results (a tool turn), else the
+    last message."""
+    tools = 0
+    while tools < len(messages) and messages[-1 - tools].role == types_pb2.ROLE_TOOL:
+        tools += 1
+    return tools or 1
+
+
 def continues_digest(messages: Sequence[types_pb2.ChatMessage]) -> str:
-    """The head a prompt continues: the digest of its conversation before the last message; "" when that
-    holds no answer (nothing to continue: the turn starts a conversation)."""
-    before = _conversation(messages[:-1])
-    if all(role != _ASSISTANT for role, _ in before):
+    """The head a prompt continues: the digest of its conversation before the turn's own messages; "" when
+    that holds no answer (nothing to continue: the turn starts a conversation)."""
+    before = _conversation(messages[: -new_inputs(messages)])
+    if all(entry[0] != _ASSISTANT for entry in before):
         return ""
     return _digest(before)
 
 
-def head_digest(messages: Sequence[types_pb2.ChatMessage], answer: str) -> str:
-    """The head of the conversation once `answer` answers the prompt: what the next request continues."""
-    return _digest([*_conversation(messages), (_ASSISTANT, answer)])
+def head_digest(
+    messages: Sequence[types_pb2.ChatMessage], answer: str, calls: Sequence[types_pb2.ToolCall] = ()
+) -> str:
+    """The head of the conversation once `answer` (and its tool calls) answers the prompt: what the next
+    request continues."""
+    last: Entry = [_ASSISTANT, answer]
+    if calls:
+        last.append(_calls(calls))
+    return _digest([*_conversation(messages), last])

@@ -36,24 +36,46 @@ def _check_messages(turn: chat_pb2.ChatTurn) -> None:
     """The rules of a whole-prompt turn; raises InvalidTurn."""
     if len(turn.messages) > MAX_PROMPT_MESSAGES:
         raise InvalidTurn(f"turn.messages holds at most {MAX_PROMPT_MESSAGES} messages")
+    calls: set[str] = set()  # ids of the calls a tool message may answer: the assistant message's before it
     for i, m in enumerate(turn.messages):
         if m.role not in wire.PROMPT_ROLES:
-            raise InvalidTurn(f"turn.messages[{i}].role must be system, user or assistant")
+            raise InvalidTurn(f"turn.messages[{i}].role must be system, user, assistant or tool")
+        if m.tool_calls and m.role != types_pb2.ROLE_ASSISTANT:
+            raise InvalidTurn(f"turn.messages[{i}]: only assistant messages carry tool calls")
+        if m.role == types_pb2.ROLE_ASSISTANT:
+            calls = {c.id for c in m.tool_calls}
+            if len(calls) != len(m.tool_calls) or not all(calls) or not all(c.name for c in m.tool_calls):
+                raise InvalidTurn(f"turn.messages[{i}].tool_calls need ids of their own and names")
+        elif m.role != types_pb2.ROLE_TOOL:
+            calls = set()
+        elif m.tool_call_id not in calls:
+            raise InvalidTurn(
+                f"turn.messages[{i}] is a tool message whose tool_call_id is not a call of the assistant "
+                "message before it"
+            )
     if sum(len(m.content) for m in turn.messages) > MAX_PROMPT_CHARS:
         raise InvalidTurn(f"turn.messages hold at most {MAX_PROMPT_CHARS} characters in all")
-    if turn.messages[-1].role != types_pb2.ROLE_USER:
-        raise InvalidTurn("the last of turn.messages must be a user message")
-    if turn.messages[-1].content != turn.message:
+    last = turn.messages[-1]
+    if last.role == types_pb2.ROLE_TOOL:
+        if turn.message:
+            raise InvalidTurn("turn.message must be empty when the last of turn.messages is a tool result")
+    elif last.role != types_pb2.ROLE_USER:
+        raise InvalidTurn("the last of turn.messages must be a user message or a tool result")
+    elif last.content != turn.message:
         raise InvalidTurn("turn.message must equal the content of the last of turn.messages")
     if turn.context:
         raise InvalidTurn("turn.context must be empty when turn.messages is set")
+
+
+def _is_tool_turn(turn: chat_pb2.ChatTurn) -> bool:
+    return bool(turn.messages) and turn.messages[-1].role == types_pb2.ROLE_TOOL
 
 
 def to_turn_input(turn: chat_pb2.ChatTurn, max_message_chars: int) -> TurnInput:
     """Validate a ChatTurn by the seed API's rules; raises InvalidTurn."""
     if not wire.is_user_id(turn.user_id):
         raise InvalidTurn(f"turn.user_id must be {wire.USER_ID_RULE}")
-    if not 1 <= len(turn.message) <= max_message_chars:
+    if not 1 <= len(turn.message) <= max_message_chars and not _is_tool_turn(turn):
         raise InvalidTurn(f"turn.message must be 1 to {max_message_chars} characters")
     if len(turn.context) > 10:
         raise InvalidTurn("turn.context holds at most 10 strings")
@@ -89,6 +111,7 @@ def to_turn_input(turn: chat_pb2.ChatTurn, max_message_chars: int) -> TurnInput:
         seed=turn.seed if turn.HasField("seed") else None,
         stop=list(turn.stop),
         messages=list(turn.messages),
+        options=turn.options if turn.HasField("options") else None,
     )
 
 
@@ -115,6 +138,8 @@ def _chat_response(result: TurnResult) -> chat_pb2.ChatResponse:
         finish_reason=result.finish_reason,
         usage=result.usage,
         model=result.model,
+        tool_calls=result.tool_calls,
+        logprobs=result.logprobs,
     )
 
 
@@ -140,9 +165,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def StreamChat(
         self, request: chat_pb2.StreamChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
-        async for text, result in stream_turn(self.deps, self._turn(request.turn)):
+        async for chunk, result in stream_turn(self.deps, self._turn(request.turn)):
             if result is None:
-                yield chat_pb2.StreamChatResponse(text=text)
+                yield chat_pb2.StreamChatResponse(
+                    text=chunk.text, tool_calls=chunk.tool_calls, logprobs=chunk.logprobs
+                )
             else:
                 yield chat_pb2.StreamChatResponse(
                     conversation_id=result.conversation_id,
@@ -185,6 +212,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         turn = self._turn(request.turn)
         if turn.messages:
             raise InvalidArgument("queued turns take no turn.messages")
+        if turn.options is not None:
+            raise InvalidArgument("queued turns take no turn.options")
         correlation_id = await submit(self.jobs, turn, request.priority)
         return chat_pb2.SubmitChatResponse(correlation_id=correlation_id, status=types_pb2.JOB_STATUS_PENDING)
 

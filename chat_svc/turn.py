@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from chat_svc.continuation import continues_digest, head_digest
+from chat_svc.continuation import continues_digest, head_digest, new_inputs
 from chat_svc.degradation import DegradationLadder, Rung, Shed
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.jetstream import QueuedTurn
@@ -38,6 +38,15 @@ class TurnInput(QueuedTurn):
     request_id: str = ""
     # The whole prompt, as an OpenAI-style request sends it; empty: built from stored context and `message`.
     messages: list[types_pb2.ChatMessage] = field(default_factory=list)
+    # Tools, structured output, penalties, log probabilities, for the engine.
+    options: types_pb2.GenerationOptions | None = None
+
+    @property
+    def tool_results(self) -> list[types_pb2.ChatMessage]:
+        """A tool turn's own messages: the results of the calls of the prompt's last answer; else none."""
+        if not self.messages or self.messages[-1].role != types_pb2.ROLE_TOOL:
+            return []
+        return self.messages[-new_inputs(self.messages) :]
 
 
 @dataclass
@@ -49,6 +58,9 @@ class TurnResult:
     finish_reason: types_pb2.FinishReason = types_pb2.FINISH_REASON_UNSPECIFIED
     usage: types_pb2.Usage = field(default_factory=types_pb2.Usage)
     model: str = ""
+    # The tools the model called (finish_reason TOOL_CALLS).
+    tool_calls: list[types_pb2.ToolCall] = field(default_factory=list)
+    logprobs: list[types_pb2.TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +130,7 @@ async def _prepare(deps: TurnDeps, turn: TurnInput, whole: bool) -> _Prepared:
         sampling=sampling,
         cache_only=rung >= Rung.CACHE_ONLY,
         whole=whole,
+        options=turn.options,
     )
     p = _Prepared(turn, conversation_id, request_id, generate, started)
     if p.by_digest:
@@ -144,43 +157,70 @@ async def _recent_turns(
     return list(response.turns)
 
 
+def tool_calls(pieces: list[types_pb2.ToolCallDelta]) -> list[types_pb2.ToolCall]:
+    """The whole calls of an answer from the pieces it streamed (ids and names first, arguments appended)."""
+    calls: dict[int, types_pb2.ToolCall] = {}
+    for piece in pieces:
+        call = calls.setdefault(piece.index, types_pb2.ToolCall())
+        call.id = call.id or piece.id
+        call.name = call.name or piece.name
+        call.arguments += piece.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
 async def _finish(
-    deps: TurnDeps, p: _Prepared, text: str, last: inference_pb2.GenerateResponse
+    deps: TurnDeps,
+    p: _Prepared,
+    text: str,
+    last: inference_pb2.GenerateResponse,
+    calls: list[types_pb2.ToolCall],
+    logprobs: list[types_pb2.TokenLogprob],
 ) -> TurnResult:
     """Store the exchange (idempotent on the request id), then remember it as context where a later turn
     reads it."""
     processing_time = time.perf_counter() - p.started
+    results = p.turn.tool_results
     # Counted once, with the configured tokenizer: history and context keep the same count.
-    user_tokens = deps.count_tokens(p.turn.message)
-    head = head_digest(p.turn.messages, text) if p.by_digest else ""
-    stored: store_pb2.AppendExchangeResponse = await deps.store.call(
-        deps.store.stub.AppendExchange,
-        store_pb2.AppendExchangeRequest(
-            user_id=p.turn.user_id,
-            conversation_id=p.conversation_id,
-            request_id=p.request_id,
-            user_message=store_pb2.ExchangeMessage(content=p.turn.message, token_count=user_tokens),
-            assistant_message=store_pb2.ExchangeMessage(
-                content=text, token_count=last.usage.completion_tokens
-            ),
-            model=last.model,
-            processing_time=processing_time,
-            continues_digest=p.continues,
-            head_digest=head,
+    user_tokens = 0 if results else deps.count_tokens(p.turn.message)
+    head = head_digest(p.turn.messages, text, calls) if p.by_digest else ""
+    request = store_pb2.AppendExchangeRequest(
+        user_id=p.turn.user_id,
+        conversation_id=p.conversation_id,
+        request_id=p.request_id,
+        assistant_message=store_pb2.ExchangeMessage(
+            content=text, token_count=last.usage.completion_tokens, tool_calls=calls
         ),
+        model=last.model,
+        processing_time=processing_time,
+        continues_digest=p.continues,
+        head_digest=head,
     )
+    if results:
+        request.tool_results.extend(
+            store_pb2.ExchangeMessage(
+                content=m.content, token_count=deps.count_tokens(m.content), tool_call_id=m.tool_call_id
+            )
+            for m in results
+        )
+    else:
+        request.user_message.CopyFrom(
+            store_pb2.ExchangeMessage(content=p.turn.message, token_count=user_tokens)
+        )
+    stored: store_pb2.AppendExchangeResponse = await deps.store.call(deps.store.stub.AppendExchange, request)
     if stored.created:
-        # Only this exchange's two messages in the conversation: history holds nothing before them.
-        first_exchange = stored.conversation.message_count == 2
-        if not p.by_digest:
+        # Only this exchange's messages in the conversation: history holds nothing before them.
+        first_exchange = stored.conversation.message_count == len(results or [p.turn.message]) + 1
+        if not p.by_digest and not results and not calls:
             await _remember(deps, p, text, last.usage.completion_tokens, user_tokens, first_exchange)
         elif not first_exchange:
             # Its client resends the prompt and reads no context: only a /chat turn naming the conversation
-            # may, and the context cached for it (if any) now lacks this exchange.
+            # may, and the context cached for it (if any) now lacks this exchange. (Tool calls and their
+            # results are not context: a prompt built from it carries roles and contents only.)
             await _forget(deps, p.turn.user_id, stored.conversation.conversation_id)
     else:
         # A repeated request id: the first answer is the answer.
         text = stored.assistant_message.content
+        calls = list(stored.assistant_message.tool_calls)
         processing_time = stored.assistant_message.processing_time
     return TurnResult(
         response=text,
@@ -190,6 +230,8 @@ async def _finish(
         finish_reason=last.finish_reason,
         usage=last.usage,
         model=last.model,
+        tool_calls=calls,
+        logprobs=logprobs,
     )
 
 
@@ -237,14 +279,20 @@ async def _forget(deps: TurnDeps, user_id: str, conversation_id: str) -> None:
         log.warning("context clear failed", exc_info=True, extra={"conversation_id": conversation_id})
 
 
+_NOTHING = inference_pb2.GenerateResponse()
+
+
 async def stream_turn(
     deps: TurnDeps, turn: TurnInput, *, whole: bool = False
-) -> AsyncIterator[tuple[str, TurnResult | None]]:
-    """Yield (text delta, None) as the answer is generated, then ("", result) once it is stored.
+) -> AsyncIterator[tuple[inference_pb2.GenerateResponse, TurnResult | None]]:
+    """Yield (the engine's delta, None) as the answer is generated (deltas with text, tool-call pieces or
+    log probabilities), then (an empty delta, result) once it is stored.
 
     `whole`: the answer arrives as one delta when it is done (for callers that do not stream it)."""
     p = await _prepare(deps, turn, whole)
     parts: list[str] = []
+    pieces: list[types_pb2.ToolCallDelta] = []
+    logprobs: list[types_pb2.TokenLogprob] = []
     last = inference_pb2.GenerateResponse()
     chunks: AsyncIterator[inference_pb2.GenerateResponse] = deps.inference.stream(
         deps.inference.stub.Generate, p.generate
@@ -252,9 +300,13 @@ async def stream_turn(
     async for chunk in chunks:
         parts.append(chunk.text)
         last = chunk
-        if chunk.text:
-            yield chunk.text, None
-    yield "", await _finish(deps, p, "".join(parts), last)
+        if chunk.tool_calls:
+            pieces.extend(chunk.tool_calls)
+        if chunk.logprobs:
+            logprobs.extend(chunk.logprobs)
+        if chunk.text or chunk.tool_calls or chunk.logprobs:
+            yield chunk, None
+    yield _NOTHING, await _finish(deps, p, "".join(parts), last, tool_calls(pieces), logprobs)
 
 
 async def run_turn(deps: TurnDeps, turn: TurnInput) -> TurnResult:

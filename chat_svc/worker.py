@@ -273,10 +273,10 @@ class Worker:
             turn = TurnInput(**queued_fields(job), request_id=job.correlation_id)
             streamed: list[str] = []
             final: TurnResult | None = None
-            async for text, outcome in stream_turn(self.turn_deps, turn):
+            async for chunk, outcome in stream_turn(self.turn_deps, turn):
                 if outcome is None:
-                    streamed.append(text)
-                    publisher.token(text)
+                    streamed.append(chunk.text)
+                    publisher.token(chunk.text)
                 else:
                     final = outcome
             assert final is not None

@@ -18,6 +18,7 @@ ROLE_VALUES: Final[Mapping[str, types_pb2.Role]] = {
     "system": types_pb2.ROLE_SYSTEM,
     "user": types_pb2.ROLE_USER,
     "assistant": types_pb2.ROLE_ASSISTANT,
+    "tool": types_pb2.ROLE_TOOL,
 }
 ROLE_NAMES: Final[Mapping[int, str]] = {value: name for name, value in ROLE_VALUES.items()}
 # Roles a whole prompt (ChatTurn.messages) may hold.
@@ -34,12 +35,18 @@ def role_value(name: str) -> types_pb2.Role:
     return ROLE_VALUES.get(name, types_pb2.ROLE_UNSPECIFIED)
 
 
+# The trailer of an INVALID_ARGUMENT that names the refused parameter in the OpenAI API's terms
+# (`logit_bias`, `response_format`, ...): an engine cannot honour it.
+PARAM_TRAILER: Final = "param"
+
+
 # --- finish reasons ---
 
 FINISH_VALUES: Final[Mapping[str, types_pb2.FinishReason]] = {
     "stop": types_pb2.FINISH_REASON_STOP,
     "length": types_pb2.FINISH_REASON_LENGTH,
     "abort": types_pb2.FINISH_REASON_ABORT,
+    "tool_calls": types_pb2.FINISH_REASON_TOOL_CALLS,
 }
 FINISH_NAMES: Final[Mapping[int, str]] = {value: name for name, value in FINISH_VALUES.items()}
 

@@ -7,8 +7,10 @@ import grpc
 from chatterbot import wire
 from chatterbot.guarded_client import GuardedClient
 from chatterbot.tokens import TokenCounter
-from chatterbot.v1 import store_pb2, store_pb2_grpc
+from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
 from context_svc.turns import HistoryLoader, Turn
+
+_CONTEXT_ROLES = frozenset({types_pb2.ROLE_SYSTEM, types_pb2.ROLE_USER, types_pb2.ROLE_ASSISTANT})
 
 
 def store_history(
@@ -38,7 +40,8 @@ def store_history(
                 request_id=m.request_id,
             )
             for m in page.messages
-            if m.role in wire.ROLE_NAMES
+            # A tool turn's calls and results mean nothing to a prompt built of roles and contents alone.
+            if m.role in _CONTEXT_ROLES and not m.tool_calls
         ]
 
     return load

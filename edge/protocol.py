@@ -14,8 +14,8 @@ from pydantic_core import PydanticCustomError
 from chatterbot import wire
 
 # Written as types so that the bodies document them; they must be the wire's names.
-FinishReason = Literal["stop", "length", "abort"]
-RoleName = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
+RoleName = Literal["system", "user", "assistant", "tool"]
 assert set(get_args(FinishReason)) == set(wire.FINISH_NAMES.values())
 assert set(get_args(RoleName)) == set(wire.ROLE_NAMES.values())
 

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 from chatterbot.labelled import series
 from inference_svc import metrics
-from inference_svc.engines.base import Delta, EngineState, EngineUnavailable, GenerationRequest, Overloaded
+from inference_svc.engines.base import (
+    Delta,
+    EngineState,
+    EngineUnavailable,
+    GenerationRequest,
+    Overloaded,
+    ToolCallDelta,
+)
 from inference_svc.models import ModelRegistry
 from inference_svc.result_cache import ResultCache, cache_key
 
@@ -139,13 +146,7 @@ async def coalesce(
                         return
                     raise peek
                 _, more = peek
-                delta = Delta(
-                    delta.text + more.text,
-                    delta.token_count + more.token_count,
-                    more.finish_reason,
-                    more.prompt_tokens,
-                    more.completion_tokens,
-                )
+                delta = merged(delta, more)
             yield model, delta
     finally:
         task.cancel()
@@ -156,14 +157,38 @@ async def coalesce(
 async def whole(
     source: AsyncGenerator[tuple[str, Delta], None],
 ) -> AsyncGenerator[tuple[str, Delta], None]:
-    """The whole answer as one delta, once the source is done; closing it early closes the source."""
-    text: list[str] = []
-    tokens = 0
-    last: tuple[str, Delta] | None = None
-    async with contextlib.aclosing(source) as items:
-        async for last in items:
-            text.append(last[1].text)
-            tokens += last[1].token_count
-    if last is not None:
-        model, end = last
-        yield model, Delta("".join(text), tokens, end.finish_reason, end.prompt_tokens, end.completion_tokens)
+    """The whole answer as one delta, once the source is done (each tool call in one piece); closing it early
+    closes the source."""
+    async with contextlib.aclosing(source) as deltas:
+        items = [item async for item in deltas]
+    if items:
+        yield items[-1][0], merged(*(delta for _, delta in items))
+
+
+def merged(*deltas: Delta) -> Delta:
+    """Consecutive deltas as one: texts, token counts and log probabilities joined, the pieces of each tool
+    call joined into one piece, and the last delta's finish reason and usage."""
+    end = deltas[-1]
+    calls: dict[int, ToolCallDelta] = {}
+    for delta in deltas:
+        for piece in delta.tool_calls:
+            call = calls.get(piece.index)
+            calls[piece.index] = (
+                piece
+                if call is None
+                else ToolCallDelta(
+                    piece.index,
+                    call.id or piece.id,
+                    call.name or piece.name,
+                    call.arguments + piece.arguments,
+                )
+            )
+    return Delta(
+        "".join(d.text for d in deltas),
+        sum(d.token_count for d in deltas),
+        end.finish_reason,
+        end.prompt_tokens,
+        end.completion_tokens,
+        tuple(calls[i] for i in sorted(calls)),
+        tuple(lp for d in deltas for lp in d.logprobs),
+    )

@@ -21,8 +21,11 @@ CHUNK_TOKENS = 16
 
 
 def cache_key(model: str, request: GenerationRequest) -> str | None:
-    """The key of a deterministic request, or None for a sampled one."""
+    """The key of a deterministic request, or None for a sampled one, and for one whose answer is more than
+    text (tool calls, structured output, log probabilities), which is not cached."""
     if request.temperature > 0 and request.seed is None:
+        return None
+    if request.tools or request.response_format is not None or request.logprobs:
         return None
     payload = orjson.dumps(
         {
@@ -33,6 +36,9 @@ def cache_key(model: str, request: GenerationRequest) -> str | None:
             "top_p": request.top_p,
             "seed": request.seed,
             "stop": request.stop,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "logit_bias": sorted(request.logit_bias.items()),
         }
     )
     return "gen:" + hashlib.sha256(payload).hexdigest()

@@ -443,7 +443,7 @@ async def test_an_invalid_request_is_invalid_argument():
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await svc.stub.Generate(bad).read()
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert refused.value.details() == "messages[0].role must be system, user or assistant"
+        assert refused.value.details() == "messages[0].role must be system, user, assistant or tool"
         too_many = generate_request("hi", max_tokens=40_000)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await svc.stub.Generate(too_many).read()

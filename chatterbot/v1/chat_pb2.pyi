@@ -25,7 +25,7 @@ DEGRADATION_RUNG_CACHE_ONLY: DegradationRung
 DEGRADATION_RUNG_SHED: DegradationRung
 
 class ChatTurn(_message.Message):
-    __slots__ = ("user_id", "message", "context", "max_tokens", "temperature", "conversation_id", "request_id", "model", "top_p", "seed", "stop", "messages", "greedy")
+    __slots__ = ("user_id", "message", "context", "max_tokens", "temperature", "conversation_id", "request_id", "model", "top_p", "seed", "stop", "messages", "greedy", "options")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ChatTurn(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GREEDY_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     message: str
     context: _containers.RepeatedScalarFieldContainer[str]
@@ -52,7 +53,8 @@ class ChatTurn(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]
     greedy: bool
-    def __init__(self, user_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ..., greedy: _Optional[bool] = ...) -> None: ...
+    options: _types_pb2.GenerationOptions
+    def __init__(self, user_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ..., greedy: _Optional[bool] = ..., options: _Optional[_Union[_types_pb2.GenerationOptions, _Mapping]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("turn",)
@@ -61,7 +63,7 @@ class ChatRequest(_message.Message):
     def __init__(self, turn: _Optional[_Union[ChatTurn, _Mapping]] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("response", "conversation_id", "processing_time", "request_id", "finish_reason", "usage", "model")
+    __slots__ = ("response", "conversation_id", "processing_time", "request_id", "finish_reason", "usage", "model", "tool_calls", "logprobs")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,8 @@ class ChatResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     response: str
     conversation_id: str
     processing_time: float
@@ -76,7 +80,9 @@ class ChatResponse(_message.Message):
     finish_reason: _types_pb2.FinishReason
     usage: _types_pb2.Usage
     model: str
-    def __init__(self, response: _Optional[str] = ..., conversation_id: _Optional[str] = ..., processing_time: _Optional[float] = ..., request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.ToolCall]
+    logprobs: _containers.RepeatedCompositeFieldContainer[_types_pb2.TokenLogprob]
+    def __init__(self, response: _Optional[str] = ..., conversation_id: _Optional[str] = ..., processing_time: _Optional[float] = ..., request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., model: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_types_pb2.ToolCall, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[_types_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class StreamChatRequest(_message.Message):
     __slots__ = ("turn",)
@@ -85,7 +91,7 @@ class StreamChatRequest(_message.Message):
     def __init__(self, turn: _Optional[_Union[ChatTurn, _Mapping]] = ...) -> None: ...
 
 class StreamChatResponse(_message.Message):
-    __slots__ = ("text", "conversation_id", "finish_reason", "usage", "processing_time", "model", "request_id")
+    __slots__ = ("text", "conversation_id", "finish_reason", "usage", "processing_time", "model", "request_id", "tool_calls", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +99,8 @@ class StreamChatResponse(_message.Message):
     PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     conversation_id: str
     finish_reason: _types_pb2.FinishReason
@@ -100,7 +108,9 @@ class StreamChatResponse(_message.Message):
     processing_time: float
     model: str
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., processing_time: _Optional[float] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.ToolCallDelta]
+    logprobs: _containers.RepeatedCompositeFieldContainer[_types_pb2.TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., processing_time: _Optional[float] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_types_pb2.ToolCallDelta, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[_types_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class SubmitChatRequest(_message.Message):
     __slots__ = ("turn", "priority")

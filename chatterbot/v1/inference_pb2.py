@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from chatterbot.v1 import types_pb2 as chatterbot_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63hatterbot/v1/inference.proto\x12\rchatterbot.v1\x1a\x19\x63hatterbot/v1/types.proto\"\xb6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.chatterbot.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.chatterbot.v1.SamplingParams\x12\x12\n\ncache_only\x18\x05 \x01(\x08\x12\r\n\x05whole\x18\x06 \x01(\x08\"\x9d\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.chatterbot.v1.FinishReason\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.chatterbot.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.chatterbot.v1.Model\"\x9a\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.chatterbot.v1.ModelState\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\xb4\x01\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.chatterbot.v1.GenerateRequest\x1a\x1f.chatterbot.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .chatterbot.v1.ListModelsRequest\x1a!.chatterbot.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63hatterbot/v1/inference.proto\x12\rchatterbot.v1\x1a\x19\x63hatterbot/v1/types.proto\"\xe9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.chatterbot.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.chatterbot.v1.SamplingParams\x12\x12\n\ncache_only\x18\x05 \x01(\x08\x12\r\n\x05whole\x18\x06 \x01(\x08\x12\x31\n\x07options\x18\x07 \x01(\x0b\x32 .chatterbot.v1.GenerationOptions\"\xfe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.chatterbot.v1.FinishReason\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.chatterbot.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\x12\x30\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1c.chatterbot.v1.ToolCallDelta\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.chatterbot.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.chatterbot.v1.Model\"\x9a\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.chatterbot.v1.ModelState\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\xb4\x01\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.chatterbot.v1.GenerateRequest\x1a\x1f.chatterbot.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .chatterbot.v1.ListModelsRequest\x1a!.chatterbot.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatterbot.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=658
-  _globals['_MODELSTATE']._serialized_end=771
+  _globals['_MODELSTATE']._serialized_start=806
+  _globals['_MODELSTATE']._serialized_end=919
   _globals['_GENERATEREQUEST']._serialized_start=76
-  _globals['_GENERATEREQUEST']._serialized_end=258
-  _globals['_GENERATERESPONSE']._serialized_start=261
-  _globals['_GENERATERESPONSE']._serialized_end=418
-  _globals['_LISTMODELSREQUEST']._serialized_start=420
-  _globals['_LISTMODELSREQUEST']._serialized_end=439
-  _globals['_LISTMODELSRESPONSE']._serialized_start=441
-  _globals['_LISTMODELSRESPONSE']._serialized_end=499
-  _globals['_MODEL']._serialized_start=502
-  _globals['_MODEL']._serialized_end=656
-  _globals['_INFERENCESERVICE']._serialized_start=774
-  _globals['_INFERENCESERVICE']._serialized_end=954
+  _globals['_GENERATEREQUEST']._serialized_end=309
+  _globals['_GENERATERESPONSE']._serialized_start=312
+  _globals['_GENERATERESPONSE']._serialized_end=566
+  _globals['_LISTMODELSREQUEST']._serialized_start=568
+  _globals['_LISTMODELSREQUEST']._serialized_end=587
+  _globals['_LISTMODELSRESPONSE']._serialized_start=589
+  _globals['_LISTMODELSRESPONSE']._serialized_end=647
+  _globals['_MODEL']._serialized_start=650
+  _globals['_MODEL']._serialized_end=804
+  _globals['_INFERENCESERVICE']._serialized_start=922
+  _globals['_INFERENCESERVICE']._serialized_end=1102
 # @@protoc_insertion_point(module_scope)

@@ -156,15 +156,19 @@ class StoreServiceListMessagesResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_types_pb2.HistoryMessage, _Mapping]]] = ..., next_before_message_id: _Optional[int] = ...) -> None: ...
 
 class ExchangeMessage(_message.Message):
-    __slots__ = ("content", "token_count")
+    __slots__ = ("content", "token_count", "tool_calls", "tool_call_id")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     content: str
     token_count: int
-    def __init__(self, content: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.ToolCall]
+    tool_call_id: str
+    def __init__(self, content: _Optional[str] = ..., token_count: _Optional[int] = ..., tool_calls: _Optional[_Iterable[_Union[_types_pb2.ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ...) -> None: ...
 
 class AppendExchangeRequest(_message.Message):
-    __slots__ = ("user_id", "conversation_id", "request_id", "user_message", "assistant_message", "model", "processing_time", "title", "continues_digest", "head_digest")
+    __slots__ = ("user_id", "conversation_id", "request_id", "user_message", "assistant_message", "model", "processing_time", "title", "continues_digest", "head_digest", "tool_results")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +179,7 @@ class AppendExchangeRequest(_message.Message):
     TITLE_FIELD_NUMBER: _ClassVar[int]
     CONTINUES_DIGEST_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     conversation_id: str
     request_id: str
@@ -185,19 +190,22 @@ class AppendExchangeRequest(_message.Message):
     title: str
     continues_digest: str
     head_digest: str
-    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., model: _Optional[str] = ..., processing_time: _Optional[float] = ..., title: _Optional[str] = ..., continues_digest: _Optional[str] = ..., head_digest: _Optional[str] = ...) -> None: ...
+    tool_results: _containers.RepeatedCompositeFieldContainer[ExchangeMessage]
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[ExchangeMessage, _Mapping]] = ..., model: _Optional[str] = ..., processing_time: _Optional[float] = ..., title: _Optional[str] = ..., continues_digest: _Optional[str] = ..., head_digest: _Optional[str] = ..., tool_results: _Optional[_Iterable[_Union[ExchangeMessage, _Mapping]]] = ...) -> None: ...
 
 class AppendExchangeResponse(_message.Message):
-    __slots__ = ("conversation", "user_message", "assistant_message", "created")
+    __slots__ = ("conversation", "user_message", "assistant_message", "created", "tool_results")
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     USER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ASSISTANT_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     conversation: _types_pb2.Conversation
     user_message: _types_pb2.HistoryMessage
     assistant_message: _types_pb2.HistoryMessage
     created: bool
-    def __init__(self, conversation: _Optional[_Union[_types_pb2.Conversation, _Mapping]] = ..., user_message: _Optional[_Union[_types_pb2.HistoryMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[_types_pb2.HistoryMessage, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+    tool_results: _containers.RepeatedCompositeFieldContainer[_types_pb2.HistoryMessage]
+    def __init__(self, conversation: _Optional[_Union[_types_pb2.Conversation, _Mapping]] = ..., user_message: _Optional[_Union[_types_pb2.HistoryMessage, _Mapping]] = ..., assistant_message: _Optional[_Union[_types_pb2.HistoryMessage, _Mapping]] = ..., created: _Optional[bool] = ..., tool_results: _Optional[_Iterable[_Union[_types_pb2.HistoryMessage, _Mapping]]] = ...) -> None: ...
 
 class JobResult(_message.Message):
     __slots__ = ("correlation_id", "user_id", "status", "response", "conversation_id", "processing_time", "error", "finish_reason", "usage", "create_time", "update_time", "expire_time")

@@ -25,29 +25,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hatterbot/v1/types.proto\x12\rchatterbot.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0b\x43hatMessage\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.chatterbot.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"\xc0\x01\n\x0c\x43onversation\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x06 \x01(\r\"\xf3\x01\n\x0eHistoryMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12!\n\x04role\x18\x03 \x01(\x0e\x32\x13.chatterbot.v1.Role\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x17\n\x0fprocessing_time\x18\x06 \x01(\x01\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\xa2\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*}\n\x0bJobPriority\x12\x1c\n\x18JOB_PRIORITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16JOB_PRIORITY_STREAMING\x10\x01\x12\x1c\n\x18JOB_PRIORITY_INTERACTIVE\x10\x02\x12\x16\n\x12JOB_PRIORITY_BATCH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hatterbot/v1/types.proto\x12\rchatterbot.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n\x0b\x43hatMessage\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.chatterbot.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.chatterbot.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"R\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"P\n\nToolChoice\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.chatterbot.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"t\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.chatterbot.v1.ResponseFormatType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xad\x03\n\x11GenerationOptions\x12\"\n\x05tools\x18\x01 \x03(\x0b\x32\x13.chatterbot.v1.Tool\x12.\n\x0btool_choice\x18\x02 \x01(\x0b\x32\x19.chatterbot.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x36\n\x0fresponse_format\x18\x04 \x01(\x0b\x32\x1d.chatterbot.v1.ResponseFormat\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x43\n\nlogit_bias\x18\x07 \x03(\x0b\x32/.chatterbot.v1.GenerationOptions.LogitBiasEntry\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_parallel_tool_calls\"n\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.chatterbot.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"\xc0\x01\n\x0c\x43onversation\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x06 \x01(\r\"\xb6\x02\n\x0eHistoryMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12!\n\x04role\x18\x03 \x01(\x0e\x32\x13.chatterbot.v1.Role\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x17\n\x0fprocessing_time\x18\x06 \x01(\x01\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\ntool_calls\x18\n \x03(\x0b\x32\x17.chatterbot.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x0b \x01(\t*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\xa2\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*}\n\x0bJobPriority\x12\x1c\n\x18JOB_PRIORITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16JOB_PRIORITY_STREAMING\x10\x01\x12\x1c\n\x18JOB_PRIORITY_INTERACTIVE\x10\x02\x12\x16\n\x12JOB_PRIORITY_BATCH\x10\x03*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatterbot.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=782
-  _globals['_ROLE']._serialized_end=862
-  _globals['_FINISHREASON']._serialized_start=864
-  _globals['_FINISHREASON']._serialized_end=984
-  _globals['_JOBSTATUS']._serialized_start=987
-  _globals['_JOBSTATUS']._serialized_end=1149
-  _globals['_JOBPRIORITY']._serialized_start=1151
-  _globals['_JOBPRIORITY']._serialized_end=1276
-  _globals['_CHATMESSAGE']._serialized_start=77
-  _globals['_CHATMESSAGE']._serialized_end=142
-  _globals['_USAGE']._serialized_start=144
-  _globals['_USAGE']._serialized_end=223
-  _globals['_SAMPLINGPARAMS']._serialized_start=225
-  _globals['_SAMPLINGPARAMS']._serialized_end=339
-  _globals['_CONVERSATION']._serialized_start=342
-  _globals['_CONVERSATION']._serialized_end=534
-  _globals['_HISTORYMESSAGE']._serialized_start=537
-  _globals['_HISTORYMESSAGE']._serialized_end=780
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=1954
+  _globals['_ROLE']._serialized_end=2049
+  _globals['_FINISHREASON']._serialized_start=2052
+  _globals['_FINISHREASON']._serialized_end=2202
+  _globals['_JOBSTATUS']._serialized_start=2205
+  _globals['_JOBSTATUS']._serialized_end=2367
+  _globals['_JOBPRIORITY']._serialized_start=2369
+  _globals['_JOBPRIORITY']._serialized_end=2494
+  _globals['_TOOLCHOICEMODE']._serialized_start=2497
+  _globals['_TOOLCHOICEMODE']._serialized_end=2663
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=2666
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=2831
+  _globals['_CHATMESSAGE']._serialized_start=78
+  _globals['_CHATMESSAGE']._serialized_end=224
+  _globals['_TOOLCALL']._serialized_start=226
+  _globals['_TOOLCALL']._serialized_end=281
+  _globals['_TOOLCALLDELTA']._serialized_start=283
+  _globals['_TOOLCALLDELTA']._serialized_end=358
+  _globals['_TOOL']._serialized_start=360
+  _globals['_TOOL']._serialized_end=442
+  _globals['_TOOLCHOICE']._serialized_start=444
+  _globals['_TOOLCHOICE']._serialized_end=524
+  _globals['_RESPONSEFORMAT']._serialized_start=526
+  _globals['_RESPONSEFORMAT']._serialized_end=642
+  _globals['_GENERATIONOPTIONS']._serialized_start=645
+  _globals['_GENERATIONOPTIONS']._serialized_end=1074
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_start=1002
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_end=1050
+  _globals['_TOKENLOGPROB']._serialized_start=1076
+  _globals['_TOKENLOGPROB']._serialized_end=1186
+  _globals['_TOPLOGPROB']._serialized_start=1188
+  _globals['_TOPLOGPROB']._serialized_end=1247
+  _globals['_USAGE']._serialized_start=1249
+  _globals['_USAGE']._serialized_end=1328
+  _globals['_SAMPLINGPARAMS']._serialized_start=1330
+  _globals['_SAMPLINGPARAMS']._serialized_end=1444
+  _globals['_CONVERSATION']._serialized_start=1447
+  _globals['_CONVERSATION']._serialized_end=1639
+  _globals['_HISTORYMESSAGE']._serialized_start=1642
+  _globals['_HISTORYMESSAGE']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)
