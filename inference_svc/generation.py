@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from chatterbot.labelled import series
+from chatterbot.labelled import observe_many, series
 from inference_svc import metrics
 from inference_svc.engines.base import (
     Delta,
@@ -89,9 +89,7 @@ async def measured(model: str, deltas: AsyncGenerator[Delta, None]) -> AsyncGene
                         _ttft(model).observe(now - arrived)
                         first = False
                     else:
-                        itl = _itl(model)
-                        for _ in range(n):
-                            itl.observe((now - last) / n)
+                        observe_many(_itl(model), (now - last) / n, n)
                     last = now
                     _tokens(model).inc(n)
                 if delta.finish_reason is not None:

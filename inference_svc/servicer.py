@@ -78,7 +78,7 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
         stop=list(s.stop),
         model=request.model,
         whole=request.whole,
-        **_options(request.options),
+        **(_options(request.options) if request.HasField("options") else {}),
     )
 
 
