@@ -263,6 +263,22 @@ class ConversationList(BaseModel):
     )
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(
+        description="JSON text, as the model wrote it: it may not be valid JSON, or not follow the function's "
+        "schema; check it before calling the function"
+    )
+
+
+class ToolCall(BaseModel):
+    """A function call the model made (as OpenAI's chat API spells it)."""
+
+    id: str = Field(description="Unique within the conversation; the tool message with its result names it")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class HistoryMessage(BaseModel):
     message_id: int = Field(description="Increasing within a user; the `before` cursor")
     conversation_id: str | None = Field(None, description="Set when the history spans conversations")
@@ -272,6 +288,12 @@ class HistoryMessage(BaseModel):
     created_at: str = Field(description="RFC 3339")
     processing_time: float | None = Field(None, description="Seconds the answer took, on assistant messages")
     model: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="On an assistant message that called tools: the calls (its content may be empty)"
+    )
+    tool_call_id: str | None = Field(
+        None, description="On a tool message: the id of the call (of an assistant message before) it answers"
+    )
 
 
 class History(BaseModel):

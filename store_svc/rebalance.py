@@ -56,6 +56,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "model",
         "request_id",
         "created_at",
+        "tool_calls",
+        "tool_call_id",
     ),
     "job_results": (
         "user_id",

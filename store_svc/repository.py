@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +39,12 @@ MAX_MODEL = 200
 MAX_DIGEST = 64
 # How much of the first user message becomes the title of a conversation created without one.
 DERIVED_TITLE_CHARS = 60
+# The calls of one answer, and so the results of one tool turn.
+MAX_TOOL_CALLS = 128
+MAX_TOOL_CALL_ID = 200
+MAX_TOOL_NAME = 200
+# A call's arguments, a tool result's content.
+MAX_TOOL_TEXT = 1_000_000
 _INT4_MAX = 2**31 - 1
 # "Before the newest message": one statement (and one cached plan) serves the first page and the rest.
 _NO_CURSOR = 2**63 - 1
@@ -61,30 +68,56 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an answer made; `arguments` is the JSON text the model wrote, kept as it is."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """The result of a tool call, to store as a tool message."""
+
+    tool_call_id: str
+    content: str
+    token_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """A stored message; `model` and `request_id` are "" and `processing_time` 0.0 where not set."""
+    """A stored message; `model`, `request_id` and `tool_call_id` are "" and `processing_time` 0.0 where not
+    set."""
 
     user_id: str
     message_id: int
     conversation_id: str
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
     token_count: int
     processing_time: float
     model: str
     request_id: str
     created_at: datetime
+    # On an answer: the tools it called.
+    tool_calls: tuple[ToolCall, ...] = ()
+    # On a tool message: the call whose result it is.
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Exchange:
-    """A user message and its answer, as stored by `append_exchange`."""
+    """A user message (or a tool turn's results) and its answer, as stored by `append_exchange`."""
 
     conversation: Conversation
-    user_message: Message
+    # None for a tool turn.
+    user_message: Message | None
     assistant_message: Message
     # False when the request id had been stored before and nothing was written.
     created: bool
+    # A tool turn's results, in the order they were stored (before the answer).
+    tool_results: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +163,8 @@ _MESSAGE_COLUMNS = (
     "user_id, message_id, conversation_id, role, content, token_count, processing_time, model, request_id, "
     "created_at"
 )
+# NULL but on exchanges with tools: the plain exchange neither writes nor returns them.
+_TOOL_COLUMNS = "tool_calls, tool_call_id"
 _JOB_COLUMNS = (
     "user_id, correlation_id, status, response, conversation_id, processing_time, error, finish_reason, "
     "prompt_tokens, completion_tokens, created_at, updated_at, expires_at"
@@ -185,7 +220,7 @@ SELECT (SELECT count(*) FROM deleted) AS conversations, (SELECT count(*) FROM de
 _LIST_MESSAGES = f"""
 SELECT m.* FROM conversations c
 LEFT JOIN LATERAL (
-    SELECT {_MESSAGE_COLUMNS} FROM messages
+    SELECT {_MESSAGE_COLUMNS}, {_TOOL_COLUMNS} FROM messages
     WHERE user_id = c.user_id AND conversation_id = c.conversation_id AND message_id < $3
     ORDER BY message_id DESC
     LIMIT $4
@@ -203,10 +238,11 @@ ORDER BY m.message_id DESC
 # The request id is claimed in exchange_requests first (a concurrent duplicate waits there for the first to
 # commit, then claims nothing); a request id stored before inserts no message, so the conversation is neither
 # created nor touched and the final SELECT is empty: the caller then reads the stored exchange. A NULL request
-# id claims nothing and always inserts. The VALUES rows are inserted in order: the user message gets the
-# smaller id. `$11 IS NOT NULL` stands first so that the cached generic plan skips the lookup outright for the
-# appends that continue nothing (most of them), whatever the planner estimates for the user's conversations.
-_APPEND_EXCHANGE = f"""
+# id claims nothing and always inserts. The rows are inserted in order: the user message gets the smaller id.
+# `$11 IS NOT NULL` stands first so that the cached generic plan skips the lookup outright for the appends
+# that continue nothing (most of them), whatever the planner estimates for the user's conversations.
+# The two statements below share all but the insert of the messages (`new_messages`).
+_APPEND_TARGET = """
 WITH new_user AS (
     INSERT INTO users (user_id) VALUES ($1::text) ON CONFLICT (user_id) DO NOTHING
 ),
@@ -225,17 +261,8 @@ request AS (
     SELECT $1::text, $3::text, target.conversation_id FROM target WHERE $3::text IS NOT NULL
     ON CONFLICT (user_id, request_id) DO NOTHING
     RETURNING 1
-),
-new_messages AS (
-    INSERT INTO messages (user_id, conversation_id, role, content, token_count, processing_time, model,
-                          request_id)
-    SELECT $1::text, target.conversation_id, exchange.* FROM target CROSS JOIN (
-        VALUES ('user', $4::text, $5::integer, NULL::double precision, NULL::text, $3::text),
-               ('assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
-    ) AS exchange
-    WHERE $3::text IS NULL OR EXISTS (SELECT FROM request)
-    RETURNING {_MESSAGE_COLUMNS}
-),
+),"""
+_APPEND_CONVERSATION = """
 conversation AS (
     INSERT INTO conversations AS c (user_id, conversation_id, title, message_count, head_digest)
     SELECT $1::text, (SELECT conversation_id FROM target), $10::text, count(*), $12::text
@@ -250,17 +277,48 @@ SELECT m.*, c.title, c.created_at AS conversation_created_at, c.updated_at AS co
 FROM new_messages m CROSS JOIN conversation c
 ORDER BY m.message_id
 """
+# A user message and a plain answer: the hot path (README's benchmarks), two rows of constants.
+_APPEND_EXCHANGE = f"""{_APPEND_TARGET}
+new_messages AS (
+    INSERT INTO messages (user_id, conversation_id, role, content, token_count, processing_time, model,
+                          request_id)
+    SELECT $1::text, target.conversation_id, exchange.* FROM target CROSS JOIN (
+        VALUES ('user', $4::text, $5::integer, NULL::double precision, NULL::text, $3::text),
+               ('assistant', $6::text, $7::integer, $8::double precision, $9::text, $3::text)
+    ) AS exchange
+    WHERE $3::text IS NULL OR EXISTS (SELECT FROM request)
+    RETURNING {_MESSAGE_COLUMNS}
+),{_APPEND_CONVERSATION}"""
+# An exchange with tools: the user message or the tool results, then the answer (the last of the arrays $4 to
+# $7: roles, contents, token counts, tool call ids), whose processing time, model and tool calls are $8, $9
+# and $13.
+_APPEND_TOOL_EXCHANGE = f"""{_APPEND_TARGET}
+new_messages AS (
+    INSERT INTO messages (user_id, conversation_id, role, content, token_count, processing_time, model,
+                          request_id, tool_calls, tool_call_id)
+    SELECT $1::text, target.conversation_id, m.role, m.content, m.token_count,
+           CASE WHEN m.role = 'assistant' THEN $8::double precision END,
+           CASE WHEN m.role = 'assistant' THEN $9::text END,
+           $3::text,
+           CASE WHEN m.role = 'assistant' THEN $13::jsonb END,
+           m.tool_call_id
+    FROM target CROSS JOIN unnest($4::text[], $5::text[], $6::integer[], $7::text[]) WITH ORDINALITY
+        AS m (role, content, token_count, tool_call_id, position)
+    WHERE $3::text IS NULL OR EXISTS (SELECT FROM request)
+    ORDER BY m.position
+    RETURNING {_MESSAGE_COLUMNS}, {_TOOL_COLUMNS}
+),{_APPEND_CONVERSATION}"""
 # The request's created_at is its messages' (one transaction, one now()): the join reaches one partition.
 _STORED_EXCHANGE = """
 SELECT m.user_id, m.message_id, m.conversation_id, m.role, m.content, m.token_count, m.processing_time,
-       m.model, m.request_id, m.created_at,
+       m.model, m.request_id, m.created_at, m.tool_calls, m.tool_call_id,
        c.title, c.created_at AS conversation_created_at, c.updated_at AS conversation_updated_at,
        c.message_count
 FROM exchange_requests r
 JOIN conversations c ON c.user_id = r.user_id AND c.conversation_id = r.conversation_id
 JOIN messages m ON m.user_id = r.user_id AND m.conversation_id = r.conversation_id
                 AND m.created_at = r.created_at AND m.request_id = r.request_id
-WHERE r.user_id = $1 AND r.request_id = $2 AND m.role IN ('user', 'assistant')
+WHERE r.user_id = $1 AND r.request_id = $2 AND m.role IN ('user', 'tool', 'assistant')
 ORDER BY m.message_id
 """
 
@@ -448,6 +506,8 @@ class StoreRepository:
         title: str = "",
         continues_digest: str = "",
         head_digest: str = "",
+        tool_calls: Sequence[ToolCall] = (),
+        tool_results: Sequence[ToolResult] = (),
     ) -> Exchange:
         """Store a user message and its answer, creating the user and conversation as needed.
 
@@ -457,6 +517,9 @@ class StoreRepository:
         `continues_digest` (one of two racing continuations only; the other starts a new conversation), or
         else starts a new conversation; a new conversation is titled `title`, or else the start of the user
         message. The conversation's head digest becomes `head_digest` ("": none).
+
+        `tool_calls` are the answer's. A tool turn stores `tool_results`, in order, in place of the user
+        message (`user_content` must then be empty); a conversation it starts is titled from the answer.
         """
         _check_user_id(user_id)
         if conversation_id:
@@ -469,37 +532,57 @@ class StoreRepository:
         _check_length("head_digest", head_digest, MAX_DIGEST)
         _check_token_count(user_token_count)
         _check_token_count(assistant_token_count)
-        title = _check_title(title) or derive_title(user_content)
-        args = (
-            user_id,
-            conversation_id,
-            request_id or None,
-            user_content,
-            user_token_count,
-            assistant_content,
-            assistant_token_count,
-            processing_time,
-            model or None,
-            title,
-            continues_digest or None,
-            head_digest or None,
-        )
-        try:
-            async with self.shards.writer(user_id) as db:
-                rows = await db.fetch(_APPEND_EXCHANGE, *args)
-        except asyncpg.exceptions.CheckViolationError as exc:
-            if not is_missing_partition(exc):
-                raise
-            # This month's partition is missing (the maintenance task has not run yet): make it, once.
-            await self.ensure_partitions()
-            async with self.shards.writer(user_id) as db:
-                rows = await db.fetch(_APPEND_EXCHANGE, *args)
-        if len(rows) == 2:
+        _check_tool_calls(tool_calls)
+        _check_tool_results(tool_results)
+        if tool_results and (user_content or user_token_count):
+            raise InvalidInput("a tool turn stores tool_results in place of the user message: not both")
+        title = _check_title(title) or derive_title(assistant_content if tool_results else user_content)
+        ids = (user_id, conversation_id, request_id or None)
+        heads = (title, continues_digest or None, head_digest or None)
+        args: tuple[object, ...]
+        if not (tool_calls or tool_results):
+            statement = _APPEND_EXCHANGE
+            args = (
+                *ids,
+                user_content,
+                user_token_count,
+                assistant_content,
+                assistant_token_count,
+                processing_time,
+                model or None,
+                *heads,
+            )
+            stored = 2
+        else:
+            # (role, content, token count, tool call id) of each message, in the order they are stored.
+            inputs: list[tuple[str, str, int, str | None]] = [
+                ("tool", r.content, r.token_count, r.tool_call_id) for r in tool_results
+            ] or [("user", user_content, user_token_count, None)]
+            answer = ("assistant", assistant_content, assistant_token_count, None)
+            roles, contents, counts, call_ids = map(list, zip(*inputs, answer, strict=True))
+            statement = _APPEND_TOOL_EXCHANGE
+            calls = _tool_calls_json(tool_calls)
+            args = (*ids, roles, contents, counts, call_ids, processing_time, model or None, *heads, calls)
+            stored = len(roles)
+        rows = await self._append(user_id, statement, args)
+        if len(rows) == stored:
             return _exchange(user_id, rows, created=True)
         # A replay: no rows.
         async with self.shards.writer(user_id) as db:
-            stored = await db.fetch(_STORED_EXCHANGE, user_id, request_id)
-        return _exchange(user_id, stored, created=bool(rows))
+            replayed = await db.fetch(_STORED_EXCHANGE, user_id, request_id)
+        return _exchange(user_id, replayed, created=bool(rows))
+
+    async def _append(self, user_id: str, statement: str, args: tuple[object, ...]) -> list[asyncpg.Record]:
+        try:
+            async with self.shards.writer(user_id) as db:
+                return await db.fetch(statement, *args)
+        except asyncpg.exceptions.CheckViolationError as exc:
+            if not is_missing_partition(exc):
+                raise
+        # This month's partition is missing (the maintenance task has not run yet): make it, once.
+        await self.ensure_partitions()
+        async with self.shards.writer(user_id) as db:
+            return await db.fetch(statement, *args)
 
     # --- job results ---
 
@@ -569,6 +652,7 @@ class StoreRepository:
 
 
 def _message(row: asyncpg.Record) -> Message:
+    calls = row.get("tool_calls")  # not a column the plain exchange returns
     return Message(
         user_id=row["user_id"],
         message_id=row["message_id"],
@@ -580,12 +664,15 @@ def _message(row: asyncpg.Record) -> Message:
         model=row["model"] or "",
         request_id=row["request_id"] or "",
         created_at=row["created_at"],
+        tool_calls=tuple(ToolCall(**call) for call in json.loads(calls)) if calls else (),
+        tool_call_id=row.get("tool_call_id") or "",
     )
 
 
 def _exchange(user_id: str, rows: list[asyncpg.Record], *, created: bool) -> Exchange:
-    by_role = {row["role"]: row for row in rows}
-    if "user" not in by_role or "assistant" not in by_role:
+    messages = [_message(row) for row in rows]
+    inputs = [m.role for m in messages[:-1]]
+    if not messages or messages[-1].role != "assistant" or (inputs != ["user"] and set(inputs) != {"tool"}):
         raise RuntimeError(
             f"exchange of request {rows[0]['request_id']!r} is incomplete"
             if rows
@@ -600,7 +687,16 @@ def _exchange(user_id: str, rows: list[asyncpg.Record], *, created: bool) -> Exc
         updated_at=first["conversation_updated_at"],
         message_count=first["message_count"],
     )
-    return Exchange(conversation, _message(by_role["user"]), _message(by_role["assistant"]), created)
+    *before, answer = messages
+    if inputs == ["user"]:
+        return Exchange(conversation, before[0], answer, created)
+    return Exchange(conversation, None, answer, created, tuple(before))
+
+
+def _tool_calls_json(calls: Sequence[ToolCall]) -> str | None:
+    if not calls:
+        return None
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
 
 
 # --- validation and helpers -------------------------------------------------------------------------------
@@ -646,6 +742,35 @@ def _check_length(name: str, value: str, limit: int) -> None:
 def _check_token_count(count: int) -> None:
     if not 0 <= count <= _INT4_MAX:
         raise InvalidInput(f"token count {count} is out of range")
+
+
+def _check_text(name: str, value: str, limit: int, *, required: bool = False) -> None:
+    """Tool texts are checked here, not left to the database: in JSON a NUL is an escape jsonb refuses."""
+    if required and not value:
+        raise InvalidInput(f"{name} is required")
+    _check_length(name, value, limit)
+    if "\x00" in value:
+        raise InvalidInput(f"{name} holds a NUL character, which the store cannot keep")
+
+
+def _check_tool_calls(calls: Sequence[ToolCall]) -> None:
+    if len(calls) > MAX_TOOL_CALLS:
+        raise InvalidInput(f"an answer makes at most {MAX_TOOL_CALLS} tool calls")
+    for i, call in enumerate(calls):
+        _check_text(f"tool_calls[{i}].id", call.id, MAX_TOOL_CALL_ID, required=True)
+        _check_text(f"tool_calls[{i}].name", call.name, MAX_TOOL_NAME, required=True)
+        _check_text(f"tool_calls[{i}].arguments", call.arguments, MAX_TOOL_TEXT)
+    if len({call.id for call in calls}) != len(calls):
+        raise InvalidInput("the tool calls of an answer need ids of their own")
+
+
+def _check_tool_results(results: Sequence[ToolResult]) -> None:
+    if len(results) > MAX_TOOL_CALLS:
+        raise InvalidInput(f"a tool turn holds at most {MAX_TOOL_CALLS} tool results")
+    for i, result in enumerate(results):
+        _check_text(f"tool_results[{i}].tool_call_id", result.tool_call_id, MAX_TOOL_CALL_ID, required=True)
+        _check_text(f"tool_results[{i}].content", result.content, MAX_TOOL_TEXT)
+        _check_token_count(result.token_count)
 
 
 def _page_size(requested: int, limit: int) -> int:

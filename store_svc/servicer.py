@@ -13,7 +13,15 @@ from chatterbot.api_keys import kind_from_pb, record_to_pb
 from chatterbot.status import InvalidArgument
 from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
 from store_svc.keys import ApiKeyRepository
-from store_svc.repository import Conversation, JobResult, Message, StoreRepository, User
+from store_svc.repository import (
+    Conversation,
+    JobResult,
+    Message,
+    StoreRepository,
+    ToolCall,
+    ToolResult,
+    User,
+)
 
 
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
@@ -85,6 +93,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def AppendExchange(
         self, request: store_pb2.AppendExchangeRequest, context: grpc.aio.ServicerContext
     ) -> store_pb2.AppendExchangeResponse:
+        _check_tool_fields(request)
         exchange = await self.repo.append_exchange(
             request.user_id,
             request.conversation_id,
@@ -98,13 +107,18 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             title=request.title,
             continues_digest=request.continues_digest,
             head_digest=request.head_digest,
+            tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in request.assistant_message.tool_calls],
+            tool_results=[ToolResult(m.tool_call_id, m.content, m.token_count) for m in request.tool_results],
         )
-        return store_pb2.AppendExchangeResponse(
+        response = store_pb2.AppendExchangeResponse(
             conversation=_conversation_pb(exchange.conversation),
-            user_message=_message_pb(exchange.user_message),
             assistant_message=_message_pb(exchange.assistant_message),
             created=exchange.created,
+            tool_results=[_message_pb(m) for m in exchange.tool_results],
         )
+        if exchange.user_message is not None:
+            response.user_message.CopyFrom(_message_pb(exchange.user_message))
+        return response
 
     async def PutJobResult(
         self, request: store_pb2.PutJobResultRequest, context: grpc.aio.ServicerContext
@@ -194,6 +208,16 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 UPDATABLE_KEY_FIELDS = frozenset({"requests_per_minute", "tokens_per_minute", "route_limits"})
 
 
+def _check_tool_fields(request: store_pb2.AppendExchangeRequest) -> None:
+    """Refuse the tool fields of ExchangeMessage where the exchange has no place for them."""
+    if request.user_message.tool_calls or request.user_message.tool_call_id:
+        raise InvalidArgument("user_message takes no tool_calls or tool_call_id")
+    if request.assistant_message.tool_call_id:
+        raise InvalidArgument("assistant_message takes no tool_call_id")
+    if any(m.tool_calls for m in request.tool_results):
+        raise InvalidArgument("tool_results take no tool_calls")
+
+
 # --- dataclasses to protobuf ------------------------------------------------------------------------------
 
 
@@ -225,6 +249,10 @@ def _message_pb(message: Message) -> types_pb2.HistoryMessage:
         processing_time=message.processing_time,
         model=message.model,
         request_id=message.request_id,
+        tool_calls=[
+            types_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in message.tool_calls
+        ],
+        tool_call_id=message.tool_call_id,
     )
     pb.create_time.FromDatetime(message.created_at)
     return pb

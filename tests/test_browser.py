@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -32,6 +34,7 @@ from edge.tickets import SECRET_REDIS_KEY, StreamTickets
 from ops.launcher import Mesh
 from tests.clients import REPO_ROOT, create_key, new_user
 from tests.meshes import API_KEY, own_mesh
+from tests.test_openai_api import SIM_MODEL, sdk
 
 CHROMIUM = Path(os.environ.get("CHATTERBOT_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("CHATTERBOT_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts")) / "browser"
@@ -438,6 +441,94 @@ def test_markup_in_messages_and_answers_shows_as_text_and_runs_nothing(page: Pag
     assert page.dialogs == []  # type: ignore[attr-defined]
     assert api.get(f"/conversations/{user}").json()["conversations"][0]["conversation_id"] == conversation_id
     screenshot(page, "11-markup-as-text")
+
+
+def test_a_tool_turn_shows_its_calls_and_their_results_apart_from_the_messages(
+    page: Page, api: httpx.Client, browser_mesh: Mesh, browser: Browser, network: CuttableProxy
+):
+    user = new_user()
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius"]}},
+                "required": ["city", "unit"],
+            },
+        },
+    }
+    # An agent's loop through the OpenAI API: the question, the call the model makes, the tool's result.
+    client = sdk(browser_mesh)
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Lisbon?"}]
+    asked = client.chat.completions.create(
+        model=SIM_MODEL,
+        messages=messages,
+        tools=[weather],
+        tool_choice="required",
+        user=user,
+        max_completion_tokens=200,
+    )
+    [call] = asked.choices[0].message.tool_calls or []
+    result = json.dumps({"sky": "sunny", "note": XSS_IMG})
+    messages += [asked.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": result}]
+    answered = client.chat.completions.create(
+        model=SIM_MODEL, messages=messages, tools=[weather], user=user, max_completion_tokens=20
+    )
+    # One conversation: the tool turn continued the one the question opened.
+    [conversation] = api.get(f"/conversations/{user}").json()["conversations"]
+    conversation_id = conversation["conversation_id"]
+    assert [m["role"] for m in stored_messages(api, user, conversation_id)] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+
+    sign_in(page, API_KEY, user, path=f"/#/c/{conversation_id}")
+    expect(page.locator(".message")).to_have_count(4)
+    asking = page.locator(".message.assistant.tool-calls")
+    expect(asking.locator(".content")).to_be_hidden()  # no text of its own: only the call shows
+    shown_call = asking.locator(".tool-call")
+    expect(shown_call.locator(".tool-label")).to_have_text("Called")
+    expect(shown_call.locator(".tool-name")).to_have_text("get_weather")
+    expect(shown_call.locator(".tool-id")).to_have_text(call.id)
+    arguments = json.loads(call.function.arguments)
+    assert shown_call.locator("pre code").inner_text() == json.dumps(arguments, indent=2, ensure_ascii=False)
+
+    shown_result = page.locator(".message.tool .tool-result")
+    expect(shown_result.locator(".tool-label")).to_have_text("Result of")
+    expect(shown_result.locator(".tool-name")).to_have_text("get_weather")
+    expect(shown_result.locator(".tool-id")).to_have_text(call.id)
+    expect(shown_result.locator("pre code")).to_have_text(json.dumps(json.loads(result), indent=2))
+    assert words(last_answer(page).locator(".content").inner_text()) == words(
+        answered.choices[0].message.content or ""
+    )
+
+    # Calls and results look unlike each other and unlike the messages around them.
+    background = "element => getComputedStyle(element).backgroundColor"
+    looks = {
+        page.locator(".tool-call .tool-head").first.evaluate(background),
+        page.locator(".tool-result .tool-head").first.evaluate(background),
+        page.locator(".message.user .content").evaluate(background),
+    }
+    assert len(looks) == 3, looks
+    assert page.locator("#message-list img").count() == 0 and page.dialogs == []  # type: ignore[attr-defined]
+    assert page.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+    screenshot(page, "17-tool-turn")
+
+    # On a phone, in the dark, nothing runs off the side either.
+    phone = browser.new_context(
+        base_url=network.url, viewport={"width": 390, "height": 844}, color_scheme="dark"
+    )
+    try:
+        small = phone.new_page()
+        sign_in(small, API_KEY, user, path=f"/#/c/{conversation_id}")
+        expect(small.locator(".tool-block")).to_have_count(2)
+        assert small.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+        screenshot(small, "18-tool-turn-phone-dark")
+    finally:
+        phone.close()
 
 
 def test_a_rate_limited_or_failing_send_says_what_happened(page: Page, browser_mesh: Mesh):

@@ -9,7 +9,15 @@ import uuid
 import grpc
 import httpx
 
-from chatterbot.v1 import chat_pb2, chat_pb2_grpc, context_pb2, context_pb2_grpc
+from chatterbot.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    context_pb2,
+    context_pb2_grpc,
+    store_pb2,
+    store_pb2_grpc,
+    types_pb2,
+)
 from context_svc.turns import context_key
 from tests.clients import create_key
 from tests.meshes import API_KEY
@@ -126,6 +134,88 @@ def test_context_survives_a_redis_flush(edge, mesh, valkey):
         rebuilt = stub.GetContext(request, timeout=10)
     assert rebuilt.source == context_pb2.CONTEXT_SOURCE_STORE
     assert [t.content for t in rebuilt.turns][::2] == ["My name is Ada.", "What is my name?"]
+
+
+def test_history_shows_a_tool_turn_as_tool_calls_and_tool_results(edge, mesh):
+    user = new_user()
+    call = types_pb2.ToolCall(id="call-7", name="get_weather", arguments='{"city": "Lisbon"}')
+    question = "What is the weather in Lisbon?"
+    with grpc.insecure_channel(mesh.services["store"].url) as channel:
+        # The answer that called a tool, as an engine with tools would have made it.
+        asked = store_pb2_grpc.StoreServiceStub(channel).AppendExchange(
+            store_pb2.AppendExchangeRequest(
+                user_id=user,
+                request_id=f"ask-{user}",
+                user_message=store_pb2.ExchangeMessage(content=question, token_count=7),
+                assistant_message=store_pb2.ExchangeMessage(tool_calls=[call], token_count=12),
+                model="sim-7b",
+            ),
+            timeout=10,
+        )
+    cid = asked.conversation.conversation_id
+    # The tool turn, through ChatService as the OpenAI route sends it: the prompt ends with the call's result.
+    with grpc.insecure_channel(mesh.services["chat"].url) as channel:
+        answered = chat_pb2_grpc.ChatServiceStub(channel).Chat(
+            chat_pb2.ChatRequest(
+                turn=chat_pb2.ChatTurn(
+                    user_id=user,
+                    conversation_id=cid,
+                    max_tokens=12,
+                    messages=[
+                        types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=question),
+                        types_pb2.ChatMessage(role=types_pb2.ROLE_ASSISTANT, tool_calls=[call]),
+                        types_pb2.ChatMessage(
+                            role=types_pb2.ROLE_TOOL, tool_call_id="call-7", content='{"celsius": 21}'
+                        ),
+                    ],
+                )
+            ),
+            metadata=(("x-api-key", API_KEY),),
+            timeout=30,
+        )
+
+    history = edge.get(f"/history/{user}", params={"conversation_id": cid})
+    assert history.status_code == 200, history.text
+    messages = history.json()["messages"]
+    assert [(m["role"], m["tool_call_id"]) for m in messages] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", "call-7"),
+        ("assistant", None),
+    ]
+    assert messages[1]["tool_calls"] == [
+        {
+            "id": "call-7",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Lisbon"}'},
+        }
+    ]
+    assert messages[1]["content"] == "" and messages[1]["processing_time"] is not None
+    assert messages[2]["content"] == '{"celsius": 21}' and messages[2]["processing_time"] is None
+    assert messages[3]["content"] == answered.response and messages[3]["tool_calls"] is None
+    assert messages[0]["tool_calls"] is None
+    assert edge.get(f"/conversations/{user}").json()["conversations"][0]["message_count"] == 4
+    # The seed's form, across conversations, shows them alike.
+    latest = edge.get(f"/history/{user}").json()["messages"]
+    assert [m["tool_call_id"] for m in latest] == [None, None, "call-7", None]
+    assert latest[1]["tool_calls"] == messages[1]["tool_calls"]
+
+
+def test_the_openapi_schema_documents_tool_calls_and_tool_results_in_history(edge):
+    schema = edge.get("/openapi.json").json()
+    schemas = schema["components"]["schemas"]
+
+    def resolve(ref: str) -> dict:
+        return schemas[ref.rsplit("/", 1)[1]]
+
+    message = schemas["HistoryMessage"]["properties"]
+    assert "tool" in message["role"]["enum"]
+    assert "tool message" in message["tool_call_id"]["description"]
+    calls = next(option for option in message["tool_calls"]["anyOf"] if option.get("type") == "array")
+    call = resolve(calls["items"]["$ref"])
+    assert set(call["properties"]) == {"id", "type", "function"}
+    assert call["properties"]["type"]["const"] == "function"
+    assert set(resolve(call["properties"]["function"]["$ref"])["required"]) == {"name", "arguments"}
 
 
 def test_history_routes_validate_and_authenticate(mesh, edge):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from alembic.script import ScriptDirectory
 
-from store_svc.migrate import upgrade_all
+from store_svc.migrate import alembic_config, upgrade_all
 from store_svc.rebalance import COLUMNS, rebalance, shard_counts
-from store_svc.repository import StoreRepository
+from store_svc.repository import StoreRepository, ToolCall, ToolResult
 from store_svc.sharding import ShardRouter, jump_hash, shard_of, shard_specs, user_hash
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +195,35 @@ async def test_growing_from_two_to_three_shards_under_writes_loses_nothing(serve
         await close_pools(pools)
 
 
+async def test_tool_calls_and_results_move_with_their_user(servers):
+    dsns = new_shards(servers, 3)
+    pools = await open_pools(dsns)
+    try:
+        movers = [u for u in (f"tool-user-{i:03d}" for i in range(60)) if shard_of(u, 2) != shard_of(u, 3)][
+            :5
+        ]
+        two = StoreRepository(ShardRouter(pools[:2]))
+        call = ToolCall("call_1", "get_weather", '{"city": "Oslo"}')
+        for u in movers:
+            await two.append_exchange(u, "c1", f"{u}-r1", "weather?", "", tool_calls=[call])
+            await two.append_exchange(
+                u, "c1", f"{u}-r2", "", "12C in Oslo", tool_results=[ToolResult("call_1", '{"temp": 12}')]
+            )
+        report = await rebalance(dsns, concurrency=2)
+        assert report.complete and report.moved_users == len(movers)
+        after = StoreRepository(ShardRouter(pools))
+        for u in movers:
+            page = await after.list_messages(u, "c1", page_size=10)
+            assert [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in page.messages] == [
+                ("user", "weather?", (), ""),
+                ("assistant", "", (call,), ""),
+                ("tool", '{"temp": 12}', (), "call_1"),
+                ("assistant", "12C in Oslo", (), ""),
+            ]
+    finally:
+        await close_pools(pools)
+
+
 async def test_an_interrupted_rebalance_continues_where_it_stopped(servers):
     dsns = new_shards(servers, 3)
     pools = await open_pools(dsns)
@@ -301,7 +331,8 @@ def test_migrate_applies_to_every_shard_and_reruns_as_a_no_op(servers):
             await conn.close()
         return found
 
-    assert asyncio.run(versions()) == ["0006", "0006"]
+    head = ScriptDirectory.from_config(alembic_config(dsns[0])).get_current_head()
+    assert asyncio.run(versions()) == [head, head]
 
 
 def _job(user: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from alembic import command
 
 from chatterbot.grpc_server import GrpcApp, build_server
 from chatterbot.guarded_client import dependency_of
@@ -21,12 +22,20 @@ from chatterbot.v1 import store_pb2, store_pb2_grpc, types_pb2
 from ops.embedded import PostgresServer
 from store_svc.errors import InvalidInput, NotFound, database_status
 from store_svc.main import app
-from store_svc.migrate import upgrade, upgrade_async
-from store_svc.repository import JobResult, StoreRepository, derive_title
+from store_svc.migrate import alembic_config, upgrade, upgrade_async
+from store_svc.repository import (
+    MAX_TOOL_CALLS,
+    MAX_TOOL_TEXT,
+    JobResult,
+    StoreRepository,
+    ToolCall,
+    ToolResult,
+    derive_title,
+)
 from store_svc.servicer import StoreServicer
 
 TABLES = {"users", "conversations", "messages", "job_results", "exchange_requests", "shard_moves", "api_keys"}
-HEAD = "0006"
+HEAD = "0007"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,6 +130,69 @@ async def test_replicas_migrating_at_once_take_turns(postgres):
     tables, versions = await tables_and_version(dsn)
     assert tables >= TABLES
     assert versions == [HEAD]
+
+
+async def test_the_tool_migration_leaves_a_populated_table_in_place_and_checks_every_partition(postgres):
+    postgres.ensure_database("migrate_tools")
+    dsn = postgres.dsn("migrate_tools")
+    await asyncio.to_thread(command.upgrade, alembic_config(dsn), "0006")
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Rows in an older month's partition and in this month's, as a store that has been running holds.
+        await conn.execute(
+            """
+            SELECT messages_ensure_partitions(3, now() - interval '2 months');
+            INSERT INTO users (user_id) VALUES ('old-user');
+            INSERT INTO conversations (user_id, conversation_id, title, message_count)
+            VALUES ('old-user', 'c1', 'before tools', 4);
+            INSERT INTO messages (user_id, conversation_id, role, content, created_at)
+            SELECT 'old-user', 'c1', role, 'old ' || role, at
+            FROM unnest(ARRAY[now() - interval '2 months', now()]) at, unnest(ARRAY['user', 'assistant']) role;
+            """
+        )
+        # The partitions and their indexes.
+        files = "SELECT relname, relkind::text, relfilenode FROM pg_class WHERE relname LIKE 'messages_p%' ORDER BY 1"
+        before = await conn.fetch(files)
+
+        await upgrade_async(dsn)
+        assert (await tables_and_version(dsn))[1] == [HEAD]
+        assert await conn.fetch(files) == before  # nothing rewritten: every partition keeps its file
+        # Nor scanned: the partitions there were take the new checks unvalidated (every row passes them).
+        scanned = await conn.fetch(
+            "SELECT DISTINCT conrelid::regclass::text AS rel, convalidated FROM pg_constraint "
+            "WHERE conname IN ('messages_role_check', 'messages_tool_check')"
+        )
+        partitions = {r["relname"] for r in before if r["relkind"] == "r"}
+        assert {(r["rel"], r["convalidated"]) for r in scanned} == {
+            (p, False) for p in partitions | {"messages"}
+        }
+        rows = await conn.fetch(
+            "SELECT role, content, tool_calls, tool_call_id FROM messages WHERE user_id = 'old-user' "
+            "ORDER BY created_at, message_id"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("user", "old user", None, None),
+            ("assistant", "old assistant", None, None),
+        ] * 2
+
+        # The checks hold on a partition from before the migration, on this month's, and on one made after it.
+        await conn.execute("SELECT messages_ensure_partitions(6)")
+        insert = "INSERT INTO messages (user_id, conversation_id, role, content, tool_calls, tool_call_id, created_at) "
+        for at in ("now() - interval '2 months'", "now()", "now() + interval '5 months'"):
+            await conn.execute(insert + f"VALUES ('old-user', 'c1', 'tool', 'result', NULL, 'call-1', {at})")
+            await conn.execute(insert + f"VALUES ('old-user', 'c1', 'assistant', '', '[]', NULL, {at})")
+            for role, calls, call_id in (
+                ("robot", "NULL", "NULL"),
+                ("tool", "NULL", "NULL"),
+                ("user", "NULL", "'call-1'"),
+                ("user", "'[]'", "NULL"),
+            ):
+                with pytest.raises(asyncpg.exceptions.CheckViolationError):
+                    await conn.execute(
+                        insert + f"VALUES ('old-user', 'c1', '{role}', 'x', {calls}, {call_id}, {at})"
+                    )
+    finally:
+        await conn.close()
 
 
 # --- exchanges ---
@@ -357,6 +429,170 @@ async def test_invalid_input_is_refused_before_reaching_the_database(repo, kwarg
         await repo.append_exchange(
             args["user_id"], args["conversation_id"], "req-1", "q", "a", title=args["title"]
         )
+
+
+# --- tool turns ---
+
+WEATHER = ToolCall("call-1", "get_weather", '{"city": "Lisbon"}')
+TIME = ToolCall("call-2", "get_time", '{"zone": "Europe/Lisbon"}')
+
+
+async def test_tool_calls_and_the_tool_turn_answering_them_are_stored_in_order_and_listed(repo):
+    user = new_user()
+    asked = await repo.append_exchange(
+        user,
+        "c1",
+        "req-1",
+        "Weather and time in Lisbon?",
+        "",
+        assistant_token_count=9,
+        tool_calls=[WEATHER, TIME],
+    )
+    assert asked.created and asked.conversation.message_count == 2
+    assert asked.user_message is not None and asked.user_message.content == "Weather and time in Lisbon?"
+    assert asked.assistant_message.tool_calls == (WEATHER, TIME)
+    assert asked.conversation.title == "Weather and time in Lisbon?"
+
+    answered = await repo.append_exchange(
+        user,
+        "c1",
+        "req-2",
+        "",
+        "Sunny, 21 °C, and it is noon.",
+        model="sim-7b",
+        processing_time=0.5,
+        tool_results=[
+            ToolResult("call-1", '{"sky": "sunny", "celsius": 21}', 8),
+            ToolResult("call-2", "12:00", 2),
+        ],
+    )
+    assert answered.created and answered.user_message is None
+    assert [(m.role, m.tool_call_id, m.content, m.token_count) for m in answered.tool_results] == [
+        ("tool", "call-1", '{"sky": "sunny", "celsius": 21}', 8),
+        ("tool", "call-2", "12:00", 2),
+    ]
+    assert answered.assistant_message.tool_calls == ()
+    assert (answered.assistant_message.model, answered.assistant_message.processing_time) == ("sim-7b", 0.5)
+    assert all(m.model == "" and m.processing_time == 0.0 for m in answered.tool_results)
+    assert answered.conversation.message_count == 5
+    assert answered.conversation.title == "Weather and time in Lisbon?"
+
+    listed = (await repo.list_messages(user, "c1")).messages
+    assert [(m.role, m.tool_call_id, m.tool_calls) for m in listed] == [
+        ("user", "", ()),
+        ("assistant", "", (WEATHER, TIME)),
+        ("tool", "call-1", ()),
+        ("tool", "call-2", ()),
+        ("assistant", "", ()),
+    ]
+    ids = [m.message_id for m in listed]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert listed[2:] == [*answered.tool_results, answered.assistant_message]
+    assert (await repo.get_conversation(user, "c1")).message_count == 5
+    assert await repo.delete_conversation(user, "c1") == 5
+
+
+async def test_a_replayed_tool_turn_returns_the_stored_results_and_answer_and_writes_nothing(repo, pool):
+    user = new_user()
+    asked = await repo.append_exchange(user, "c1", "req-1", "q", "let me look", tool_calls=[WEATHER])
+    results = [ToolResult("call-1", "sunny", 1)]
+    first = await repo.append_exchange(
+        user, "c1", "req-2", "", "", tool_calls=[TIME], tool_results=results, head_digest="h2"
+    )
+
+    asked_again = await repo.append_exchange(user, "c1", "req-1", "q", "another answer")
+    assert not asked_again.created
+    assert asked_again.assistant_message == asked.assistant_message
+    assert asked_again.assistant_message.tool_calls == (WEATHER,)
+    replay = await repo.append_exchange(
+        user, "c1", "req-2", "", "different", tool_results=[ToolResult("call-9", "other")], head_digest="hx"
+    )
+    assert not replay.created and replay.user_message is None
+    assert replay.tool_results == first.tool_results
+    assert replay.assistant_message == first.assistant_message
+    assert replay.assistant_message.tool_calls == (TIME,)
+    assert replay.conversation.message_count == 4
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user) == 4
+    assert await head_of(pool, user, "c1") == "h2"
+
+
+async def test_concurrent_duplicates_of_a_tool_turn_store_it_once(repo, pool):
+    user = new_user()
+    await repo.append_exchange(user, "c1", "req-1", "q", "", tool_calls=[WEATHER, TIME])
+    turn = [ToolResult("call-1", "sunny"), ToolResult("call-2", "noon")]
+    exchanges = await asyncio.gather(
+        *(repo.append_exchange(user, "c1", "req-2", "", "both", tool_results=turn) for _ in range(4))
+    )
+    assert sorted(e.created for e in exchanges) == [False, False, False, True]
+    assert len({e.tool_results for e in exchanges}) == 1
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user) == 5
+
+
+async def test_a_tool_turn_continues_the_conversation_of_its_head(repo, pool):
+    user = new_user()
+    asked = await repo.append_exchange(user, "", "req-1", "q", "", tool_calls=[WEATHER], head_digest="h1")
+    answered = await repo.append_exchange(
+        user,
+        "",
+        "req-2",
+        "",
+        "sunny",
+        tool_results=[ToolResult("call-1", "sunny")],
+        continues_digest="h1",
+        head_digest="h2",
+    )
+    conversation_id = asked.conversation.conversation_id
+    assert answered.conversation.conversation_id == conversation_id
+    assert answered.conversation.message_count == 4
+    assert await head_of(pool, user, conversation_id) == "h2"
+
+
+async def test_a_conversation_started_by_a_tool_turn_is_titled_from_its_answer_or_plainly(repo):
+    user = new_user()
+    results = [ToolResult("call-1", "sunny")]
+    from_answer = await repo.append_exchange(
+        user, "", "req-1", "", "It is sunny in Lisbon.", tool_results=results
+    )
+    assert from_answer.conversation.title == "It is sunny in Lisbon."
+    calling_again = await repo.append_exchange(
+        user, "", "req-2", "", "", tool_calls=[TIME], tool_results=results
+    )
+    assert calling_again.conversation.title == "New conversation"
+    named = await repo.append_exchange(user, "", "req-3", "", "x", title="Weather", tool_results=results)
+    assert named.conversation.title == "Weather"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "detail"),
+    [
+        ({"tool_results": [ToolResult("", "sunny")]}, "tool_results[0].tool_call_id is required"),
+        ({"tool_results": [ToolResult("c" * 201, "sunny")]}, "tool_call_id is longer than 200"),
+        ({"tool_results": [ToolResult("call-1", "a\x00b")]}, "tool_results[0].content holds a NUL"),
+        ({"tool_results": [ToolResult("call-1", "x" * (MAX_TOOL_TEXT + 1))]}, "content is longer"),
+        ({"tool_results": [ToolResult("call-1", "x", -1)]}, "token count -1 is out of range"),
+        (
+            {"tool_results": [ToolResult(f"c{i}", "x") for i in range(MAX_TOOL_CALLS + 1)]},
+            "at most 128 tool results",
+        ),
+        ({"user_content": "a question too", "tool_results": [ToolResult("call-1", "x")]}, "not both"),
+        ({"tool_calls": [ToolCall("", "get_weather", "{}")]}, "tool_calls[0].id is required"),
+        ({"tool_calls": [ToolCall("call-1", "", "{}")]}, "tool_calls[0].name is required"),
+        ({"tool_calls": [ToolCall("call-1", "f", '{"a": "\x00"}')]}, "tool_calls[0].arguments holds a NUL"),
+        ({"tool_calls": [ToolCall("call-1", "f" * 201, "{}")]}, "name is longer than 200"),
+        ({"tool_calls": [WEATHER, ToolCall("call-1", "again", "{}")]}, "need ids of their own"),
+        (
+            {"tool_calls": [ToolCall(f"c{i}", "f", "{}") for i in range(MAX_TOOL_CALLS + 1)]},
+            "at most 128 tool calls",
+        ),
+    ],
+)
+async def test_invalid_tool_turns_are_refused_before_reaching_the_database(repo, pool, kwargs, detail):
+    user = new_user()
+    args = {"user_content": "", **kwargs}
+    with pytest.raises(InvalidInput) as refused:
+        await repo.append_exchange(user, "c1", "req-1", args.pop("user_content"), "a", **args)
+    assert detail in str(refused.value)
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user) == 0
 
 
 # --- conversations ---
@@ -636,6 +872,80 @@ async def test_grpc_append_exchange_continues_the_conversation_of_a_head(store_s
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await store_stub.AppendExchange(exchange("req-4", "x" * 65, ""), timeout=5)
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_grpc_tool_turns_round_trip_and_misplaced_tool_fields_are_invalid_argument(store_stub):
+    user = new_user()
+    call = types_pb2.ToolCall(id="call-1", name="get_weather", arguments='{"city": "Lisbon"}')
+    asked = await store_stub.AppendExchange(
+        store_pb2.AppendExchangeRequest(
+            user_id=user,
+            conversation_id="c1",
+            request_id="req-1",
+            user_message=store_pb2.ExchangeMessage(content="Weather in Lisbon?", token_count=4),
+            assistant_message=store_pb2.ExchangeMessage(tool_calls=[call], token_count=7),
+        ),
+        timeout=5,
+    )
+    assert list(asked.assistant_message.tool_calls) == [call] and asked.user_message.content
+    turn = store_pb2.AppendExchangeRequest(
+        user_id=user,
+        conversation_id="c1",
+        request_id="req-2",
+        tool_results=[store_pb2.ExchangeMessage(content="sunny", token_count=1, tool_call_id="call-1")],
+        assistant_message=store_pb2.ExchangeMessage(content="It is sunny.", token_count=4),
+        model="sim-7b",
+    )
+    first = await store_stub.AppendExchange(turn, timeout=5)
+    again = await store_stub.AppendExchange(turn, timeout=5)
+    assert first.created and not again.created
+    assert not first.HasField("user_message") and not again.HasField("user_message")
+    assert [(m.role, m.tool_call_id, m.content) for m in first.tool_results] == [
+        (types_pb2.ROLE_TOOL, "call-1", "sunny")
+    ]
+    assert again.tool_results == first.tool_results and again.assistant_message == first.assistant_message
+    assert first.conversation.message_count == 4
+
+    history = await store_stub.ListMessages(
+        store_pb2.StoreServiceListMessagesRequest(user_id=user, conversation_id="c1"), timeout=5
+    )
+    assert [(m.role, list(m.tool_calls), m.tool_call_id) for m in history.messages] == [
+        (types_pb2.ROLE_USER, [], ""),
+        (types_pb2.ROLE_ASSISTANT, [call], ""),
+        (types_pb2.ROLE_TOOL, [], "call-1"),
+        (types_pb2.ROLE_ASSISTANT, [], ""),
+    ]
+
+    def misplaced(**fields) -> store_pb2.AppendExchangeRequest:
+        request = store_pb2.AppendExchangeRequest(user_id=user, conversation_id="c1", request_id="req-3")
+        for name, value in fields.items():
+            getattr(request, name).MergeFrom(value)
+        return request
+
+    for request, detail in (
+        (
+            misplaced(user_message=store_pb2.ExchangeMessage(content="q", tool_call_id="call-1")),
+            "user_message",
+        ),
+        (misplaced(user_message=store_pb2.ExchangeMessage(content="q", tool_calls=[call])), "user_message"),
+        (misplaced(assistant_message=store_pb2.ExchangeMessage(tool_call_id="call-1")), "assistant_message"),
+        (
+            misplaced(tool_results=[store_pb2.ExchangeMessage(tool_call_id="call-1", tool_calls=[call])]),
+            "tool_results take no tool_calls",
+        ),
+        (
+            misplaced(
+                user_message=store_pb2.ExchangeMessage(content="q"),
+                tool_results=[store_pb2.ExchangeMessage(tool_call_id="call-1")],
+            ),
+            "not both",
+        ),
+        (misplaced(tool_results=[store_pb2.ExchangeMessage(content="no id")]), "tool_call_id is required"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await store_stub.AppendExchange(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert detail in (refused.value.details() or "")
 
 
 async def test_grpc_text_the_database_refuses_is_invalid_argument(store_stub):

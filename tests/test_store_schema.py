@@ -179,7 +179,18 @@ async def test_hot_reads_use_the_indexes(db):
     print("\n-- the conversation a whole-prompt turn continues (AppendExchange)\n" + append)
     assert "Index Scan using conversations_head_recent_idx on conversations" in append
     assert "Seq Scan on conversations" not in append
+    # The hot statement is the plain exchange's alone; an exchange with tools has a statement of its own.
+    assert "tool_call" not in repository._APPEND_EXCHANGE
+    tool_args = (*args[:3], ["tool", "assistant"], ["21 °C", "a"], [2, 1], ["call-1", None], *args[7:], None)
+    tool_turn = await plan(repository._APPEND_TOOL_EXCHANGE, *tool_args)
+    print("\n-- a tool turn continuing a conversation (AppendExchange)\n" + tool_turn)
+    assert "Index Scan using conversations_head_recent_idx on conversations" in tool_turn
+    assert "Seq Scan on conversations" not in tool_turn
     # The statement is prepared once and may run on a generic plan: the partial index serves that too, whatever the head.
     await conn.execute("SET plan_cache_mode = force_generic_plan")
-    generic = await plan(repository._APPEND_EXCHANGE, *args)
-    assert "Index Scan using conversations_head_recent_idx on conversations" in generic, generic
+    for statement, values in (
+        (repository._APPEND_EXCHANGE, args),
+        (repository._APPEND_TOOL_EXCHANGE, tool_args),
+    ):
+        generic = await plan(statement, *values)
+        assert "Index Scan using conversations_head_recent_idx on conversations" in generic, generic

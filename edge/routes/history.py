@@ -20,10 +20,12 @@ from edge.protocol import (
     ConversationDeleted,
     ConversationList,
     ConversationTitle,
+    FunctionCall,
     History,
     HistoryMessage,
     Problem,
     SeedConversationTitle,
+    ToolCall,
     role_name,
     storable,
 )
@@ -116,6 +118,11 @@ def _message(m: types_pb2.HistoryMessage, conversation_id: str | None = None) ->
         created_at=_time(m.create_time),
         processing_time=m.processing_time if m.role == types_pb2.ROLE_ASSISTANT else None,
         model=m.model or None,
+        tool_calls=[
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in m.tool_calls
+        ]
+        or None,
+        tool_call_id=m.tool_call_id or None,
     )
 
 
@@ -152,7 +159,8 @@ async def history(
 ) -> History:
     """A conversation's messages, oldest first; page towards older ones with `before`. Without
     `conversation_id` (the seed API's form): the newest `limit` messages of each of the user's latest
-    conversations, newest conversation first; page towards older conversations with `page_token`."""
+    conversations, newest conversation first; page towards older conversations with `page_token`. A tool
+    turn shows as such: the answer's `tool_calls`, then a `tool` message per result with its `tool_call_id`."""
     check_user(caller, user_id)
     if conversation_id is not None:
         reply = await _messages(client, caller, user_id, conversation_id, limit, before or 0)

@@ -4,7 +4,8 @@
 // turns (POST /stream-chat) read with an EventSource from the ticketed `stream_endpoint`; after a drop the
 // page asks for a fresh ticket and resumes after the last event it saw, so no text repeats or goes missing.
 // Stop cancels the turn (DELETE /stream/{id}), and with it the generation. Answers render as Markdown through
-// marked, with raw HTML shown as text, and DOMPurify over the result.
+// marked, with raw HTML shown as text, and DOMPurify over the result. A stored tool turn shows as such: the
+// answer's tool calls (function and arguments), then each tool's result, naming the call it answers.
 
 import { marked } from "./vendor/marked.esm.js";
 
@@ -507,13 +508,80 @@ function answerMeta(model, seconds) {
   return [model, seconds ? `${seconds.toFixed(1)} s` : ""].filter(Boolean).join(" · ");
 }
 
+// A tool call's arguments or a tool's result: JSON pretty-printed, anything else as the text it is.
+function pretty(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
+}
+
+// A labelled block of a tool turn: a head (icon, label, function name, call id) over a code block.
+function toolBlock(className, iconName, label, name, callId, text) {
+  const block = document.createElement("div");
+  block.className = `tool-block ${className}`;
+  block.dataset.callId = callId;
+  const head = document.createElement("div");
+  head.className = "tool-head";
+  const caption = document.createElement("span");
+  caption.className = "tool-label";
+  caption.textContent = label;
+  const fn = document.createElement("code");
+  fn.className = "tool-name";
+  fn.textContent = name;
+  const id = document.createElement("span");
+  id.className = "tool-id";
+  id.textContent = callId;
+  id.title = callId; // shown whole where the head has no room for it
+  head.append(icon(iconName), caption, fn, id);
+  const pre = document.createElement("pre");
+  const code = document.createElement("code");
+  code.textContent = pretty(text);
+  pre.append(code);
+  block.append(head, pre);
+  return block;
+}
+
+// An answer that called tools: its text (if any), then each call with its arguments.
+function toolCallsItem(m) {
+  const li = messageItem("assistant", m.content, answerMeta(m.model, m.processing_time));
+  li.classList.add("tool-calls");
+  li.querySelector(".content").after(
+    ...m.tool_calls.map((c) => toolBlock("tool-call", "tool", "Called", c.function.name, c.id, c.function.arguments)),
+  );
+  return li;
+}
+
+// A tool's result, naming the call it answers (the function's name is filled in by nameToolResults).
+function toolResultItem(m) {
+  const li = document.createElement("li");
+  li.className = "message tool";
+  li.append(toolBlock("tool-result", "result", "Result of", "", m.tool_call_id, m.content));
+  return li;
+}
+
+// Each result gets the name of the function whose call it answers, once that call is on the page.
+function nameToolResults() {
+  const names = new Map();
+  for (const call of el.messageList.querySelectorAll(".tool-call")) {
+    names.set(call.dataset.callId, call.querySelector(".tool-name").textContent);
+  }
+  for (const result of el.messageList.querySelectorAll(".tool-result")) {
+    result.querySelector(".tool-name").textContent = names.get(result.dataset.callId) || "a tool call";
+  }
+}
+
 function historyItems(messages) {
   return messages
-    .filter((m) => m.role === "user" || m.role === "assistant")
+    .filter((m) => m.role === "user" || m.role === "assistant" || m.role === "tool")
     .map((m) => {
-      const li = messageItem(m.role, m.content, m.role === "assistant" ? answerMeta(m.model, m.processing_time) : "");
+      let li;
+      if (m.role === "tool") li = toolResultItem(m);
+      else if (m.tool_calls) li = toolCallsItem(m);
+      else li = messageItem(m.role, m.content, m.role === "assistant" ? answerMeta(m.model, m.processing_time) : "");
       li.dataset.messageId = m.message_id;
-      if (m.role === "assistant") addCopyButtons(li);
+      if (m.role !== "user") addCopyButtons(li);
       return li;
     });
 }
@@ -536,6 +604,7 @@ async function openConversation(id) {
     const page = await api("GET", userPath("/history"), { query: { conversation_id: id, limit: HISTORY_PAGE } });
     if (generation !== state.openGeneration) return;
     el.messageList.replaceChildren(...historyItems(page.messages));
+    nameToolResults();
     el.emptyChat.hidden = page.messages.length > 0;
     state.nextBefore = page.next_before;
     scrollToBottom();
@@ -568,6 +637,7 @@ async function loadOlder() {
     // Keep what is on screen where it is while the older messages go in above it.
     const fromBottom = el.messages.scrollHeight - el.messages.scrollTop;
     el.messageList.prepend(...historyItems(page.messages));
+    nameToolResults();
     el.messages.scrollTop = el.messages.scrollHeight - fromBottom;
     state.nextBefore = page.next_before;
     return true;
