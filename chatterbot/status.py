@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import dependency_unavailable_metadata, retry_after_of, target_of
 
@@ -134,7 +135,13 @@ def downstream_status(exc: BaseException) -> StatusError | None:
     code = exc.code()
     passed = _PASSED_THROUGH.get(code)
     if passed is not None:
-        return passed(exc.details() or "")
+        # The parameter an engine refused stays named for the caller's caller (the edge answers 400 with it).
+        kept = tuple(
+            (key, value)
+            for key, value in exc.trailing_metadata() or ()
+            if key == wire.PARAM_TRAILER and isinstance(value, str)
+        )
+        return passed(exc.details() or "", metadata=kept)
     dependency = target_of(exc)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{dependency or 'a dependency'} timed out")

@@ -96,6 +96,10 @@ USER_ID_MIN: Final = 3
 USER_ID_MAX: Final = 50
 CONVERSATION_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 REQUEST_ID_MAX: Final = 128
+# The longest tool call id the mesh keeps (a call's id, and a tool result's tool_call_id).
+TOOL_CALL_ID_MAX: Final = 200
+# The most alternatives a generated token's log probability may come with (OpenAI's top_logprobs).
+TOP_LOGPROBS_MAX: Final = 20
 _CONVERSATION_ID = re.compile(CONVERSATION_ID_PATTERN)
 
 

@@ -1,24 +1,37 @@
 """The public contract of the OpenAI-compatible routes: request and response bodies of `/v1/chat/completions`
-and `/v1/models`, shaped like OpenAI's chat API (the subset ChatterBot serves).
+and `/v1/models`, shaped like OpenAI's chat API (the subset ChatterBot serves: tools, structured output, penalties
+and log probabilities included).
 
 Requests are validated here, every text the store keeps included (`StoredText`). Nothing a request says is
-silently ignored: a parameter of OpenAI's API that this server cannot honour (`REFUSED`: tools, structured output,
-penalties, ...) is refused unless its value asks for nothing, and one that is not OpenAI's at all is refused too;
-the routes answer both with 400 and OpenAI's error object naming the parameter. Responses are built from these
-models; a stream's chunks are rendered once per stream and filled per token (`edge.json_templates`), so the hot
-path runs no validation. `tests/test_openai_api.py` checks them with the official SDK.
+silently ignored: a parameter of OpenAI's API that this server cannot honour (`REFUSED`: `n` above 1, audio, the
+deprecated functions API, ...) is refused unless its value asks for nothing, and one that is not OpenAI's at all is
+refused too; the routes answer both with 400 and OpenAI's error object naming the parameter (as they answer an
+engine that cannot honour one, such as `logit_bias` on the simulated engine). Responses are built from these
+models; a stream's content chunks are rendered once per stream and filled per token (`edge.json_templates`), so
+the hot path runs no validation. `tests/test_openai_api.py` and `tests/test_openai_tools.py` check them with the
+official SDK.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chatterbot import wire
-from edge.protocol import FinishReason, Problem, StoredText, Usage, storable
+from edge.protocol import FinishReason, FunctionCall, Problem, StoredText, ToolCall, Usage, storable
 
 # The most a turn may generate, as for POST /chat.
 MAX_COMPLETION_TOKENS = 1024
@@ -36,9 +49,7 @@ UNSUPPORTED_PARAMETER = "unsupported_parameter"
 UNRECOGNIZED_PARAMETER = "extra_forbidden"
 REFUSAL_TYPES = frozenset({UNSUPPORTED_PARAMETER, UNRECOGNIZED_PARAMETER})
 
-_TOOL_CALLING = "tool calling is not supported by this server"
-_LOGPROBS = "log probabilities are not returned by this server"
-_PENALTIES = "presence and frequency penalties are not supported by this server"
+_FUNCTIONS = "the deprecated functions API is not served: send `tools` and `tool_choice`"
 _PROMPT_CACHE = "prompt caching is not steered by this server"
 
 
@@ -58,22 +69,13 @@ class Refusal:
 
 
 # Every parameter of OpenAI's chat completions API that this server does not honour, by where a request writes it
-# (`messages.*.tool_calls` on any message). Each is a 400 naming it, unless its value is one of those accepted.
-# Tool calling and structured output are to be served later; until then they are refused, never ignored.
+# (`messages.*.role` on any message). Each is a 400 naming it, unless its value is one of those accepted.
+# (A parameter that only some engines cannot honour, such as `logit_bias` on the simulated engine, is not listed:
+# the engine refuses it, and that too is a 400 naming it.)
 REFUSED: dict[str, Refusal] = {
-    "tools": Refusal(_TOOL_CALLING, ([],)),
-    "tool_choice": Refusal(_TOOL_CALLING, ("none",)),
-    "functions": Refusal(_TOOL_CALLING, ([],)),
-    "function_call": Refusal(_TOOL_CALLING, ("none",)),
-    "response_format": Refusal(
-        "structured output (JSON mode, JSON schemas) is not supported by this server", ({"type": "text"},)
-    ),
-    "logprobs": Refusal(_LOGPROBS, (False,)),
-    "top_logprobs": Refusal(_LOGPROBS),
-    "logit_bias": Refusal("logit bias is not supported by this server", ({},)),
-    "presence_penalty": Refusal(_PENALTIES, (0,)),
-    "frequency_penalty": Refusal(_PENALTIES, (0,)),
-    "n": Refusal("this server generates one choice", (1,)),
+    "functions": Refusal(_FUNCTIONS, ([],)),
+    "function_call": Refusal(_FUNCTIONS, ("none",)),
+    "n": Refusal("this server generates one choice per request: send n requests for n choices", (1,)),
     "modalities": Refusal("this server generates text only", (["text"],)),
     "audio": Refusal("audio output is not supported by this server"),
     "prediction": Refusal("predicted outputs are not supported by this server"),
@@ -93,12 +95,10 @@ REFUSED: dict[str, Refusal] = {
     "safety_identifier": Refusal("this server runs no abuse monitoring; `user` names whose history it is"),
     "stream_options.include_obfuscation": Refusal("this server's chunks carry no obfuscation", (False,)),
     "messages.*.role": Refusal(
-        f"{_TOOL_CALLING}: tool and function messages answer tool calls",
-        ("system", "developer", "user", "assistant"),
+        "function messages belong to the deprecated functions API: answer a tool call with a tool message",
+        ("system", "developer", "user", "assistant", "tool"),
     ),
-    "messages.*.tool_calls": Refusal(_TOOL_CALLING, ([],)),
-    "messages.*.tool_call_id": Refusal(_TOOL_CALLING),
-    "messages.*.function_call": Refusal(_TOOL_CALLING),
+    "messages.*.function_call": Refusal(_FUNCTIONS),
     "messages.*.audio": Refusal("audio is not supported by this server"),
     "messages.*.refusal": Refusal("a refusal cannot be shown to the model; send it as content"),
 }
@@ -121,6 +121,42 @@ def _refusing(prefix: str) -> Any:
 # --- requests ---
 
 
+def _invalid_at(loc: tuple[str | int, ...], message: str, value: object) -> ValidationError:
+    """A validation error about the field at `loc` (relative to the model being validated): how a check across
+    fields still names the one at fault, as OpenAI's `param` does (`messages.3.tool_call_id`)."""
+    error = PydanticCustomError("value_error", message)
+    return ValidationError.from_exception_data(
+        "request", [InitErrorDetails(type=error, loc=loc, input=value)]
+    )
+
+
+# OpenAI's rule for the name of a function (and of a JSON schema).
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="a-z, A-Z, 0-9, `_` and `-`; up to 64")]
+# OpenAI's bound on the tools of a request; the store's on the calls of an answer.
+MAX_TOOLS = 128
+# The store's bound on a tool call's id.
+MAX_TOOL_CALL_ID = wire.TOOL_CALL_ID_MAX
+MAX_TOP_LOGPROBS = wire.TOP_LOGPROBS_MAX
+ToolCallId = Annotated[StoredText, Field(min_length=1, max_length=MAX_TOOL_CALL_ID)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+def _sendable(value: dict[str, Any]) -> dict[str, Any]:
+    # Sent on as JSON text (orjson's, which holds integers of 64 bits at most).
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"cannot be sent on as JSON: {exc}") from None
+    return value
+
+
+# A JSON Schema.
+Schema = Annotated[dict[str, Any], AfterValidator(_sendable)]
+
+
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts are served."""
 
@@ -138,10 +174,26 @@ class ContentPart(BaseModel):
         return data
 
 
+class SentFunctionCall(FunctionCall):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+
+
+class SentToolCall(ToolCall):
+    """A tool call of an assistant message of the prompt, as an answer carried it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ToolCallId
+    function: SentFunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
-    """One message of the prompt. `developer` is OpenAI's newer name for `system`. `name` is accepted, but not
-    sent to the model (a prompt carries roles and contents only). Tool and function messages, and an assistant's
-    tool calls, are refused (REFUSED)."""
+    """One message of the prompt. `developer` is OpenAI's newer name for `system`. An assistant message may
+    carry the tool calls the model made (its content then null), and each `tool` message the result of one of
+    them. `name` is sent to the model on tool messages (the function that was called); on others it is accepted
+    but not sent (a prompt carries roles and contents only). Function messages are refused (REFUSED)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -150,10 +202,17 @@ class ChatCompletionMessage(BaseModel):
         None,
         description="A string or a list of text parts (joined by newlines); null only on assistant messages",
     )
-    name: str | None = Field(None, description="Accepted, but not sent to the model")
+    name: str | None = Field(
+        None,
+        description="On a tool message: the function called; elsewhere accepted, but not sent to the model",
+    )
+    tool_calls: list[SentToolCall] | None = Field(
+        None, max_length=MAX_TOOLS, description="On an assistant message: the calls the model made"
+    )
+    tool_call_id: ToolCallId | None = Field(
+        None, description="On a tool message: the id of the call (of the assistant message before) it answers"
+    )
     # Refused unless they ask for nothing (REFUSED): what an assistant message that the SDK hands back may carry.
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     refusal: str | None = None
@@ -172,9 +231,20 @@ class ChatCompletionMessage(BaseModel):
         return content
 
     @model_validator(mode="after")
-    def _content_present(self) -> ChatCompletionMessage:
+    def _fits_its_role(self) -> ChatCompletionMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise _invalid_at(("tool_calls",), "only assistant messages carry tool calls", self.tool_calls)
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise _invalid_at(("tool_call_id",), "only tool messages answer a tool call", self.tool_call_id)
+        if self.role == "tool" and self.tool_call_id is None:
+            raise _invalid_at(("tool_call_id",), "a tool message needs the id of the call it answers", None)
+        seen: set[str] = set()
+        for i, call in enumerate(self.tool_calls or ()):
+            if call.id in seen:
+                raise _invalid_at(("tool_calls", i, "id"), f"two tool calls have the id {call.id!r}", call.id)
+            seen.add(call.id)
         return self
 
     @property
@@ -197,16 +267,84 @@ class StreamOptions(BaseModel):
     _refuse = _refusing("stream_options.")
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    description: str | None = Field(None, description="What the function does, for the model to choose it")
+    parameters: Schema | None = Field(
+        None, description="The JSON Schema of its arguments (an object schema); omitted: it takes none"
+    )
+    strict: bool | None = Field(None, description="Ask for arguments that follow the schema exactly")
+
+
+class ChatCompletionTool(BaseModel):
+    """A function the model may call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="One of the functions of `tools`")
+
+
+class NamedToolChoice(BaseModel):
+    """Call this function."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionChoice
+
+
+ToolChoiceMode = Literal["none", "auto", "required"]
+TOOL_CHOICE_MODES: tuple[str, ...] = get_args(ToolChoiceMode)
+
+
+class JSONSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    description: str | None = None
+    schema_: Schema = Field(alias="schema", description="The JSON Schema the answer is valid against")
+    strict: bool | None = Field(None, description="Ask for an answer that follows the schema exactly")
+
+
+class ResponseFormat(BaseModel):
+    """The shape of the answer: free text, any JSON object (`json_object`), or a JSON document valid against
+    `json_schema.schema`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = Field(
+        None, description="With type `json_schema` only, and then required"
+    )
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") is not (self.json_schema is not None):
+            raise _invalid_at(("json_schema",), "is required with type json_schema, and only then", None)
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     """Body of `POST /v1/chat/completions`. A parameter of OpenAI's API that this server does not honour
-    (REFUSED) is refused unless it asks for nothing; one that is not OpenAI's is refused."""
+    (REFUSED) is refused unless it asks for nothing; one that is not OpenAI's is refused; one that the engine
+    cannot honour is refused by the engine. Each is a 400 naming it."""
 
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatCompletionMessage] = Field(
         min_length=1,
         max_length=MAX_MESSAGES,
-        description="The whole conversation so far, oldest first; the last one is the user's new message",
+        description="The whole conversation so far, oldest first; the last one is the user's new message, or "
+        "the results of the tool calls of the assistant message before them",
     )
     model: StoredText = Field(
         "", max_length=256, description="An id from GET /v1/models; empty: the default model"
@@ -228,6 +366,22 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=2**64 - 1, description="Reproducible sampling; such answers may be cached"
     )
+    presence_penalty: Penalty | None = Field(
+        None, description="-2 to 2: lowers (or raises) the odds of tokens the answer already holds"
+    )
+    frequency_penalty: Penalty | None = Field(
+        None, description="-2 to 2: lowers (or raises) the odds of tokens by how often the answer holds them"
+    )
+    logit_bias: dict[TokenId, Bias] | None = Field(
+        None, description="Token ids of the model's vocabulary (as strings) to a bias from -100 to 100"
+    )
+    logprobs: bool | None = Field(None, description="Return the log probability of each generated token")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"0 to {MAX_TOP_LOGPROBS}, with logprobs: also the likeliest tokens at each position",
+    )
     user: StoredText | None = Field(
         None,
         min_length=wire.USER_ID_MIN,
@@ -235,23 +389,23 @@ class ChatCompletionRequest(BaseModel):
         description="Whose history the exchange is stored in (the seed API's user_id); omitted: the configured "
         "default user (CHATTERBOT_OPENAI_DEFAULT_USER)",
     )
-    # Accepted: it shapes only tool calls, and with `tools` refused there are none.
-    parallel_tool_calls: bool | None = Field(
-        None, description="Accepted: there are no tool calls to run in parallel"
+    tools: list[ChatCompletionTool] | None = Field(
+        None, max_length=MAX_TOOLS, description="Functions the model may call"
     )
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = Field(
+        None,
+        description="`auto` (the default with tools: the model decides), `none` (text only), `required` (at "
+        "least one call), or a named function to call",
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="Whether the model may call several tools in one answer; omitted: it may"
+    )
+    response_format: ResponseFormat | None = None
 
     # OpenAI's parameters that this server does not honour: refused unless they ask for nothing (REFUSED).
     n: int | None = Field(None, description="1 only: one choice is generated")
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -268,6 +422,18 @@ class ChatCompletionRequest(BaseModel):
     safety_identifier: str | None = None
 
     _refuse = _refusing("")
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _one_tool_choice(cls, choice: Any) -> Any:
+        # Before the union, so that a wrong choice is one error naming `tool_choice`, not one per member.
+        if isinstance(choice, dict):
+            return NamedToolChoice.model_validate(choice)
+        if choice is not None and choice not in TOOL_CHOICE_MODES:
+            raise ValueError(
+                "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+            )
+        return choice
 
     @field_validator("stream_options")
     @classmethod
@@ -288,11 +454,47 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _valid_prompt(self) -> ChatCompletionRequest:
-        if self.messages[-1].role != "user":
-            raise ValueError("the last message must be a user message")
+        last = len(self.messages) - 1
+        if self.messages[last].role not in ("user", "tool"):
+            raise _invalid_at(
+                ("messages", last, "role"),
+                "the last message must be a user message, or the results of tool calls",
+                self.messages[last].role,
+            )
+        calls: set[str] = set()  # the ids of the calls of the last assistant message so far
+        for i, message in enumerate(self.messages):
+            if message.role == "assistant":
+                calls = {call.id for call in message.tool_calls or ()}
+            elif message.role == "tool" and message.tool_call_id not in calls:
+                raise _invalid_at(
+                    ("messages", i, "tool_call_id"),
+                    f"{message.tool_call_id!r} is not the id of a tool call of the assistant message before it",
+                    message.tool_call_id,
+                )
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"stop holds at most {MAX_STOP_SEQUENCES} sequences")
+        self._check_tools()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _invalid_at(("top_logprobs",), "needs logprobs: true", self.top_logprobs)
         return self
+
+    def _check_tools(self) -> None:
+        # As vLLM's server checks them: a choice other than `none` needs `tools`, and a named one must be there.
+        names = [tool.function.name for tool in self.tools or ()]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _invalid_at(("tools", i, "function", "name"), f"names {name!r} twice", name)
+        choice = self.tool_choice
+        if choice is None or choice == "none":
+            return
+        if self.tools is None:
+            raise _invalid_at(("tool_choice",), "needs tools", choice)
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise _invalid_at(
+                ("tool_choice", "function", "name"),
+                f"{choice.function.name!r} is not one of the functions of tools",
+                choice.function.name,
+            )
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -312,16 +514,40 @@ class ChatCompletionRequest(BaseModel):
 # --- responses ---
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(
+        description="The token's UTF-8 bytes (a token may hold part of a character)"
+    )
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(
+        description="The likeliest tokens at this position (`top_logprobs` of them), the chosen one included"
+    )
+
+
+class ChoiceLogprobs(BaseModel):
+    """With `logprobs: true`: those of the answer's tokens (of the chunk's, when streamed)."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is tool calls only")
     refusal: None = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="The functions the model called (finish_reason `tool_calls`); null: none"
+    )
 
 
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -336,22 +562,39 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ChunkFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = Field(None, description="More of the arguments' JSON text, to append")
+
+
+class ChunkToolCall(BaseModel):
+    """A piece of a tool call: the first piece of call `index` has its id, type and name, later ones more of
+    its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChunkFunctionCall
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
-    """One `data:` event of a streamed answer. The first carries the role, then content deltas, then one with
-    the finish reason; with `stream_options.include_usage` a last one has empty `choices` and the usage (the
-    others `usage: null`). `data: [DONE]` ends the stream."""
+    """One `data:` event of a streamed answer. The first carries the role, then content deltas (or pieces of tool
+    calls, with the log probabilities of their tokens when asked), then one with the finish reason; with
+    `stream_options.include_usage` a last one has empty `choices` and the usage (the others `usage: null`).
+    `data: [DONE]` ends the stream."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"

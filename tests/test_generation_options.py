@@ -89,6 +89,15 @@ def test_no_options_ask_for_nothing() -> None:
         ),
         ({"tool_choice": types_pb2.ToolChoice(mode=types_pb2.TOOL_CHOICE_MODE_REQUIRED)}, "tools is empty"),
         (
+            {
+                "tools": [tool("auto")],
+                "tool_choice": types_pb2.ToolChoice(
+                    mode=types_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name="auto"
+                ),
+            },
+            "cannot force a function named 'auto'",
+        ),
+        (
             {"response_format": types_pb2.ResponseFormat(type=types_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)},
             "needs a schema",
         ),

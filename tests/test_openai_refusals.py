@@ -1,7 +1,8 @@
 """What `POST /v1/chat/completions` does not honour it refuses, never ignores: through the mesh, with the official
-`openai` SDK. A parameter of OpenAI's API the server cannot honour (tool calls, structured output, penalties, ...)
-is a 400 whose `param` names it, whole or streamed, unless its value asks for nothing; a parameter OpenAI's API
-does not have is a 400 too; and a refused request generates and stores nothing."""
+`openai` SDK. A parameter of OpenAI's API the server cannot honour (`n` above 1, audio, the deprecated functions
+API, ...) is a 400 whose `param` names it, whole or streamed, unless its value asks for nothing; so is one the
+engine cannot honour (`logit_bias` on the simulated engine); a parameter OpenAI's API does not have is a 400 too;
+and a refused request generates and stores nothing."""
 
 from __future__ import annotations
 
@@ -32,16 +33,8 @@ TOOL_CALL = {
 
 # One value of each refused parameter that asks for what the server cannot do, by the `param` it is refused as.
 REFUSED_REQUESTS: dict[str, dict[str, Any]] = {
-    "tools": {"tools": [WEATHER]},
-    "tool_choice": {"tool_choice": "auto"},
     "functions": {"functions": [WEATHER["function"]]},
     "function_call": {"function_call": {"name": "get_weather"}},
-    "response_format": {"response_format": {"type": "json_object"}},
-    "logprobs": {"logprobs": True},
-    "top_logprobs": {"top_logprobs": 2},
-    "logit_bias": {"logit_bias": {"50256": -100}},
-    "presence_penalty": {"presence_penalty": 0.5},
-    "frequency_penalty": {"frequency_penalty": -1},
     "n": {"n": 2},
     "modalities": {"modalities": ["text", "audio"]},
     "audio": {"audio": {"voice": "alloy", "format": "wav"}},
@@ -58,11 +51,9 @@ REFUSED_REQUESTS: dict[str, dict[str, Any]] = {
     "prompt_cache_retention": {"prompt_cache_retention": "24h"},
     "safety_identifier": {"safety_identifier": "hashed-user-7"},
     "stream_options.include_obfuscation": {"stream_options": {"include_obfuscation": True}},
-    "messages.0.role": {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, *HELLO]},
-    "messages.1.tool_calls": {
-        "messages": [*HELLO, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, *HELLO]
+    "messages.0.role": {
+        "messages": [{"role": "function", "name": "get_weather", "content": "sunny"}, *HELLO]
     },
-    "messages.0.tool_call_id": {"messages": [{**HELLO[0], "tool_call_id": "call_1"}]},
     "messages.1.function_call": {
         "messages": [*HELLO, {"role": "assistant", "function_call": TOOL_CALL["function"]}, *HELLO]
     },
@@ -139,14 +130,25 @@ def test_a_parameter_the_server_cannot_honour_is_a_400_naming_it(client, pg, par
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_tool_calling_is_refused_as_vllm_refuses_it_without_tools_enabled(client, stream):
-    error = refused(client, stream, tools=[WEATHER], tool_choice="auto")
-    assert_refused_as(error, "tools")
+def test_the_deprecated_functions_api_is_refused_naming_each_parameter(client, stream):
+    error = refused(client, stream, functions=[WEATHER["function"]], function_call="auto", n=3)
+    assert_refused_as(error, "n")
     # Every refused parameter is named in the message, the first in `param`.
+    functions = "the deprecated functions API is not served: send `tools` and `tool_choice`"
     assert error.body["message"] == (
-        "tools: tool calling is not supported by this server; "
-        "tool_choice: tool calling is not supported by this server"
+        "n: this server generates one choice per request: send n requests for n choices; "
+        f"functions: {functions}; function_call: {functions}"
     )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_parameter_the_engine_cannot_honour_is_a_400_naming_it(client, pg, stream):
+    # The simulated engine has no token vocabulary to bias.
+    user = new_user()
+    error = refused(client, stream, user=user, logit_bias={"50256": -100})
+    assert_refused_as(error, "logit_bias")
+    assert error.body["message"].startswith("logit_bias: ")
+    assert stored(pg, user) == []
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -172,7 +174,7 @@ def test_stream_options_without_a_stream_are_refused(client):
 
 
 def test_a_refusal_outranks_invalid_input_elsewhere(client):
-    assert_refused_as(refused(client, False, temperature=3, presence_penalty=1), "presence_penalty")
+    assert_refused_as(refused(client, False, temperature=3, n=2), "n")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -2,19 +2,22 @@
 `GET /v1/models/{model}`.
 
 A completion is one chat turn through chat_svc whose prompt is the request's `messages` (ChatTurn.messages):
-no stored context is read, but the exchange (the last user message and the answer) is stored as history
-like any other turn. Errors are problem bodies, as on every route, that also carry OpenAI's `error` object.
+no stored context is read, but the exchange (the last user message, or the tool results that end the prompt, and
+the answer) is stored as history like any other turn. Tools, structured output, penalties and log probabilities
+travel as ChatTurn.options to the engine, which refuses what it cannot honour (INVALID_ARGUMENT with a `param`
+trailer: a 400 naming it). Errors are problem bodies, as on every route, that also carry OpenAI's `error` object.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -36,29 +39,39 @@ from edge.openai_protocol import (
     ChatCompletion,
     ChatCompletionChoice,
     ChatCompletionChunk,
+    ChatCompletionMessage,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    ChunkFunctionCall,
+    ChunkToolCall,
     ErrorObject,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     OpenAIProblem,
     StreamErrorEvent,
+    TokenLogprob,
+    TopLogprob,
 )
 from edge.problems import (
     PROBLEM_MEDIA_TYPE,
     ProblemError,
     describe,
-    downstream,
     field_errors,
     problem_for_downstream,
 )
-from edge.protocol import FieldError, FinishReason, Usage, finish_reason
+from edge.protocol import FieldError, FinishReason, FunctionCall, ToolCall, Usage, finish_reason
 from edge.responses import ModelResponse
 from edge.sse import EventStreamResponse, close_iterator
 
+T = TypeVar("T")
+
 # `developer` is OpenAI's newer name for `system`.
 _ROLE_ALIASES = {"developer": "system"}
+# The lowest log probability sent: JSON has no -infinity (vLLM's server clamps the same way).
+_MIN_LOGPROB = -9999.0
 
 
 def _role(name: str) -> types_pb2.Role:
@@ -100,6 +113,32 @@ def openai_problem(
     return ModelResponse(problem, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
+class EngineRefusal(ProblemError):
+    """A parameter the engine cannot honour: a 400 whose `param` names it."""
+
+    def __init__(self, param: str, detail: str | None) -> None:
+        super().__init__(400, detail)
+        self.param = param
+
+
+def downstream_problem(exc: CircuitOpenError | grpc.aio.AioRpcError) -> ProblemError:
+    """The HTTP answer for a failed call to chat_svc: an INVALID_ARGUMENT whose `param` trailer names the
+    parameter the engine cannot honour is a 400 naming it, not the 422 of other invalid input."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        for key, value in exc.trailing_metadata() or ():
+            if key == wire.PARAM_TRAILER and isinstance(value, str):
+                return EngineRefusal(value, exc.details())
+    return problem_for_downstream(exc)
+
+
+async def _downstream(call: Awaitable[T]) -> T:
+    """The result of a call to chat_svc; its failure as the ProblemError to answer with."""
+    try:
+        return await call
+    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
+        raise downstream_problem(exc) from None
+
+
 def _refused_param(error: FieldError) -> str:
     # The field as the request writes it: without `body` and without pydantic's names of union members
     # (`list[ContentPart]`).
@@ -139,7 +178,8 @@ class OpenAIErrorRoute(APIRoute):
             try:
                 return await handle(request)
             except ProblemError as exc:
-                return openai_problem(exc.status, exc.detail, exc.headers)
+                param = exc.param if isinstance(exc, EngineRefusal) else None
+                return openai_problem(exc.status, exc.detail, exc.headers, param=param)
             except RequestValidationError as exc:
                 return _validation_problem(exc)
             except StarletteHTTPException as exc:
@@ -154,8 +194,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
         "model": OpenAIProblem,
-        "description": "A parameter this server does not honour (tools, response_format, penalties, ...; see "
-        "REFUSED in edge/openai_protocol.py), or one that OpenAI's API does not have; `error.param` names it",
+        "description": "A parameter this server does not honour (`n` above 1, audio, ...; see REFUSED in "
+        "edge/openai_protocol.py), one that the engine cannot honour (`logit_bias` on the simulated engine), or "
+        "one that OpenAI's API does not have; `error.param` names it",
     },
     401: {"model": OpenAIProblem, "description": "Missing API key"},
     403: {"model": OpenAIProblem, "description": "Invalid API key"},
@@ -167,13 +208,72 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _message(m: ChatCompletionMessage) -> types_pb2.ChatMessage:
+    message = types_pb2.ChatMessage(role=_role(m.role), content=m.text)
+    for call in m.tool_calls or ():
+        message.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
+    if m.role == "tool":
+        message.tool_call_id = m.tool_call_id or ""
+        message.name = m.name or ""
+    return message
+
+
+_TOOL_CHOICE_MODES = {
+    "none": types_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": types_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": types_pb2.TOOL_CHOICE_MODE_REQUIRED,
+}
+_RESPONSE_FORMATS = {
+    "json_object": types_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    "json_schema": types_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+
+
+def generation_options(body: ChatCompletionRequest) -> types_pb2.GenerationOptions:
+    """What a request asks of the engine beyond sampling; empty when it asks nothing more. An empty `tools`
+    asks for nothing, whatever `tool_choice` says (as vLLM reads `required` of no tools)."""
+    options = types_pb2.GenerationOptions(
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=body.logit_bias or {},
+        logprobs=bool(body.logprobs),
+        top_logprobs=body.top_logprobs or 0,
+    )
+    if body.tools:
+        for tool in body.tools:
+            f = tool.function
+            options.tools.add(
+                name=f.name,
+                description=f.description or "",
+                parameters_json="" if f.parameters is None else orjson.dumps(f.parameters).decode(),
+                strict=bool(f.strict),
+            )
+        choice = body.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            options.tool_choice.mode = types_pb2.TOOL_CHOICE_MODE_FUNCTION
+            options.tool_choice.function_name = choice.function.name
+        elif choice is not None:
+            options.tool_choice.mode = _TOOL_CHOICE_MODES[choice]
+        if body.parallel_tool_calls is not None:
+            options.parallel_tool_calls = body.parallel_tool_calls
+    shape = body.response_format
+    if shape is not None and shape.type != "text":
+        options.response_format.type = _RESPONSE_FORMATS[shape.type]
+        if shape.json_schema is not None:
+            options.response_format.name = shape.json_schema.name
+            options.response_format.schema_json = orjson.dumps(shape.json_schema.schema_).decode()
+            options.response_format.strict = bool(shape.json_schema.strict)
+    return options
+
+
 def to_chat_turn(
     body: ChatCompletionRequest, settings: Settings, conversation_id: str | None
 ) -> chat_pb2.ChatTurn:
-    """The chat turn of a completion request: its messages are the whole prompt."""
-    messages = [types_pb2.ChatMessage(role=_role(m.role), content=m.text) for m in body.messages]
-    last = messages[-1].content
-    if not 1 <= len(last) <= settings.max_message_chars:
+    """The chat turn of a completion request: its messages are the whole prompt. A prompt that ends with tool
+    results is a tool turn, whose `message` is empty."""
+    messages = [_message(m) for m in body.messages]
+    last = "" if body.messages[-1].role == "tool" else messages[-1].content
+    if body.messages[-1].role == "user" and not 1 <= len(last) <= settings.max_message_chars:
         raise ProblemError(422, f"the last message must be 1 to {settings.max_message_chars} characters")
     turn = chat_pb2.ChatTurn(
         user_id=body.user or settings.openai_default_user,
@@ -191,7 +291,28 @@ def to_chat_turn(
     )
     if body.seed is not None:
         turn.seed = body.seed
+    options = generation_options(body)
+    if options.ListFields():
+        turn.options.CopyFrom(options)
     return turn
+
+
+def _logprobs(logprobs: Sequence[types_pb2.TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=lp.token,
+                logprob=max(lp.logprob, _MIN_LOGPROB),
+                bytes=list(lp.bytes),
+                top_logprobs=[
+                    TopLogprob(token=top.token, logprob=max(top.logprob, _MIN_LOGPROB), bytes=list(top.bytes))
+                    for top in lp.top_logprobs
+                ],
+            )
+            for lp in logprobs
+        ],
+        refusal=None,
+    )
 
 
 @router.post(
@@ -240,7 +361,7 @@ async def chat_completions(
             StreamMeter(request, "/v1/chat/completions"),
         )
     # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
-    reply: chat_pb2.ChatResponse = await downstream(
+    reply: chat_pb2.ChatResponse = await _downstream(
         unless_disconnected(
             request,
             client.call(
@@ -251,13 +372,19 @@ async def chat_completions(
             ),
         )
     )
+    calls = [
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in reply.tool_calls
+    ]
     completion = ChatCompletion(
         id=f"chatcmpl-{reply.request_id or turn.request_id}",
         created=created,
         model=reply.model or body.model or settings.model_name,
         choices=[
             ChatCompletionChoice(
-                message=AssistantMessage(content=reply.response),
+                message=AssistantMessage(
+                    content=reply.response if reply.response or not calls else None, tool_calls=calls or None
+                ),
+                logprobs=_logprobs(reply.logprobs) if body.logprobs else None,
                 finish_reason=finish_reason(reply.finish_reason),
             )
         ],
@@ -266,9 +393,21 @@ async def chat_completions(
     return ModelResponse(completion, headers={"X-Conversation-Id": reply.conversation_id})
 
 
+def _piece(piece: types_pb2.ToolCallDelta) -> ChunkToolCall:
+    if piece.id or piece.name:  # the first piece of a call
+        return ChunkToolCall(
+            index=piece.index,
+            id=piece.id,
+            type="function",
+            function=ChunkFunctionCall(name=piece.name, arguments=piece.arguments),
+        )
+    return ChunkToolCall(index=piece.index, function=ChunkFunctionCall(arguments=piece.arguments))
+
+
 class _ChunkRenderer:
     """The `chat.completion.chunk` bodies of one stream, built from ChatCompletionChunk: the content chunk is
-    rendered once and filled per token, the others once each."""
+    rendered once and filled per token, the others once each; a chunk with pieces of tool calls or log
+    probabilities is rendered whole."""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self.completion_id = completion_id
@@ -282,6 +421,7 @@ class _ChunkRenderer:
         delta: ChunkDelta,
         finish: FinishReason | None = None,
         model: str | None = None,
+        logprobs: ChoiceLogprobs | None = None,
     ) -> ChatCompletionChunk:
         # Unset fields are left out: a delta holds only what it carries, and `usage: null` is sent only
         # when the client asked for a usage chunk.
@@ -290,12 +430,22 @@ class _ChunkRenderer:
             object="chat.completion.chunk",
             created=self.created,
             model=model or self.model,
-            choices=[ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish)],
+            choices=[ChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish)],
             **({"usage": None} if self.include_usage else {}),
         )
 
     def role(self) -> str:
         return self._chunk(ChunkDelta(role="assistant", content="")).model_dump_json(exclude_unset=True)
+
+    def pieces(self, message: chat_pb2.StreamChatResponse) -> str:
+        """The chunk of a message with pieces of tool calls or log probabilities (and maybe text)."""
+        delta: dict[str, Any] = {}
+        if message.text:
+            delta["content"] = message.text
+        if message.tool_calls:
+            delta["tool_calls"] = [_piece(piece) for piece in message.tool_calls]
+        logprobs = _logprobs(message.logprobs) if message.logprobs else None
+        return self._chunk(ChunkDelta(**delta), logprobs=logprobs).model_dump_json(exclude_unset=True)
 
     def finish(self, reason: FinishReason, model: str) -> str:
         return self._chunk(ChunkDelta(), reason, model).model_dump_json(exclude_unset=True)
@@ -310,9 +460,11 @@ class _ChunkRenderer:
         ).model_dump_json()
 
 
-def _error_event(status: int, message: str | None) -> dict[str, str]:
+def _error_event(problem: ProblemError) -> dict[str, str]:
     # OpenAI's SDKs raise an APIError for an event that carries `error`.
-    return {"data": StreamErrorEvent(error=error_object(status, message)).model_dump_json()}
+    param = problem.param if isinstance(problem, EngineRefusal) else None
+    error = error_object(problem.status, problem.detail, param)
+    return {"data": StreamErrorEvent(error=error).model_dump_json()}
 
 
 async def _stream(
@@ -333,14 +485,17 @@ async def _stream(
         raise ProblemError(502, "the chat service ended the stream without an answer") from None
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         await close_iterator(stream)
-        raise problem_for_downstream(exc) from None
+        raise downstream_problem(exc) from None
 
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
             yield {"data": chunks.role()}
             message = first
             while not message.finish_reason:
-                if message.text:
+                if message.tool_calls or message.logprobs:
+                    meter.token()
+                    yield {"data": chunks.pieces(message)}
+                elif message.text:
                     meter.token()
                     yield {"data": chunks.content(message.text)}
                 message = await anext(stream)
@@ -349,10 +504,9 @@ async def _stream(
             if chunks.include_usage:
                 yield {"data": chunks.usage(message.usage, answered_by)}
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-            problem = problem_for_downstream(exc)
-            yield _error_event(problem.status, problem.detail)
+            yield _error_event(downstream_problem(exc))
         except StopAsyncIteration:
-            yield _error_event(502, "the answer ended early")
+            yield _error_event(ProblemError(502, "the answer ended early"))
         finally:
             meter.close()
             # Closing the guarded stream cancels the gRPC call, and with it the generation down to the engine.
@@ -363,7 +517,7 @@ async def _stream(
 
 
 async def _served_models(caller: Caller, client: ChatClient) -> ModelList:
-    reply: chat_pb2.ChatServiceListModelsResponse = await downstream(
+    reply: chat_pb2.ChatServiceListModelsResponse = await _downstream(
         client.call(
             client.stub.ListModels, chat_pb2.ChatServiceListModelsRequest(), metadata=metadata(caller)
         )

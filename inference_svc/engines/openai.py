@@ -5,6 +5,13 @@ for the whole answer (`stream: false`) when its caller takes it whole, over one 
 (created in `start()`, closed in `stop()`): connections are kept alive and pooled, and a stream read to its end
 hands its connection back for the next request.
 
+Tools, tool choice, parallel calls, response format, penalties, logit bias and log probabilities go upstream
+as the OpenAI API spells them, only those the request sets, and so do the prompt's tool calls and results.
+What comes back is read as it is written: streamed `delta.tool_calls` pieces (index, id, name, arguments),
+a whole answer's `message.tool_calls` (each call one piece), `logprobs.content` entries, and the legacy
+finish reason "function_call" as "tool_calls". Chunks are read for calls and log probabilities only when the
+request offers tools or asks for log probabilities, so a plain stream costs no more per chunk.
+
 Upstream failures map to the engine errors that `inference_svc.servicer.engine_status` turns into gRPC status:
 
 | upstream                                   | engine error        | gRPC                |
@@ -16,6 +23,7 @@ Upstream failures map to the engine errors that `inference_svc.servicer.engine_s
 | 404 naming the model                       | `UnknownModel`      | NOT_FOUND           |
 | 404 of the path (a wrong base URL), other 4xx | `UpstreamRejected` | FAILED_PRECONDITION |
 | 400, 413, 422 (e.g. prompt too long)       | `InvalidRequest`    | INVALID_ARGUMENT    |
+| 400, 422 whose error names its `param`     | `Unsupported`       | INVALID_ARGUMENT, with the param |
 | an `{"error": ...}` event mid-stream        | by its `code`, as above (500 if none) |    |
 | a stream that ends without a finish reason | `EngineUnavailable` | UNAVAILABLE         |
 | a 200 that is not `text/event-stream`      | `EngineUnavailable` | UNAVAILABLE         |
@@ -25,8 +33,9 @@ RESOURCE_EXHAUSTED tells callers (degrade or shed at once; do not retry into it)
 HTTP-to-gRPC mapping of 429.
 
 Usage comes from the upstream's usage chunk. An upstream that sends none is counted here instead: one token
-per content chunk, and an approximate prompt length. Closing the iterator early closes the HTTP response
-(and its connection), so the upstream sees the client go away and can abort the request (vLLM does).
+per chunk (or per log probability, when they are asked for), and an approximate prompt length. Closing the
+iterator early closes the HTTP response (and its connection), so the upstream sees the client go away and can
+abort the request (vLLM does).
 
 Health: `start()` probes `GET {base_url}/models`; READY when the upstream answers, FAILED when it does not
 (the engine still tries each request, and a stream that completes marks it READY again).
@@ -46,6 +55,7 @@ from chatterbot.settings import Settings
 from chatterbot.tokens import approx_token_count
 from inference_svc import metrics
 from inference_svc.engines.base import (
+    TOOL_CHOICE_MODES,
     Delta,
     EngineError,
     EngineLoad,
@@ -54,9 +64,14 @@ from inference_svc.engines.base import (
     EngineUnavailable,
     GenerationRequest,
     InvalidRequest,
+    Message,
     ModelInfo,
     Overloaded,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
     UnknownModel,
+    Unsupported,
     UpstreamRejected,
 )
 from inference_svc.engines.http1 import ConnectFailed, Http1Client, HttpError, ReadTimeout, Response
@@ -191,7 +206,7 @@ class OpenAIEngine:
         client = self._http()
         body: dict[str, Any] = {
             "model": self.upstream_model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [_message(m) for m in request.messages],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -203,6 +218,7 @@ class OpenAIEngine:
             body["seed"] = request.seed
         if request.stop:
             body["stop"] = list(request.stop)
+        _set_options(body, request)
 
         rid = request.request_id
         self._running[rid] = None
@@ -247,6 +263,8 @@ class OpenAIEngine:
         chunks = 0  # content chunks sent on: the token count when the upstream reports no usage
         finish: str | None = None
         usage: dict[str, Any] | None = None
+        # Only answers that may carry tool calls or log probabilities have chunks worth reading for them.
+        rich = "tools" in body or "logprobs" in body
         async with self._post(client, rid, body) as response:
             if response.content_type != "text/event-stream":
                 raise EngineUnavailable(f"upstream answered {response.content_type!r}, not an event stream")
@@ -257,8 +275,14 @@ class OpenAIEngine:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if rich:
+                        piece = _delta(text, delta.get("tool_calls"), choice.get("logprobs"))
+                        if piece is not None:
+                            chunks += piece.token_count
+                            yield piece
+                    elif text:
                         chunks += 1
                         yield Delta(text=text, token_count=1)
                     if choice.get("finish_reason"):
@@ -269,7 +293,7 @@ class OpenAIEngine:
         self, client: Http1Client, rid: str, body: dict[str, Any]
     ) -> AsyncGenerator[Delta, None]:
         """The answer in one piece (`stream: false`): one response for the upstream to send and this to read."""
-        text = ""
+        answer: Delta | None = None
         finish: str | None = None
         usage: dict[str, Any] | None = None
         async with self._post(client, rid, body) as response:
@@ -281,13 +305,14 @@ class OpenAIEngine:
             _raise_error_event(payload, self.upstream_model)
             usage = payload.get("usage")
             for choice in payload.get("choices") or ():
-                text = (choice.get("message") or {}).get("content") or ""
+                message = choice.get("message") or {}
+                answer = _delta(message.get("content"), message.get("tool_calls"), choice.get("logprobs"))
                 finish = choice.get("finish_reason")
                 break
-        pieces = 1 if text else 0
-        if text and rid not in self._abort_requested:
-            yield Delta(text=text, token_count=1)
-        yield self._last(rid, finish, usage, pieces, body)
+        counted = answer.token_count if answer is not None else 0
+        if answer is not None and rid not in self._abort_requested:
+            yield answer
+        yield self._last(rid, finish, usage, counted, body)
 
     def _last(
         self, rid: str, finish: str | None, usage: dict[str, Any] | None, counted: int, body: dict[str, Any]
@@ -295,13 +320,15 @@ class OpenAIEngine:
         """The final delta: finish reason and token counts (`counted` tokens were already sent on)."""
         if rid in self._abort_requested:
             finish = "abort"
+        elif finish == "function_call":  # the legacy name of a call's finish
+            finish = "tool_calls"
         if finish is None:
             raise self._failed(EngineUnavailable("upstream ended the answer without a finish reason"))
         if usage:
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or counted)
         else:
-            prompt_tokens = sum(approx_token_count(m["content"]) for m in body["messages"])
+            prompt_tokens = sum(approx_token_count(m["content"] or "") for m in body["messages"])
             completion_tokens = counted
         if finish != "abort":
             self._state = EngineState.READY
@@ -324,6 +351,97 @@ class OpenAIEngine:
         if isinstance(exc, EngineUnavailable):
             self._state = EngineState.FAILED
         return exc
+
+
+def _message(m: Message) -> dict[str, Any]:
+    """A prompt message as the OpenAI API spells it: an assistant's calls (content null when it has none), a
+    tool result's call id and function name."""
+    if m.role == "tool":
+        return {"role": "tool", "content": m.content, "tool_call_id": m.tool_call_id} | (
+            {"name": m.name} if m.name else {}
+        )
+    if not m.tool_calls:
+        return {"role": m.role, "content": m.content}
+    return {
+        "role": m.role,
+        "content": m.content or None,
+        "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ],
+    }
+
+
+def _set_options(body: dict[str, Any], request: GenerationRequest) -> None:
+    """The request's tools, structured output, penalties and log probabilities into `body`, as the OpenAI
+    API spells them: only those set. Tool choice and parallel calls go with tools only, as OpenAI requires."""
+    if request.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {"name": t.name}
+                | ({"description": t.description} if t.description else {})
+                | ({"parameters": t.parameters} if t.parameters is not None else {})
+                | ({"strict": True} if t.strict else {}),
+            }
+            for t in request.tools
+        ]
+        choice = request.tool_choice
+        if choice:
+            body["tool_choice"] = (
+                choice if choice in TOOL_CHOICE_MODES else {"type": "function", "function": {"name": choice}}
+            )
+        if request.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+    form = request.response_format
+    if form is not None and form.type == "json_schema":
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": ({"name": form.name} if form.name else {})
+            | {"schema": form.schema}
+            | ({"strict": True} if form.strict else {}),
+        }
+    elif form is not None:
+        body["response_format"] = {"type": form.type}
+    if request.presence_penalty:
+        body["presence_penalty"] = request.presence_penalty
+    if request.frequency_penalty:
+        body["frequency_penalty"] = request.frequency_penalty
+    if request.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in request.logit_bias.items()}
+    if request.logprobs:
+        body["logprobs"] = True
+        if request.top_logprobs:
+            body["top_logprobs"] = request.top_logprobs
+
+
+def _delta(text: str | None, calls: list[Any] | None, logprobs: dict[str, Any] | None) -> Delta | None:
+    """A streamed choice's delta or a whole answer's message as a Delta: its text, the pieces of its tool
+    calls and one TokenLogprob per token (their count its token count); None when it carries none of them."""
+    pieces = tuple(
+        ToolCallDelta(
+            int(call.get("index", i)),
+            call.get("id") or "",
+            (call.get("function") or {}).get("name") or "",
+            (call.get("function") or {}).get("arguments") or "",
+        )
+        for i, call in enumerate(calls or ())
+    )
+    tokens = tuple(_token_logprob(entry) for entry in (logprobs or {}).get("content") or ())
+    if not (text or pieces or tokens):
+        return None
+    return Delta(text or "", len(tokens) or 1, tool_calls=pieces, logprobs=tokens)
+
+
+def _token_logprob(entry: dict[str, Any]) -> TokenLogprob:
+    """An entry of `logprobs.content`; its bytes come as a list of ints, or null."""
+    alternatives = tuple(
+        TopLogprob(t["token"], float(t["logprob"]), bytes(t.get("bytes") or ()))
+        for t in entry.get("top_logprobs") or ()
+    )
+    return TokenLogprob(
+        entry["token"], float(entry["logprob"]), bytes(entry.get("bytes") or ()), alternatives
+    )
 
 
 async def _chunks(response: Response) -> AsyncGenerator[dict[str, Any], None]:
@@ -360,7 +478,11 @@ def _transport_error(exc: HttpError) -> EngineError:
 
 
 def _status_error(status: int, body: str, model: str) -> EngineError:
-    message = f"upstream answered {status}: {_error_message(body)}"
+    reason, param = _error(body)
+    message = f"upstream answered {status}: {reason}"
+    if status in (400, 422) and param:
+        # The upstream names the parameter it refuses (OpenAI's error `param`): callers learn which.
+        return Unsupported(param, message)
     if status in (401, 403):
         return UpstreamRejected(message)
     if status == 404:
@@ -377,15 +499,19 @@ def _status_error(status: int, body: str, model: str) -> EngineError:
     return UpstreamRejected(message)
 
 
-def _error_message(body: str) -> str:
-    """The `error.message` of an OpenAI-style error body, else the start of the body."""
+def _error(body: str) -> tuple[str, str]:
+    """The `error.message` of an OpenAI-style error body (else the start of the body), and its `error.param`
+    (vLLM's older bodies put both at the top level)."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:200]
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])[:500]
-    if isinstance(payload, dict) and payload.get("detail"):
-        return str(payload["detail"])[:500]
-    return body[:200]
+        return body[:200], ""
+    if not isinstance(payload, dict):
+        return body[:200], ""
+    error: dict[str, Any] = payload["error"] if isinstance(payload.get("error"), dict) else payload
+    param = error["param"] if isinstance(error.get("param"), str) else ""
+    if error.get("message"):
+        return str(error["message"])[:500], param
+    if payload.get("detail"):
+        return str(payload["detail"])[:500], param
+    return body[:200], param
