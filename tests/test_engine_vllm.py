@@ -25,7 +25,9 @@ from inference_svc.engines.base import (  # noqa: E402
     InvalidRequest,
     Message,
     ModelInfo,
+    Tool,
     UnknownModel,
+    Unsupported,
 )
 from inference_svc.engines.vllm import VllmEngine  # noqa: E402
 from inference_svc.generation import measured  # noqa: E402
@@ -248,6 +250,26 @@ async def test_unknown_model_is_refused(engine: VllmEngine) -> None:
         await collect(engine, request("other", model="not-served"))
 
 
+WEATHER = Tool("get_weather", parameters={"type": "object", "properties": {"city": {"type": "string"}}})
+
+
+@pytest.mark.parametrize("choice", ["", "auto", "required", "get_weather"])
+async def test_a_tool_choice_that_lets_the_model_call_needs_a_tool_parser(
+    engine: VllmEngine, choice: str
+) -> None:
+    # This engine has none configured; vLLM's server refuses these without --tool-call-parser too.
+    with pytest.raises(Unsupported, match="tool-call parser") as refused:
+        await collect(engine, request("no-parser", tools=(WEATHER,), tool_choice=choice))
+    assert refused.value.param == "tool_choice"
+    assert engine.load() == EngineLoad(0, 0)
+
+
+async def test_tools_offered_with_tool_choice_none_need_no_tool_parser(engine: VllmEngine) -> None:
+    deltas = await collect(engine, request("tools-none", tools=(WEATHER,), tool_choice="none"))
+    assert deltas[-1].finish_reason == "length"
+    assert "".join(d.text for d in deltas) and not any(d.tool_calls for d in deltas)
+
+
 async def test_concurrent_streams_are_batched_and_counted(engine: VllmEngine) -> None:
     tokens = metrics.TOKENS.labels(MODEL_ID)._value.get()
     loads: list[EngineLoad] = []
@@ -286,6 +308,20 @@ async def test_engine_that_cannot_load_its_model_fails(tmp_path: Path) -> None:
     assert broken.load() == EngineLoad(0, 0)
 
 
+@pytest.mark.parametrize("broken", [{"tool_parser": "no-such-parser"}, {"chat_template": "missing.jinja"}])
+async def test_an_unknown_tool_parser_or_chat_template_fails_the_start_before_the_model_loads(
+    tiny_llama: Path, tmp_path: Path, broken: dict[str, str]
+) -> None:
+    if "chat_template" in broken:
+        broken = {"chat_template": str(tmp_path / broken["chat_template"])}
+    engine = VllmEngine(str(tiny_llama), TEST_ENGINE_ARGS, model_id="broken", **broken)
+    began = time.perf_counter()
+    with pytest.raises(Exception, match=r"no-such-parser|missing\.jinja"):  # whatever vLLM raises
+        await engine.start()
+    assert time.perf_counter() - began < 10  # loading the model takes longer
+    assert engine.state() is EngineState.FAILED
+
+
 def test_settings_map_to_vllm_engine_arguments() -> None:
     settings = Settings(
         _env_file=None,
@@ -298,9 +334,13 @@ def test_settings_map_to_vllm_engine_arguments() -> None:
         vllm_tensor_parallel_size=2,
         vllm_enable_prefix_caching=False,
         vllm_seed=3,
+        vllm_enforce_eager=True,
+        vllm_tool_parser="llama3_json",
+        vllm_chat_template="/etc/chatterbot/tools.jinja",
     )
     engine = VllmEngine.from_settings(settings)
     assert engine.model_id == "org/model-awq"
+    assert (engine.tool_parser, engine.chat_template) == ("llama3_json", "/etc/chatterbot/tools.jinja")
     assert engine.engine_args == {
         "model": "org/model-awq",
         "quantization": "awq",
@@ -311,9 +351,12 @@ def test_settings_map_to_vllm_engine_arguments() -> None:
         "tensor_parallel_size": 2,
         "enable_prefix_caching": False,
         "seed": 3,
+        "enforce_eager": True,
         "disable_log_stats": True,
     }
-    defaults = VllmEngine.from_settings(Settings(_env_file=None), model="light/model").engine_args
+    default = VllmEngine.from_settings(Settings(_env_file=None), model="light/model")
+    assert (default.tool_parser, default.chat_template) == ("hermes", "")
+    defaults = default.engine_args
     assert defaults["model"] == "light/model"
     assert defaults["quantization"] is None and defaults["max_model_len"] is None
     fallback = VllmEngine.from_settings(Settings(_env_file=None), model="light/model", is_default=False)

@@ -172,8 +172,8 @@ class StoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AppendExchange(self, request, context):
-        """AppendExchange stores a user message and its answer in one transaction. It is idempotent on
-        (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
+        """AppendExchange stores a user message (or a tool turn's results) and its answer in one transaction. It is
+        idempotent on (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

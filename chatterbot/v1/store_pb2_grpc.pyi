@@ -44,8 +44,8 @@ class StoreServiceStub:
     DeleteConversation: _grpc.UnaryUnaryMultiCallable[_store_pb2.StoreServiceDeleteConversationRequest, _store_pb2.StoreServiceDeleteConversationResponse]
     ListMessages: _grpc.UnaryUnaryMultiCallable[_store_pb2.StoreServiceListMessagesRequest, _store_pb2.StoreServiceListMessagesResponse]
     AppendExchange: _grpc.UnaryUnaryMultiCallable[_store_pb2.AppendExchangeRequest, _store_pb2.AppendExchangeResponse]
-    """AppendExchange stores a user message and its answer in one transaction. It is idempotent on
-    (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
+    """AppendExchange stores a user message (or a tool turn's results) and its answer in one transaction. It is
+    idempotent on (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
     """
     PutJobResult: _grpc.UnaryUnaryMultiCallable[_store_pb2.PutJobResultRequest, _store_pb2.PutJobResultResponse]
     GetJobResult: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetJobResultRequest, _store_pb2.GetJobResultResponse]
@@ -80,8 +80,8 @@ class StoreServiceAsyncStub(StoreServiceStub):
     DeleteConversation: _aio.UnaryUnaryMultiCallable[_store_pb2.StoreServiceDeleteConversationRequest, _store_pb2.StoreServiceDeleteConversationResponse]  # type: ignore[assignment]
     ListMessages: _aio.UnaryUnaryMultiCallable[_store_pb2.StoreServiceListMessagesRequest, _store_pb2.StoreServiceListMessagesResponse]  # type: ignore[assignment]
     AppendExchange: _aio.UnaryUnaryMultiCallable[_store_pb2.AppendExchangeRequest, _store_pb2.AppendExchangeResponse]  # type: ignore[assignment]
-    """AppendExchange stores a user message and its answer in one transaction. It is idempotent on
-    (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
+    """AppendExchange stores a user message (or a tool turn's results) and its answer in one transaction. It is
+    idempotent on (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
     """
     PutJobResult: _aio.UnaryUnaryMultiCallable[_store_pb2.PutJobResultRequest, _store_pb2.PutJobResultResponse]  # type: ignore[assignment]
     GetJobResult: _aio.UnaryUnaryMultiCallable[_store_pb2.GetJobResultRequest, _store_pb2.GetJobResultResponse]  # type: ignore[assignment]
@@ -167,8 +167,8 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.AppendExchangeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.AppendExchangeResponse, _abc.Awaitable[_store_pb2.AppendExchangeResponse]]:
-        """AppendExchange stores a user message and its answer in one transaction. It is idempotent on
-        (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
+        """AppendExchange stores a user message (or a tool turn's results) and its answer in one transaction. It is
+        idempotent on (user_id, request_id): repeating it returns the stored exchange and stores nothing new.
         """
 
     @_abc_1.abstractmethod
