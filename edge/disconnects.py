@@ -8,7 +8,6 @@ cancels the call (the gRPC call, and with it the generation in the engine) when 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -33,21 +32,32 @@ async def _disconnect(receive: Receive) -> None:
 
 
 async def until_disconnected(receive: Receive, call: Awaitable[T]) -> T:
-    """The result of `call`; raises `ClientDisconnected` if the client leaves first, once `call` is cancelled
-    and its cleanup has run."""
-    work = asyncio.ensure_future(call)
-    gone = asyncio.ensure_future(_disconnect(receive))
+    """The result of `call`, awaited in this task; raises `ClientDisconnected` if the client leaves first, once
+    `call` is cancelled and its cleanup has run.
+
+    One task of its own waits for the disconnect and cancels this one: the call itself runs where it was
+    awaited, with no task to hand its result over and no wait on two of them."""
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await _disconnect(receive)
+        left = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        return await call
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        # This cancellation was the watcher's, not a caller's: it ends here, as ClientDisconnected.
+        task.uncancel()
+        raise ClientDisconnected() from None
     finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-    if work.cancelled():
-        raise ClientDisconnected()
-    return work.result()
+        watcher.cancel()
 
 
 async def unless_disconnected(request: Request, call: Awaitable[T]) -> T:
