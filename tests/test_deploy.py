@@ -479,7 +479,6 @@ def test_nginx_proxies_sse_to_the_edge():
         r"proxy_http_version\s+1\.1;",
         r'proxy_set_header\s+Connection\s+"";',
         r"proxy_buffering\s+off;",
-        r"proxy_set_header\s+X-Request-ID\s+\$\S+;",
         r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;",
     ):
         assert re.search(directive, location), directive
