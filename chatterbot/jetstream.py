@@ -8,15 +8,22 @@
 - `CHAT_DLQ`: jobs that failed their last try, with the error, for `chatterbot dlq list|replay`.
 - `chat.cancel.<correlation id>` (core NATS, not stored): tells the worker running a job to stop.
 
+The streams and job consumers are created with `CHATTERBOT_JETSTREAM_REPLICAS` replicas (3 on a cluster). One
+that already exists keeps the replicas, retention and storage its operator gave it: a process logs where its
+settings differ and never lowers them.
+
 `Job` and `JobEvent` are the one definition of what travels on those subjects, encoded and decoded here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
@@ -27,6 +34,8 @@ from chatterbot.settings import Settings
 from chatterbot.v1 import types_pb2
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 JOBS_STREAM = "CHAT_JOBS"
 EVENTS_STREAM = "CHAT_EVENTS"
@@ -160,15 +169,33 @@ class JobEvent:
         )
 
 
+# An existing stream keeps these as its operator set them: a process never lowers the replicas, and JetStream
+# cannot change retention or storage in place. Everything else this process sets, it keeps up to date.
+OPERATOR_STREAM_FIELDS = ("num_replicas", "retention", "storage")
+# Neither can a consumer's ack policy change, and a work-queue stream's consumers follow its replicas.
+OPERATOR_CONSUMER_FIELDS = ("num_replicas", "ack_policy")
+_DEFAULT_STREAM = api.StreamConfig()
+_DEFAULT_CONSUMER = api.ConsumerConfig()
+# JetStream's error code for "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
+
+
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update the streams and consumers; safe to run from every process at every start."""
-    await _ensure_stream(
+    """Create or update the streams and consumers; safe to run from every process at every start.
+
+    Missing streams and consumers are created with `settings.jetstream_replicas` replicas. One that exists
+    keeps its replicas, retention and storage (a difference is logged) and gets only the fields this process
+    sets (subjects, max age, duplicate window, ack wait...) brought up to date.
+    """
+    replicas = settings.jetstream_replicas
+    jobs = await _ensure_stream(
         js,
         api.StreamConfig(
             name=JOBS_STREAM,
             subjects=[subject for subject, _ in PRIORITIES.values()],
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
+            num_replicas=replicas,
             duplicate_window=120.0,
         ),
     )
@@ -179,6 +206,7 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             subjects=[EVENTS_SUBJECT_PREFIX + ">"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
+            num_replicas=replicas,
             max_age=float(settings.events_max_age_seconds),
             duplicate_window=60.0,
             allow_direct=True,
@@ -191,6 +219,7 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             subjects=[DLQ_SUBJECT_PREFIX + ">"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
+            num_replicas=replicas,
             max_age=float(30 * 86400),
         ),
     )
@@ -202,16 +231,109 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             ack_wait=settings.jobs_ack_wait_seconds,
             max_deliver=settings.jobs_max_deliver,
             max_ack_pending=-1,
+            # The stream's own count, not the setting: consumers of a work-queue stream must match it.
+            num_replicas=jobs.num_replicas,
         )
-        await js.add_consumer(JOBS_STREAM, config)
+        await _ensure_consumer(js, JOBS_STREAM, config)
 
 
-async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+def _owned(config: Any, default: Any, operator_fields: tuple[str, ...]) -> dict[str, Any]:
+    """The fields `config` sets (to other than the default) that are not the operator's, by name."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in fields(config)
+        if f.name not in operator_fields and getattr(config, f.name) != getattr(default, f.name)
+    }
+
+
+def _warn_kept(kind: str, name: str, current: Any, wanted: Any, operator_fields: tuple[str, ...]) -> None:
+    """One warning naming every operator's field where `current` (kept) differs from what would be set."""
+    kept = [
+        f"{field}={_shown(getattr(current, field))} (this process would set {_shown(getattr(wanted, field))})"
+        for field in operator_fields
+        if getattr(wanted, field) is not None and getattr(current, field) != getattr(wanted, field)
+    ]
+    if kept:
+        log.warning("JetStream %s %s exists with %s; left as it is", kind, name, ", ".join(kept))
+
+
+def _shown(value: object) -> object:
+    return getattr(value, "value", value)
+
+
+# A cluster busy placing new streams (processes starting together, a leader election) may answer the JetStream
+# API late; every step of ensure_streams reads before it writes, so it is repeated, a few times, with backoff.
+_API_ATTEMPTS = 5
+_API_BACKOFF_SECONDS = 0.5
+
+
+async def _repeated(what: str, step: Callable[[], Awaitable[T]]) -> T:
+    for attempt in range(1, _API_ATTEMPTS + 1):
+        try:
+            return await step()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if attempt == _API_ATTEMPTS:
+                raise
+            delay = _API_BACKOFF_SECONDS * 2 ** (attempt - 1)
+            log.warning("JetStream %s: %s; retrying in %.1fs", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> api.StreamConfig:
+    """Create the stream, or bring what this process owns of the existing one up to date; its config."""
+    assert config.name is not None
+    return await _repeated(f"stream {config.name}", lambda: _ensure_stream_once(js, config))
+
+
+async def _ensure_stream_once(js: JetStreamContext, config: api.StreamConfig) -> api.StreamConfig:
+    assert config.name is not None
     try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        # Exists with other settings (an upgrade changed them): bring it up to date.
-        await js.update_stream(config)
+        current = (await js.stream_info(config.name)).config
+    except nats.js.errors.NotFoundError:
+        try:
+            return (await js.add_stream(config)).config
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise RuntimeError(
+                    f"JetStream stream {config.name} could not be created with {config.num_replicas} "
+                    f"replica(s) (CHATTERBOT_JETSTREAM_REPLICAS): {exc.description}"
+                ) from exc
+            # Another process created it in between.
+            current = (await js.stream_info(config.name)).config
+    _warn_kept("stream", config.name, current, config, OPERATOR_STREAM_FIELDS)
+    updated = current.evolve(**_owned(config, _DEFAULT_STREAM, OPERATOR_STREAM_FIELDS))
+    if updated == current:
+        return current
+    log.info("JetStream stream %s: updating its configuration", config.name)
+    return (await js.update_stream(updated)).config
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+    """Create the durable consumer, or bring what this process owns of the existing one up to date."""
+    assert config.durable_name is not None
+    await _repeated(
+        f"consumer {stream}/{config.durable_name}", lambda: _ensure_consumer_once(js, stream, config)
+    )
+
+
+async def _ensure_consumer_once(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+    assert config.durable_name is not None
+    try:
+        current = (await js.consumer_info(stream, config.durable_name)).config
+    except nats.js.errors.NotFoundError:
+        await js.add_consumer(stream, config)
+        return
+    _warn_kept("consumer", f"{stream}/{config.durable_name}", current, config, OPERATOR_CONSUMER_FIELDS)
+    updated = current.evolve(**_owned(config, _DEFAULT_CONSUMER, OPERATOR_CONSUMER_FIELDS))
+    if updated != current:
+        log.info("JetStream consumer %s/%s: updating its configuration", stream, config.durable_name)
+        await js.add_consumer(stream, updated)
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers of a NATS URL setting: one URL, or the nodes of a cluster, comma-separated."""
+    return [server.strip() for server in url.split(",") if server.strip()]
 
 
 async def connect(settings: Settings, name: str) -> NATS:
@@ -221,7 +343,7 @@ async def connect(settings: Settings, name: str) -> NATS:
     if not settings.nats_url:
         raise SystemExit("CHATTERBOT_NATS_URL is not set")
     return await nats.connect(
-        settings.nats_url,
+        nats_servers(settings.nats_url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

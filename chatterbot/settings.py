@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     )
 
     # --- queued chats on NATS JetStream ---
+    jetstream_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="replicas of the streams (jobs, events, DLQ) and job consumers a process creates; 3 on a "
+        "JetStream cluster. A stream that exists keeps its replicas, retention and storage",
+    )
     worker_concurrency: int = Field(8, description="jobs one worker process runs at once")
     jobs_ack_wait_seconds: float = Field(
         30.0, description="a job not acknowledged or touched in this time is redelivered"

@@ -13,6 +13,7 @@ import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.grpc_server import DEPENDENCY_PREFIX
+from chatterbot.jetstream import nats_servers
 from chatterbot.settings import GRPC_PROCESSES, Settings
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc
 
@@ -46,7 +47,7 @@ class MeshHealth:
         if not self.settings.nats_url:
             return False
         nc = await nats.connect(
-            self.settings.nats_url,
+            nats_servers(self.settings.nats_url),
             connect_timeout=CHECK_TIMEOUT,
             allow_reconnect=False,
             max_reconnect_attempts=0,
