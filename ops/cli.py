@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from chatterbot.logs import configure_logging
-    from ops.embedded import StartCancelled
+    from ops.embedded import ServerNotInstalled, StartCancelled
     from ops.launcher import Mesh, RestartPolicy, Supervisor
 
     settings = get_settings()
@@ -60,6 +60,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except StartCancelled:
         print("ChatterBot stopped while starting.", flush=True)
         return 0
+    except ServerNotInstalled as exc:
+        print(f"chatterbot up: {exc}", file=sys.stderr)
+        return 2
     info = mesh.up_info()
     print(
         f"\nChatterBot is up.\n"
@@ -225,10 +228,20 @@ async def _dlq(args: argparse.Namespace) -> int:
         await disconnect(nc)
 
 
+def _up_json() -> dict[str, Any]:
+    """What the running `chatterbot up` wrote in the data dir (up.json); empty when there is none."""
+    import json
+
+    try:
+        data = json.loads((Path(get_settings().data_dir) / "up.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _store_addr(args: argparse.Namespace) -> str:
     """store_svc's address: --store, else CHATTERBOT_STORE_ADDR, else the running `chatterbot up`'s (its
     up.json in the data dir), else the configured default."""
-    import json
     import os
 
     if args.store:
@@ -236,10 +249,30 @@ def _store_addr(args: argparse.Namespace) -> str:
     settings = get_settings()
     if "CHATTERBOT_STORE_ADDR" not in os.environ:
         try:
-            return json.loads((Path(settings.data_dir) / "up.json").read_text())["grpc"]["store"]
-        except (OSError, ValueError, KeyError, TypeError):
+            return str(_up_json()["grpc"]["store"])
+        except (KeyError, TypeError):
             pass
     return settings.store_addr
+
+
+def _admin_key(args: argparse.Namespace, store_addr: str) -> str:
+    """The admin key `chatterbot keys` sends: --admin-key, else CHATTERBOT_ADMIN_KEY, else the first of
+    CHATTERBOT_ADMIN_KEYS, else that of the running `chatterbot up` when its store is the one called."""
+    import os
+
+    if args.admin_key:
+        return str(args.admin_key)
+    if os.environ.get("CHATTERBOT_ADMIN_KEY"):
+        return os.environ["CHATTERBOT_ADMIN_KEY"]
+    settings = get_settings()
+    if settings.admin_keys:
+        return settings.admin_keys[0]
+    up = _up_json()
+    try:
+        # Never handed to another store than the one it was made for.
+        return str(up["admin_key"]) if up["grpc"]["store"] == store_addr else ""
+    except (KeyError, TypeError):
+        return ""
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -257,6 +290,15 @@ async def _keys(args: argparse.Namespace) -> int:
     from chatterbot.v1 import store_pb2, store_pb2_grpc
 
     addr = _store_addr(args)
+    admin_key = _admin_key(args, addr)
+    if not admin_key:
+        print(
+            "chatterbot keys: managing keys needs an admin key: pass --admin-key, set CHATTERBOT_ADMIN_KEY "
+            "(or CHATTERBOT_ADMIN_KEYS), or run it beside `chatterbot up` (its up.json)",
+            file=sys.stderr,
+        )
+        return 2
+    auth = ((api_keys.API_KEY_METADATA, admin_key),)
     store = GuardedClient("store", addr, store_pb2_grpc.StoreServiceStub, get_settings())
     try:
         if args.keys_command == "create":
@@ -277,6 +319,7 @@ async def _keys(args: argparse.Namespace) -> int:
                     tokens_per_minute=args.tpm,
                     route_limits=_route_limits_pb(args.limit),
                 ),
+                metadata=auth,
                 retry=False,
             )
             record = api_keys.record_from_pb(created.api_key)
@@ -289,7 +332,7 @@ async def _keys(args: argparse.Namespace) -> int:
             return 0
         if args.keys_command == "list":
             listed: store_pb2.ListApiKeysResponse = await store.call(
-                store.stub.ListApiKeys, store_pb2.ListApiKeysRequest(user_id=args.user or "")
+                store.stub.ListApiKeys, store_pb2.ListApiKeysRequest(user_id=args.user or ""), metadata=auth
             )
             records = [api_keys.record_from_pb(pb) for pb in listed.api_keys]
             defaults = get_settings().rate_limits
@@ -334,7 +377,9 @@ async def _keys(args: argparse.Namespace) -> int:
                 ),
             )
             update.update_mask.paths.extend(paths)
-            updated: store_pb2.UpdateApiKeyResponse = await store.call(store.stub.UpdateApiKey, update)
+            updated: store_pb2.UpdateApiKeyResponse = await store.call(
+                store.stub.UpdateApiKey, update, metadata=auth
+            )
             record = api_keys.record_from_pb(updated.api_key)
             print(
                 f"updated {record.key_id} ({record.prefix}): {_describe(record)}; route limits in force: "
@@ -343,7 +388,7 @@ async def _keys(args: argparse.Namespace) -> int:
             )
             return 0
         revoked: store_pb2.RevokeApiKeyResponse = await store.call(
-            store.stub.RevokeApiKey, store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target)
+            store.stub.RevokeApiKey, store_pb2.RevokeApiKeyRequest(key_id_or_prefix=target), metadata=auth
         )
         record = api_keys.record_from_pb(revoked.api_key)
         print(
@@ -548,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", metavar="ID_OR_PREFIX")
     revoke.add_argument("--store", help=store_help)
     revoke.set_defaults(func=cmd_keys)
+    for command in (create, listing, update, revoke):
+        command.add_argument(
+            "--admin-key",
+            help="the admin key store_svc asks for (default: CHATTERBOT_ADMIN_KEY, else the first of "
+            "CHATTERBOT_ADMIN_KEYS, else the running `chatterbot up`'s); the variable keeps it out of `ps`",
+        )
 
     example = sub.add_parser(
         "env-example", help="print every setting with its default (the .env.example text)"

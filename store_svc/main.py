@@ -1,4 +1,5 @@
-"""Entry point of the store service: migrate every shard, open a pool per shard, serve StoreService over gRPC."""
+"""Entry point of the store service: migrate every shard, open a pool per shard, serve StoreService over gRPC
+(its key-managing RPCs to admin keys only, see store_svc.auth)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from chatterbot.api_keys import KeyResolver
 from chatterbot.grpc_server import GrpcApp, run_service
 from chatterbot.settings import Settings
 from chatterbot.v1 import store_pb2, store_pb2_grpc
+from store_svc.auth import AdminKeyInterceptor, stored_key_lookup
 from store_svc.errors import database_status
+from store_svc.keys import ApiKeyRepository
 from store_svc.migrate import upgrade_all_async
 from store_svc.partitions import keep_partitions_ahead
 from store_svc.repository import StoreRepository
@@ -42,6 +46,9 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     await upgrade_all_async([spec.dsn for spec in specs])
     router = await open_router(specs, settings)
     repo = StoreRepository(router, partitions_ahead_months=settings.postgres_partitions_ahead_months)
+    keys = ApiKeyRepository.on_control_shard(router)
+    # Managing keys needs an admin key: a static one, or one of this store's own.
+    admins = KeyResolver.from_settings(settings, stored_key_lookup(keys))
     tasks = [
         asyncio.create_task(_purge_expired_job_results(repo), name="purge-expired-job-results"),
         asyncio.create_task(
@@ -60,9 +67,10 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     try:
         yield GrpcApp(
             name="store",
-            servicers=[(store_pb2_grpc.add_StoreServiceServicer_to_server, StoreServicer(repo))],
+            servicers=[(store_pb2_grpc.add_StoreServiceServicer_to_server, StoreServicer(repo, keys))],
             service_names=[store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name],
             probes={"postgres": postgres_probe},
+            interceptors=[AdminKeyInterceptor(admins)],
             error_translators=[database_status],
         )
     finally:

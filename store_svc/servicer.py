@@ -147,7 +147,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         result = await self.repo.get_job_result(request.user_id, request.correlation_id)
         return store_pb2.GetJobResultResponse(result=_job_result_pb(result))
 
-    # --- API keys, on the control shard ---
+    # --- API keys, on the control shard; all but GetApiKey answer admin keys only (store_svc.auth) ---
 
     async def CreateApiKey(
         self, request: store_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
