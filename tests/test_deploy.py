@@ -7,6 +7,8 @@
   store and migrate only, depends_on conditions are satisfiable, and the gRPC healthcheck snippet
   really checks a grpc.health.v1 server; `docker compose config` too where the compose plugin is
   installed;
+- nats.conf and the compose JetStream cluster: three nodes routed to each other, a volume each, file
+  storage synced on every write, every process pointed at all three with three replicas; `nats-server -t`;
 - Dockerfile: stages, base image, non-root user, entrypoint, default command and exposed ports;
   hadolint where installed;
 - nginx.conf: balanced braces, SSE and proxy directives, body limit equal to the edge's; `nginx -t`
@@ -32,12 +34,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from chatterbot.jetstream import JOBS_STREAM, PRIORITIES
+from chatterbot.jetstream import JOBS_STREAM, PRIORITIES, nats_servers
 from chatterbot.settings import GRPC_PROCESSES, Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+NATS_CONF = DEPLOY / "nats.conf"
 NGINX_CONF = DEPLOY / "nginx.conf"
 DOCKERFILE = DEPLOY / "Dockerfile"
 PG_INIT = DEPLOY / "postgres-init"
@@ -52,6 +55,8 @@ GRPC_PORTS = {
 MESH = ("edge", "chat", "context", "inference", "store", "worker")
 # Processes that reach PostgreSQL themselves (everything else goes through store_svc).
 POSTGRES_CLIENTS = ("store", "migrate")
+# The compose JetStream cluster: one service per node.
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
 # Durable pull consumers on CHAT_JOBS, one per priority.
 JOB_CONSUMERS = [durable for _, durable in PRIORITIES.values()]
 EDGE_PORT = 8000
@@ -82,6 +87,7 @@ def test_expected_files_exist():
         "Dockerfile.dockerignore",
         "docker-compose.yml",
         "nginx.conf",
+        "nats.conf",
         "README.md",
         "k8s/kustomization.yaml",
         "postgres-init/10-shards.sql",
@@ -125,7 +131,7 @@ def _env(service: dict) -> dict[str, str]:
 
 def test_compose_has_every_service(compose):
     services = set(compose["services"])
-    assert {*MESH, "migrate", "nats", "postgres", "valkey", "nginx"} <= services
+    assert {*MESH, "migrate", *NATS_NODES, "postgres", "valkey", "nginx"} <= services
 
 
 def test_compose_matches_the_compose_specification(compose):
@@ -166,9 +172,13 @@ def test_compose_addresses_and_urls_name_services(compose):
         assert env["CHATTERBOT_METRICS_PORT"] == str(METRICS_PORT)
         for svc, port in GRPC_PORTS.items():
             assert env[f"CHATTERBOT_{svc.upper()}_ADDR"] == f"{svc}:{port}"
-        for key, scheme in (("NATS_URL", "nats"), ("REDIS_URL", "redis")):
-            url = urlsplit(env[f"CHATTERBOT_{key}"])
-            assert url.scheme == scheme and url.hostname in services, key
+        url = urlsplit(env["CHATTERBOT_REDIS_URL"])
+        assert url.scheme == "redis" and url.hostname in services
+        # Every node of the JetStream cluster, so a process starts while any one of them is down.
+        nats_urls = [urlsplit(u) for u in nats_servers(env["CHATTERBOT_NATS_URL"])]
+        assert all(u.scheme == "nats" and u.port == 4222 for u in nats_urls), name
+        assert [u.hostname for u in nats_urls] == list(NATS_NODES), name
+        assert env["CHATTERBOT_JETSTREAM_REPLICAS"] == str(len(NATS_NODES)), name
 
 
 def _init_databases() -> list[str]:
@@ -213,9 +223,9 @@ def test_compose_edge_dependencies_and_limits(compose):
     # API keys through store_svc, rate limits in Redis, SSE fan-out over NATS, /health checks the workers.
     assert edge["CHATTERBOT_STORE_ADDR"] == f"store:{GRPC_PORTS['store']}"
     assert urlsplit(edge["CHATTERBOT_REDIS_URL"]).hostname == "valkey"
-    assert urlsplit(edge["CHATTERBOT_NATS_URL"]).hostname == "nats"
+    assert {urlsplit(u).hostname for u in nats_servers(edge["CHATTERBOT_NATS_URL"])} == set(NATS_NODES)
     assert edge["CHATTERBOT_WORKER_ADDR"] == f"worker:{GRPC_PORTS['worker']}"
-    assert {"chat", "store", "valkey", "nats"} <= set(services["edge"]["depends_on"])
+    assert {"chat", "store", "valkey", *NATS_NODES} <= set(services["edge"]["depends_on"])
     assert int(edge["CHATTERBOT_EDGE_MAX_IN_FLIGHT"]) > 0
     assert int(edge["CHATTERBOT_MAX_BODY_BYTES"]) == _nginx_body_limit()
 
@@ -256,22 +266,71 @@ def test_compose_stop_grace_covers_the_drain(compose):
 
 def test_compose_state_services(compose):
     services = compose["services"]
-    nats = services["nats"]
-    assert "-js" in nats["command"] and nats["volumes"]
-    assert "sync_interval: always" in COMPOSE_FILE.read_text()
     major = int(re.match(r"postgres:(\d+)", services["postgres"]["image"]).group(1))
     assert major >= 16 and services["postgres"]["volumes"]
     valkey = " ".join(services["valkey"]["command"])
     assert "--maxmemory-policy allkeys-lru" in valkey and "--appendonly yes" in valkey
     assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
     volumes = set(compose["volumes"])
-    for name in ("nats", "postgres", "valkey"):
+    for name in (*NATS_NODES, "postgres", "valkey"):
         for mount in services[name]["volumes"]:
             source = mount.split(":")[0]
             if source.startswith("."):  # a bind mount of a file in deploy/
                 assert (COMPOSE_FILE.parent / source).exists(), mount
             else:
                 assert source in volumes, mount
+
+
+def _nats_conf_block(name: str) -> str:
+    """The body of a top-level block of nats.conf (comments dropped)."""
+    code = re.sub(r"#.*", "", NATS_CONF.read_text())
+    match = re.search(rf"^{name}\s*\{{(.*?)^\}}", code, re.MULTILINE | re.DOTALL)
+    assert match, name
+    return match.group(1)
+
+
+def test_compose_runs_a_three_node_jetstream_cluster(compose):
+    services = compose["services"]
+    volumes = set(compose["volumes"])
+    data_volumes = set()
+    for name in NATS_NODES:
+        node = services[name]
+        assert node["command"] == ["nats-server", "--config", "/etc/nats/chatterbot.conf"], name
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in node["volumes"]}
+        assert (COMPOSE_FILE.parent / mounts["/etc/nats/chatterbot.conf"]).resolve() == NATS_CONF, name
+        assert mounts["/data"] in volumes, name
+        data_volumes.add(mounts["/data"])
+        # nats.conf takes the node's name from its environment.
+        assert _env(node)["NATS_SERVER_NAME"] == name
+        assert "/healthz" in " ".join(node["healthcheck"]["test"]), name
+        for client in ("chat", "worker", "edge"):
+            assert services[client]["depends_on"][name]["condition"] == "service_healthy", client
+    assert len(data_volumes) == len(NATS_NODES), "every node keeps its own store"
+    assert re.search(r"^server_name:\s*\$NATS_SERVER_NAME\s*$", NATS_CONF.read_text(), re.MULTILINE)
+    # File storage on the volume, fsynced on every write (the default syncs every two minutes).
+    jetstream = _nats_conf_block("jetstream")
+    assert re.search(r"^\s*store_dir:\s*/data\s*$", jetstream, re.MULTILINE)
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", jetstream, re.MULTILINE)
+    cluster = _nats_conf_block("cluster")
+    assert re.search(r"^\s*port:\s*6222\s*$", cluster, re.MULTILINE)
+    routes = re.findall(r"nats-route://([\w.-]+):6222", cluster)
+    assert routes == list(NATS_NODES)
+
+
+@pytest.mark.parametrize("name", NATS_NODES)
+def test_nats_conf_is_valid_for_nats_server(name):
+    """`nats-server -t` on deploy/nats.conf, as each compose node reads it."""
+    from ops.embedded import NatsServer
+
+    result = subprocess.run(
+        [str(NatsServer.binary()), "-t", "-c", str(NATS_CONF)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"NATS_SERVER_NAME": name},
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def _free_port() -> int:
@@ -471,7 +530,9 @@ def test_nginx_body_limit_matches_the_edge():
 def test_nginx_proxies_sse_to_the_edge():
     code = NGINX_CONF.read_text()
     upstream = _nginx_block(code, "upstream chatterbot_edge")
-    assert re.search(rf"server\s+edge:{EDGE_PORT}\s*;", upstream)
+    assert re.search(
+        rf"server\s+edge:{EDGE_PORT}\s+resolve\s*;", upstream
+    )  # re-resolved as replicas come and go
     assert re.search(r"keepalive\s+\d+\s*;", upstream)
     location = _nginx_block(code, "location / ")
     for directive in (
@@ -490,7 +551,8 @@ def test_nginx_proxies_sse_to_the_edge():
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
 def test_nginx_t(tmp_path: Path):
     """`nginx -t` on a copy whose upstream host resolves here and whose temp paths are writable."""
-    conf = NGINX_CONF.read_text().replace(f"server edge:{EDGE_PORT};", f"server 127.0.0.1:{EDGE_PORT};")
+    # The upstreams' hosts resolve here as loopback; Debian's nginx (1.22) predates `resolve` (1.27.3).
+    conf = re.sub(r"server (edge|chat):(\d+) resolve;", r"server 127.0.0.1:\2;", NGINX_CONF.read_text())
     temp_paths = "".join(
         f"    {kind}_temp_path {tmp_path}/{kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -670,7 +732,9 @@ def test_configmap_and_secret_keys_are_settings():
     assert EDGE_PORT in {p["port"] for p in services["edge"]["spec"]["ports"]}
     # Every process reads both (envFrom), the edge included: it dials store (API keys), worker
     # (/health), Redis (rate limits) and NATS (SSE fan-out).
-    assert urlsplit(configmap["CHATTERBOT_NATS_URL"]).scheme == "nats"
+    assert all(urlsplit(url).scheme == "nats" for url in nats_servers(configmap["CHATTERBOT_NATS_URL"]))
+    # Streams replicated on three nodes of the NATS cluster.
+    assert configmap["CHATTERBOT_JETSTREAM_REPLICAS"] == "3"
     assert urlsplit(configmap["CHATTERBOT_REDIS_URL"]).scheme == "redis"
     assert int(configmap["CHATTERBOT_EDGE_MAX_IN_FLIGHT"]) > 0
     assert int(configmap["CHATTERBOT_MAX_BODY_BYTES"]) == _nginx_body_limit()
