@@ -14,13 +14,13 @@ the edge's (chat_svc does not count gRPC calls).
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
-from chatterbot.api_keys import API_KEY_METADATA, KeyLookupUnavailable, KeyResolver, Principal
+from chatterbot.api_keys import Continuation, KeyCheckingInterceptor, KeyLookupUnavailable, Principal
 from chatterbot.status import (
     PermissionDenied,
     StatusError,
@@ -54,22 +54,16 @@ def require_user(user_id: str) -> None:
         raise PermissionDenied(f"this key may act only for user_id {caller.user_id!r}")
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(KeyCheckingInterceptor):
     """Rejects ChatService calls without a valid key and hands the caller to the servicer."""
 
-    def __init__(self, resolver: KeyResolver) -> None:
-        self.resolver = resolver
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
+    async def guard(
+        self, key: str, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method: str = handler_call_details.method
         if not method.startswith(_GUARDED_PREFIX) or method in _OPEN_METHODS:
             return await continuation(handler_call_details)
-        key = dict(handler_call_details.invocation_metadata or ()).get(API_KEY_METADATA, "")
-        if not key or not isinstance(key, str):
+        if not key:
             return _deny(Unauthenticated("missing API key (x-api-key metadata)"))
         try:
             caller = await self.resolver.resolve(key)

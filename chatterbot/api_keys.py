@@ -340,3 +340,27 @@ def store_lookup(
         return record_from_pb(reply.api_key)
 
     return lookup
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class KeyCheckingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that checks callers by the key in their `x-api-key` metadata with a `KeyResolver`;
+    `guard` says which methods it checks and what their key must be."""
+
+    def __init__(self, resolver: KeyResolver) -> None:
+        self.resolver = resolver
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        key = dict(handler_call_details.invocation_metadata or ()).get(API_KEY_METADATA, "")
+        # A key is text; binary metadata is no key at all.
+        return await self.guard(key if isinstance(key, str) else "", continuation, handler_call_details)
+
+    async def guard(
+        self, key: str, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        """The handler of the call (`continuation(details)`), guarded by `key` ("" when the call sent none)."""
+        raise NotImplementedError

@@ -13,12 +13,19 @@ admin key makes the call UNAVAILABLE, as any other query would.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from chatterbot.api_keys import API_KEY_METADATA, ApiKeyRecord, KeyResolver, Lookup
+from chatterbot.api_keys import (
+    API_KEY_METADATA,
+    ApiKeyRecord,
+    Continuation,
+    KeyCheckingInterceptor,
+    KeyResolver,
+    Lookup,
+)
 from chatterbot.status import PermissionDenied, Unauthenticated
 from store_svc.errors import NotFound
 from store_svc.keys import ApiKeyRepository
@@ -52,21 +59,15 @@ async def require_admin(resolver: KeyResolver, key: str | bytes) -> None:
         raise PermissionDenied(f"managing API keys needs an admin key, not a {caller.kind} key")
 
 
-class AdminKeyInterceptor(grpc.aio.ServerInterceptor):
+class AdminKeyInterceptor(KeyCheckingInterceptor):
     """Runs `require_admin` before each call of `ADMIN_METHODS`; every other method passes untouched."""
 
-    def __init__(self, resolver: KeyResolver) -> None:
-        self.resolver = resolver
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
+    async def guard(
+        self, key: str, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method not in ADMIN_METHODS:
             return handler
-        key = dict(handler_call_details.invocation_metadata or ()).get(API_KEY_METADATA, "")
         if handler.unary_unary is None:
             # Every key RPC is unary; one that streams must be taught here before it is served at all.
             raise TypeError(f"{handler_call_details.method} is not a unary call")
