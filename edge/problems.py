@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
 from chatterbot.guarded_client import retry_after_of
 from edge.protocol import UNSTORABLE_TEXT, FieldError, Problem
@@ -25,11 +26,19 @@ T = TypeVar("T")
 class ProblemError(Exception):
     """Raise to answer with a problem response."""
 
-    def __init__(self, status: int, detail: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str | None = None,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> None:
+        """`param`: the request parameter to blame, where one is (the OpenAI routes name it in their errors)."""
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers or {}
+        self.param = param
 
 
 def render_problem(problem: Problem, headers: dict[str, str] | None = None) -> ModelResponse:
@@ -120,6 +129,11 @@ def problem_for_downstream(exc: BaseException) -> ProblemError:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ProblemError(504, details or "the answer took too long")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # A parameter the engine cannot honour (named by the `param` trailer) is a 400 naming it; other
+            # invalid input is a 422.
+            for key, value in exc.trailing_metadata() or ():
+                if key == wire.PARAM_TRAILER and isinstance(value, str):
+                    return ProblemError(400, details, param=value)
             return ProblemError(422, details)
         if code == grpc.StatusCode.NOT_FOUND:
             return ProblemError(404, details)

@@ -23,7 +23,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 
 from chatterbot.local import rpc_error
 from chatterbot.wire import PARAM_TRAILER
-from edge.routes.openai import downstream_problem
+from edge.problems import problem_for_downstream
 from ops.launcher import Mesh
 from tests.meshes import API_KEY, Servers, own_mesh
 from tests.test_combined_mesh import combined_mesh
@@ -542,7 +542,7 @@ def test_in_process_an_engine_refusal_is_a_400_naming_the_parameter_and_tools_wo
 )
 def test_an_invalid_argument_naming_its_param_is_a_400_and_others_a_422(trailers, status, param):
     # As chat_svc ends a call whose engine cannot honour a parameter (on the network and in process alike).
-    problem = downstream_problem(
+    problem = problem_for_downstream(
         rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "logit_bias: no vocabulary", trailers)
     )
     assert (problem.status, problem.detail) == (status, "logit_bias: no vocabulary")

@@ -217,37 +217,21 @@ def test_logit_bias_forces_a_token_and_penalties_are_served(
     # A token that is text: neither special nor whitespace.
     special = set(tokenizer.all_special_ids)
     token = next(i for i in range(len(tokenizer)) if i not in special and tokenizer.decode([i]).strip())
-    bias = {str(token): 100}
-    forced = client.chat.completions.create(
-        model=model,
-        messages=[QUESTION],
-        max_completion_tokens=4,
-        temperature=0,
-        logit_bias=bias,
-        logprobs=True,
-        user=new_user(),
-    )
+    forcing = {
+        "model": model,
+        "messages": [QUESTION],
+        "max_completion_tokens": 4,
+        "temperature": 0,
+        "logit_bias": {str(token): 100},
+    }
+    forced = client.chat.completions.create(**forcing, logprobs=True, user=new_user())
     tokens = forced.choices[0].logprobs.content
     first = forced.choices[0].message.content
-    again = client.chat.completions.create(
-        model=model,
-        messages=[QUESTION],
-        max_completion_tokens=4,
-        temperature=0,
-        logit_bias=bias,
-        user=new_user(),
-    )
+    again = client.chat.completions.create(**forcing, user=new_user())
     assert len(tokens) == 4 and len({t.token for t in tokens}) == 1  # the one token, every time
     assert again.choices[0].message.content == first
     penalised = client.chat.completions.create(
-        model=model,
-        messages=[QUESTION],
-        max_completion_tokens=4,
-        temperature=0,
-        logit_bias=bias,
-        presence_penalty=2,
-        frequency_penalty=2,
-        user=new_user(),
+        **forcing, presence_penalty=2, frequency_penalty=2, user=new_user()
     )
     assert penalised.choices[0].finish_reason in ("stop", "length")
 

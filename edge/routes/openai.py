@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import orjson
@@ -59,14 +59,13 @@ from edge.problems import (
     PROBLEM_MEDIA_TYPE,
     ProblemError,
     describe,
+    downstream,
     field_errors,
     problem_for_downstream,
 )
 from edge.protocol import FieldError, FinishReason, FunctionCall, ToolCall, Usage, finish_reason
 from edge.responses import ModelResponse
 from edge.sse import EventStreamResponse, close_iterator
-
-T = TypeVar("T")
 
 # `developer` is OpenAI's newer name for `system`.
 _ROLE_ALIASES = {"developer": "system"}
@@ -113,32 +112,6 @@ def openai_problem(
     return ModelResponse(problem, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
-class EngineRefusal(ProblemError):
-    """A parameter the engine cannot honour: a 400 whose `param` names it."""
-
-    def __init__(self, param: str, detail: str | None) -> None:
-        super().__init__(400, detail)
-        self.param = param
-
-
-def downstream_problem(exc: CircuitOpenError | grpc.aio.AioRpcError) -> ProblemError:
-    """The HTTP answer for a failed call to chat_svc: an INVALID_ARGUMENT whose `param` trailer names the
-    parameter the engine cannot honour is a 400 naming it, not the 422 of other invalid input."""
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        for key, value in exc.trailing_metadata() or ():
-            if key == wire.PARAM_TRAILER and isinstance(value, str):
-                return EngineRefusal(value, exc.details())
-    return problem_for_downstream(exc)
-
-
-async def _downstream(call: Awaitable[T]) -> T:
-    """The result of a call to chat_svc; its failure as the ProblemError to answer with."""
-    try:
-        return await call
-    except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-        raise downstream_problem(exc) from None
-
-
 def _refused_param(error: FieldError) -> str:
     # The field as the request writes it: without `body` and without pydantic's names of union members
     # (`list[ContentPart]`).
@@ -178,8 +151,7 @@ class OpenAIErrorRoute(APIRoute):
             try:
                 return await handle(request)
             except ProblemError as exc:
-                param = exc.param if isinstance(exc, EngineRefusal) else None
-                return openai_problem(exc.status, exc.detail, exc.headers, param=param)
+                return openai_problem(exc.status, exc.detail, exc.headers, param=exc.param)
             except RequestValidationError as exc:
                 return _validation_problem(exc)
             except StarletteHTTPException as exc:
@@ -361,7 +333,7 @@ async def chat_completions(
             StreamMeter(request, "/v1/chat/completions"),
         )
     # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
-    reply: chat_pb2.ChatResponse = await _downstream(
+    reply: chat_pb2.ChatResponse = await downstream(
         unless_disconnected(
             request,
             client.call(
@@ -462,8 +434,7 @@ class _ChunkRenderer:
 
 def _error_event(problem: ProblemError) -> dict[str, str]:
     # OpenAI's SDKs raise an APIError for an event that carries `error`.
-    param = problem.param if isinstance(problem, EngineRefusal) else None
-    error = error_object(problem.status, problem.detail, param)
+    error = error_object(problem.status, problem.detail, problem.param)
     return {"data": StreamErrorEvent(error=error).model_dump_json()}
 
 
@@ -485,7 +456,7 @@ async def _stream(
         raise ProblemError(502, "the chat service ended the stream without an answer") from None
     except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
         await close_iterator(stream)
-        raise downstream_problem(exc) from None
+        raise problem_for_downstream(exc) from None
 
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
@@ -504,7 +475,7 @@ async def _stream(
             if chunks.include_usage:
                 yield {"data": chunks.usage(message.usage, answered_by)}
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-            yield _error_event(downstream_problem(exc))
+            yield _error_event(problem_for_downstream(exc))
         except StopAsyncIteration:
             yield _error_event(ProblemError(502, "the answer ended early"))
         finally:
@@ -517,7 +488,7 @@ async def _stream(
 
 
 async def _served_models(caller: Caller, client: ChatClient) -> ModelList:
-    reply: chat_pb2.ChatServiceListModelsResponse = await _downstream(
+    reply: chat_pb2.ChatServiceListModelsResponse = await downstream(
         client.call(
             client.stub.ListModels, chat_pb2.ChatServiceListModelsRequest(), metadata=metadata(caller)
         )
