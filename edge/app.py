@@ -80,12 +80,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, **cors)
     install_problem_handlers(app)
     install_disconnect_handler(app)
-    app.include_router(health.router)
+    # Routes are matched in order, router by router: the chat routes, which carry the traffic, come first.
+    app.include_router(openai.router)
     app.include_router(chat.router)
     app.include_router(jobs.router)
     app.include_router(history.router)
-    app.include_router(openai.router)
     app.include_router(whoami.router)
+    app.include_router(health.router)
     app.include_router(ui.router)
     app.mount("/static", ui.page_files(), name="static")
     if tracing_enabled():
