@@ -4,6 +4,10 @@ A service describes itself as a `GrpcApp` (its servicers and the dependencies it
 manager that owns its clients and pools; `run_grpc_app` does the rest: grpc.aio server, `grpc.health.v1`
 health driven by dependency probes, server reflection, Prometheus metrics, JSON logs, and a graceful
 shutdown on SIGTERM/SIGINT that stops taking calls and drains the ones in flight.
+
+Its port takes mutual TLS when CHATTERBOT_GRPC_TLS_* are set (chatterbot.tls); chat_svc also listens on
+CHATTERBOT_PARTNER_GRPC_PORT for partners, with server TLS. Connections end after
+CHATTERBOT_GRPC_MAX_CONNECTION_AGE_SECONDS, so clients spread over replicas as they come and go.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from chatterbot import local
-from chatterbot.guarded_client import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS
+from chatterbot import local, tls
+from chatterbot.guarded_client import MAX_MESSAGE_BYTES, server_keepalive_options
 from chatterbot.labelled import series
 from chatterbot.logs import configure_logging
 from chatterbot.settings import Settings
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 # probes, which must not restart a pod because a database is down); "dependency.<name>" tracks each probe.
 LIVENESS = "liveness"
 DEPENDENCY_PREFIX = "dependency."
+# The service partners call; with CHATTERBOT_PARTNER_GRPC_PORT set it also listens there.
+PARTNER_SERVICE = "chat"
 
 SERVER_HANDLED = prometheus_client.Counter(
     "chatterbot_grpc_server_handled_total", "RPCs completed by this server", ["method", "code"]
@@ -174,15 +180,31 @@ def server_interceptors(app: GrpcApp) -> list[grpc.aio.ServerInterceptor]:
     return [MetricsInterceptor(), StatusInterceptor(app.error_translators), *app.interceptors]
 
 
-def build_server(app: GrpcApp) -> grpc.aio.Server:
-    """A grpc.aio server carrying `app`'s servicers behind `server_interceptors(app)`, not yet listening."""
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Options of every gRPC server: message sizes, the keepalive pings clients may send, and connection age."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *server_keepalive_options(settings),
+    ]
+    if settings.grpc_max_connection_age_seconds:
+        # Each connection ends (GOAWAY, ±10% jitter) after the age, so clients reconnect and re-resolve: new
+        # replicas get calls, and one behind SO_REUSEPORT or a Service's address gets its share. The grace
+        # lets the calls still open finish: a generation stream may run up to its whole deadline.
+        grace = max(settings.stream_deadline_seconds, settings.deadline_seconds)
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace * 1000)),
+        ]
+    return options
+
+
+def build_server(app: GrpcApp, settings: Settings | None = None) -> grpc.aio.Server:
+    """A grpc.aio server carrying `app`'s servicers behind `server_interceptors(app)`, not yet listening;
+    `settings` (default: every setting's default) give its `server_options`."""
     server = grpc.aio.server(
         interceptors=server_interceptors(app),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            *SERVER_KEEPALIVE_OPTIONS,
-        ],
+        options=server_options(settings or Settings.model_construct()),
     )
     for add, servicer in app.servicers:
         add(servicer, server)
@@ -202,7 +224,7 @@ def build_local_server(app: GrpcApp) -> local.LocalServer:
 async def serving(settings: Settings, app: GrpcApp, *, port: int) -> AsyncIterator[None]:
     """`app` served on `port` with health and reflection while inside; on leaving, NOT_SERVING first, then
     the calls in flight drain for up to the grace period."""
-    server = build_server(app)
+    server = build_server(app, settings)
     health = _Health(app)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
@@ -214,12 +236,17 @@ async def serving(settings: Settings, app: GrpcApp, *, port: int) -> AsyncIterat
         server,
     )
     address = f"{settings.bind_host}:{port}"
-    if server.add_insecure_port(address) == 0:
-        raise RuntimeError(f"{app.name}: cannot listen on {address}")
+    mesh_tls = _listen(server, app, address, tls.mesh_server_credentials(settings))
+    listening: dict[str, object] = {"address": address, "tls": "mutual" if mesh_tls else "off"}
+    if app.name == PARTNER_SERVICE and settings.partner_grpc_port:
+        # The same server: the same servicers, interceptors (API keys), health and reflection.
+        partner = f"{settings.bind_host}:{settings.partner_grpc_port}"
+        partner_tls = _listen(server, app, partner, tls.partner_server_credentials(settings))
+        listening |= {"partner_address": partner, "partner_tls": "server" if partner_tls else "off"}
     await health.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await health.probe_once()
     await server.start()
-    log.info("serving", extra={"service": app.name, "address": address})
+    log.info("serving", extra={"service": app.name, **listening})
     prober = asyncio.create_task(health.run())
     try:
         yield
@@ -233,6 +260,20 @@ async def serving(settings: Settings, app: GrpcApp, *, port: int) -> AsyncIterat
         await health.servicer.enter_graceful_shutdown()
         await server.stop(settings.shutdown_grace_seconds)
         log.info("stopped", extra={"service": app.name})
+
+
+def _listen(
+    server: grpc.aio.Server, app: GrpcApp, address: str, credentials: grpc.ServerCredentials | None
+) -> bool:
+    """Listen on `address`, with TLS when `credentials` are given (then True)."""
+    bound = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
+    if bound == 0:
+        raise RuntimeError(f"{app.name}: cannot listen on {address}")
+    return credentials is not None
 
 
 async def serve_grpc_app(

@@ -1,7 +1,9 @@
 """The guarded client every caller in the mesh uses to reach another service.
 
-One `GuardedClient` per target service per process owns one long-lived channel and puts every call
-behind a deadline, a circuit breaker and a retry policy that only retries what is safe:
+One `GuardedClient` per target service per process owns one long-lived channel (mutual TLS when
+CHATTERBOT_GRPC_TLS_* are set, keepalive pings, calls spread round-robin over every address of the target's
+name) and puts every call behind a deadline, a circuit breaker and a retry policy that only retries what is
+safe:
 
 - Retried: UNAVAILABLE before any response arrived (the request never reached a handler that answered),
   with full-jitter exponential backoff, within the call's deadline. A stream is never retried once it
@@ -34,7 +36,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from chatterbot import local
+from chatterbot import local, tls
 from chatterbot.breaker import AsyncCircuitBreaker, CircuitOpenError
 from chatterbot.labelled import series
 from chatterbot.settings import Settings
@@ -63,14 +65,26 @@ FAILURE_CODES = frozenset(
 )
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-KEEPALIVE_TIME_MS = 30_000
+# gRPC's own default, and how long a client waits between re-resolutions of a name when its connections go
+# away more often (a DNS server is not asked again for every GOAWAY of a busy mesh).
+DNS_MIN_RESOLUTION_INTERVAL_MS = 30_000
 
-# What a server must allow so that these clients' keepalive pings (idle channels included) are not
-# answered with GOAWAY "too_many_pings"; gRPC servers by default refuse idle pings more often than 5 min.
-SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 3),
-)
+
+def keepalive_ms(settings: Settings) -> int:
+    """How often a client pings an idle connection (CHATTERBOT_GRPC_KEEPALIVE_SECONDS)."""
+    return int(settings.grpc_keepalive_seconds * 1000)
+
+
+def server_keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """What a server must allow so that clients' keepalive pings (idle channels included) are never answered
+    with GOAWAY "too_many_pings" (gRPC servers by default refuse pings without calls more often than every 5
+    minutes): pings without calls, as often as every third of the keepalive, so clients configured with a
+    keepalive down to a third of this server's are served too."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms(settings) // 3),
+    ]
+
 
 CLIENT_LATENCY = Histogram(
     "chatterbot_client_latency_seconds",
@@ -163,13 +177,19 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     # Reconnect at least as often as the breaker tries again, or a recovered target would keep failing
     # its trial calls while the channel sits out gRPC's default backoff (up to 120 s).
     reconnect_ms = max(100, int(settings.breaker_reset_seconds * 1000))
+    keepalive = keepalive_ms(settings)
+    # Servers end connections after CHATTERBOT_GRPC_MAX_CONNECTION_AGE_SECONDS, and each end asks for the name
+    # to be resolved again: allowed that often (at most gRPC's default), a new replica is found within about
+    # one connection age.
+    age_ms = int(settings.grpc_max_connection_age_seconds * 1000)
+    resolution_ms = min(DNS_MIN_RESOLUTION_INTERVAL_MS, age_ms) if age_ms else DNS_MIN_RESOLUTION_INTERVAL_MS
     return [
         # Retries are ours (tenacity), counted by the breaker; gRPC's own would hide failures from it.
         ("grpc.enable_retries", 0),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", keepalive),
+        ("grpc.keepalive_timeout_ms", min(10_000, keepalive)),
         # Idle channels are pinged too, so a dead peer is found before the next call rather than by its
-        # deadline; servers must accept that (SERVER_KEEPALIVE_OPTIONS).
+        # deadline; servers allow that (server_keepalive_options).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -178,7 +198,23 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", reconnect_ms),
         # Spread calls over every address a name resolves to (headless Kubernetes Services list each pod).
         ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.dns_min_time_between_resolutions_ms", max(1000, resolution_ms)),
     ]
+
+
+def open_channel(
+    address: str,
+    settings: Settings,
+    *,
+    options: Sequence[tuple[str, Any]] | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to a service of the mesh: mutual TLS when CHATTERBOT_GRPC_TLS_* are set (chatterbot.tls),
+    plaintext when they are not."""
+    credentials = tls.mesh_channel_credentials(settings)
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 class GuardedClient(Generic[StubT]):
@@ -213,8 +249,11 @@ class GuardedClient(Generic[StubT]):
         self.channel: grpc.aio.Channel | local.LocalChannel = (
             local.LocalChannel(served_here)
             if served_here is not None
-            else grpc.aio.insecure_channel(
-                address, options=channel_options(settings), interceptors=client_tracing_interceptors()
+            else open_channel(
+                address,
+                settings,
+                options=channel_options(settings),
+                interceptors=client_tracing_interceptors(),
             )
         )
         self.stub: StubT = stub_factory(self.channel)  # type: ignore[arg-type]
@@ -386,7 +425,6 @@ __all__ = [
     "DEPENDENCY_KEY",
     "FAILURE_CODES",
     "RETRY_AFTER_KEY",
-    "SERVER_KEEPALIVE_OPTIONS",
     "CircuitOpenError",
     "GuardedClient",
     "channel_options",
@@ -394,6 +432,8 @@ __all__ = [
     "dependency_unavailable_metadata",
     "is_target_failure",
     "method_name",
+    "open_channel",
     "retry_after_of",
+    "server_keepalive_options",
     "target_of",
 ]

@@ -454,6 +454,33 @@ def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from chatterbot.tls import PARTNER, parse_hosts, write_dev_certificates
+
+    try:
+        hosts = parse_hosts(args.hosts)
+        out = Path(args.out) if args.out else Path(get_settings().data_dir) / "tls"
+        made = write_dev_certificates(out, hosts, args.days)
+    except (ValueError, OSError) as exc:
+        print(f"chatterbot certs: {exc}", file=sys.stderr)
+        return 2
+    out = made.directory.resolve()
+    ca = "made a new CA" if made.created_ca else "kept the CA already there"
+    print(f"wrote certificates in {out} ({ca}; keys are mode 0600, keep ca-key.pem private):")
+    for name, names in made.names.items():
+        print(f"  {name + '.pem':<15} {', '.join(names)}")
+    print(
+        "\nMutual TLS between services (each process its own component's pair, e.g. chat):\n"
+        f"  CHATTERBOT_GRPC_TLS_CA={out}/ca.pem\n"
+        f"  CHATTERBOT_GRPC_TLS_CERT={out}/chat.pem\n"
+        f"  CHATTERBOT_GRPC_TLS_KEY={out}/chat-key.pem\n"
+        "TLS on chat_svc's partner port (CHATTERBOT_PARTNER_GRPC_PORT):\n"
+        f"  CHATTERBOT_PARTNER_TLS_CERT={out}/{PARTNER}.pem\n"
+        f"  CHATTERBOT_PARTNER_TLS_KEY={out}/{PARTNER}-key.pem"
+    )
+    return 0
+
+
 def cmd_env_example(args: argparse.Namespace) -> int:
     from chatterbot.settings import env_example
 
@@ -599,6 +626,24 @@ def build_parser() -> argparse.ArgumentParser:
             help="the admin key store_svc asks for (default: CHATTERBOT_ADMIN_KEY, else the first of "
             "CHATTERBOT_ADMIN_KEYS, else the running `chatterbot up`'s); the variable keeps it out of `ps`",
         )
+
+    certs = sub.add_parser(
+        "certs",
+        help="make a development CA and a TLS certificate per component (mesh mutual TLS, the partner port)",
+        description="Writes ca.pem and ca-key.pem (an existing CA in --out is kept and signs the new "
+        "certificates), and <name>.pem and <name>-key.pem for chat, context, inference, store, worker, edge "
+        "(server and client certificates) and partner (server only). Each certificate names its component, "
+        "localhost, 127.0.0.1 and ::1, and every --hosts entry.",
+    )
+    certs.add_argument("--out", help="directory to write to (default: CHATTERBOT_DATA_DIR/tls)")
+    certs.add_argument(
+        "--hosts",
+        default="",
+        help="more names for every certificate, comma-separated: DNS names, wildcards, IP addresses; "
+        "{name} stands for the component (e.g. {name}.chatterbot.svc.cluster.local,grpc.example.com)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="how long the certificates are valid")
+    certs.set_defaults(func=cmd_certs)
 
     example = sub.add_parser(
         "env-example", help="print every setting with its default (the .env.example text)"

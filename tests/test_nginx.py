@@ -2,19 +2,25 @@
 passed on token by token (no buffering), a queued stream resumed through it with `Last-Event-ID`, requests
 spread over both edges, one edge gone and the other answering, and nginx's body limit equal to the edge's. And
 in front of chat_svc for partners' gRPC (`grpc_pass`): grpcurl through reflection, directly and through nginx,
-and a client on a second gRPC implementation (grpclib) streaming a chat through it.
+and a client on a second gRPC implementation (grpclib) streaming a chat through it. On the HTTPS listener
+(HTTP/2 by ALPN): a stream passed on token by token over HTTP/2, and grpcurl over TLS.
 
 The configuration is the deployed file with only what a test must change: its upstream servers (the compose
-service names `edge` and `chat`) become the mesh's loopback ports, it listens on free loopback ports, and its
-pid and temp paths go to the test's directory (`make nginx` installs nginx; `make test` depends on it).
+service names `edge` and `chat`) become the mesh's loopback ports, it listens on free loopback ports, its
+certificate is one of `chatterbot certs`, its pid and temp paths go to the test's directory, and directives
+the installed nginx predates take their older spelling (tests/nginx_versions.py; `make nginx` installs
+nginx, `make test` depends on it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -26,11 +32,13 @@ import httpx
 import pytest
 from grpclib.client import Channel, UnaryStreamMethod
 
+from chatterbot.tls import write_dev_certificates
 from chatterbot.v1 import chat_pb2, types_pb2
 from ops.embedded import free_port
 from ops.launcher import Mesh, ServiceProcess
 from tests.clients import read_stream, tokens_after_last_restart, wait_done
 from tests.meshes import API_KEY, Servers, own_mesh
+from tests.nginx_versions import for_installed_nginx
 from tests.test_deploy import NGINX_CONF
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (make nginx)")
@@ -72,26 +80,41 @@ def _replaced(conf: str, pattern: str, replacement: str) -> str:
     return changed
 
 
-def _configuration(source: str, edges: list[int], chat: str, ports: tuple[int, int], prefix: Path) -> str:
-    """The shipped configuration, pointed at `edges` and `chat` and listening on `ports` (HTTP, gRPC), with its
-    files under `prefix`."""
+def _configuration(
+    source: str, edges: list[int], chat: str, ports: tuple[int, int, int], prefix: Path, tls: Path
+) -> str:
+    """The shipped configuration, pointed at `edges` and `chat` and listening on `ports` (HTTP, gRPC, HTTPS),
+    with its certificate from `tls` and its files under `prefix`."""
     servers = "".join(f"        server 127.0.0.1:{edge};\n" for edge in edges)
     # Debian's nginx (1.22) predates `resolve` (1.27.3): the test's upstreams are fixed addresses anyway.
     conf = _replaced(source, r"^\s*server edge:\d+ resolve;\n", servers)
     conf = _replaced(conf, r"^(\s*)server chat:\d+ resolve;$", rf"\1server {chat};")
     conf = _replaced(conf, r"^(\s*)listen 80;$", rf"\1listen 127.0.0.1:{ports[0]};")
-    conf = _replaced(conf, r"^(\s*)listen 50051 http2;$", rf"\1listen 127.0.0.1:{ports[1]} http2;")
+    conf = _replaced(conf, r"^(\s*)listen 50051;$", rf"\1listen 127.0.0.1:{ports[1]};")
+    conf = _replaced(conf, r"^(\s*)listen 443 ssl;$", rf"\1listen 127.0.0.1:{ports[2]} ssl;")
+    # What an operator mounts in /etc/nginx/tls: here a certificate naming 127.0.0.1, from the test's CA.
+    conf = _replaced(conf, r"^(\s*)default /etc/nginx/tls/tls\.crt;$", rf"\1default {tls}/partner.pem;")
+    conf = _replaced(conf, r"^(\s*)default /etc/nginx/tls/tls\.key;$", rf"\1default {tls}/partner-key.pem;")
     temp_paths = "".join(
         f"    {kind}_temp_path {prefix}/{kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
-    return conf.replace("http {\n", "http {\n" + temp_paths, 1)
+    return for_installed_nginx(conf.replace("http {\n", "http {\n" + temp_paths, 1))
+
+
+def _worker_user() -> str:
+    """Workers read the certificate at handshakes (it is named by a variable), so they must be able to: as
+    root, nginx would run them as `nobody`, who cannot read the test's private files; run them as the test's
+    user, who owns them. (Deployed, the mounted files must be readable by nginx's user.)"""
+    return f" user {getpass.getuser()};" if os.geteuid() == 0 else ""
 
 
 @dataclass(frozen=True)
 class Nginx:
     url: str  # HTTP, in front of the edges
     grpc: str  # host:port of gRPC, in front of chat_svc
+    https: str  # HTTPS (HTTP/2 or HTTP/1.1), in front of the edges and of chat_svc's gRPC
+    ca: Path  # the CA that signed its certificate
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +124,10 @@ def nginx(
     """nginx in front of both edges and of chat_svc."""
     prefix = tmp_path_factory.mktemp("nginx")
     (prefix / "logs").mkdir()
-    ports = (free_port(), free_port())
+    tls = write_dev_certificates(prefix / "tls").directory
+    ports = (free_port(), free_port(), free_port())
     edges = [paced.services["edge"].port, second_edge.port]
-    conf = _configuration(NGINX_CONF.read_text(), edges, paced.services["chat"].url, ports, prefix)
+    conf = _configuration(NGINX_CONF.read_text(), edges, paced.services["chat"].url, ports, prefix, tls)
     (prefix / "nginx.conf").write_text(conf)
     log = (prefix / "nginx.log").open("w")
     process = subprocess.Popen(
@@ -114,7 +138,7 @@ def nginx(
             "-c",
             str(prefix / "nginx.conf"),
             "-g",
-            f"daemon off; pid {prefix}/nginx.pid;",
+            f"daemon off; pid {prefix}/nginx.pid;{_worker_user()}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -129,7 +153,7 @@ def nginx(
                 time.sleep(0.1)
         else:
             raise AssertionError((prefix / "nginx.log").read_text())
-        yield Nginx(url, f"127.0.0.1:{ports[1]}")
+        yield Nginx(url, f"127.0.0.1:{ports[1]}", f"https://127.0.0.1:{ports[2]}", tls / "ca.pem")
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -163,7 +187,8 @@ def test_a_chat_goes_through_with_its_request_id(proxied: httpx.Client) -> None:
     assert proxied.get("/metrics").status_code == 404  # scraped on the edges, never through the proxy
 
 
-def test_a_stream_is_passed_on_token_by_token(proxied: httpx.Client) -> None:
+def _assert_streamed_token_by_token(client: httpx.Client) -> str:
+    """Streams a completion through `client`; its HTTP version once every event arrived as it was made."""
     body = {
         "model": "chatterbot-sim-7b-awq",
         "messages": [{"role": "user", "content": "stream through nginx"}],
@@ -171,7 +196,7 @@ def test_a_stream_is_passed_on_token_by_token(proxied: httpx.Client) -> None:
         "stream": True,
     }
     arrivals: list[float] = []
-    with proxied.stream("POST", "/v1/chat/completions", json=body) as response:
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -182,6 +207,33 @@ def test_a_stream_is_passed_on_token_by_token(proxied: httpx.Client) -> None:
     assert arrivals[-1] - arrivals[1] > 0.5
     halfway = arrivals[1] + (arrivals[-1] - arrivals[1]) / 2
     assert sum(t < halfway for t in arrivals) >= 10
+    return response.http_version
+
+
+def test_a_stream_is_passed_on_token_by_token(proxied: httpx.Client) -> None:
+    assert _assert_streamed_token_by_token(proxied) == "HTTP/1.1"
+
+
+def _trusting(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def test_https_with_http2_passes_a_stream_on_token_by_token(nginx: Nginx) -> None:
+    headers = {"X-API-Key": API_KEY}
+    with httpx.Client(
+        base_url=nginx.https, headers=headers, http2=True, verify=_trusting(nginx.ca), timeout=30
+    ) as client:
+        assert _assert_streamed_token_by_token(client) == "HTTP/2"
+        reply = client.post(
+            "/chat", json={"message": "hello over h2", "user_id": "user-nginx-h2", "max_tokens": 10}
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.http_version == "HTTP/2"
+    # A client that does not offer HTTP/2 gets HTTP/1.1 on the same port.
+    with httpx.Client(
+        base_url=nginx.https, headers=headers, verify=_trusting(nginx.ca), timeout=30
+    ) as client:
+        assert client.get("/readyz").http_version == "HTTP/1.1"
 
 
 def test_a_queued_stream_resumes_through_nginx_from_last_event_id(proxied: httpx.Client) -> None:
@@ -234,9 +286,9 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).with_name("grpcurl
 TURN = {"turn": {"user_id": "user-nginx-grpc", "message": "hello over gRPC", "max_tokens": 12}}
 
 
-def _grpcurl(target: str, *args: str) -> list[dict]:
+def _grpcurl(target: str, *args: str, transport: tuple[str, ...] = ("-plaintext",)) -> list[dict]:
     """grpcurl's answer (one JSON object per message) to a call through server reflection."""
-    command = [GRPCURL, "-plaintext", "-H", f"x-api-key: {API_KEY}", *args[:-1], target, args[-1]]
+    command = [GRPCURL, *transport, "-H", f"x-api-key: {API_KEY}", *args[:-1], target, args[-1]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     decoder, text, messages = json.JSONDecoder(), done.stdout.strip(), []
@@ -247,14 +299,21 @@ def _grpcurl(target: str, *args: str) -> list[dict]:
     return messages
 
 
-@pytest.mark.parametrize("through", ["chat_svc", "nginx"])
+@pytest.mark.parametrize("through", ["chat_svc", "nginx", "nginx over TLS"])
 def test_grpcurl_streams_a_chat_by_reflection(nginx: Nginx, paced: Mesh, through: str) -> None:
-    target = paced.services["chat"].url if through == "chat_svc" else nginx.grpc
+    target = {
+        "chat_svc": paced.services["chat"].url,
+        "nginx": nginx.grpc,
+        "nginx over TLS": nginx.https.removeprefix("https://"),
+    }[through]
+    transport = ("-cacert", str(nginx.ca)) if through == "nginx over TLS" else ("-plaintext",)
     services = subprocess.run(
-        [GRPCURL, "-plaintext", target, "list"], capture_output=True, text=True, timeout=60, check=True
+        [GRPCURL, *transport, target, "list"], capture_output=True, text=True, timeout=60, check=True
     ).stdout.split()
     assert "chatterbot.v1.ChatService" in services
-    messages = _grpcurl(target, "-d", json.dumps(TURN), "chatterbot.v1.ChatService/StreamChat")
+    messages = _grpcurl(
+        target, "-d", json.dumps(TURN), "chatterbot.v1.ChatService/StreamChat", transport=transport
+    )
     assert "".join(m.get("text", "") for m in messages).startswith("[simulated")
     # The last message carries the finish reason and the usage (grpcurl writes the fields by their proto names).
     assert messages[-1].get("finish_reason") in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH"), messages[-1]
