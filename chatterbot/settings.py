@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SERVICES = ("chat", "context", "inference", "store")
@@ -23,8 +23,31 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def sentinel_address(entry: str) -> tuple[str, int]:
+    """`host:port` (or `[v6 address]:port`) of a Redis Sentinel; ValueError naming the entry when malformed."""
+    host, sep, port = entry.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"CHATTERBOT_REDIS_SENTINELS: {entry!r} is not host:port (e.g. 10.0.0.5:26379)")
+    return host, int(port)
+
+
+def _redis_url_problem(url: str, sentinels: bool) -> str | None:
+    scheme, _, rest = url.partition("://")
+    schemes = ("redis", "rediss") if sentinels else ("redis", "rediss", "unix")
+    if scheme not in schemes:
+        return f"the scheme must be {' or '.join(f'{s}://' for s in schemes)}"
+    database = rest.partition("?")[0].partition("/")[2] if scheme != "unix" else ""
+    if database and not database.isdigit():
+        return f"the database ({database!r} after the host) must be a number"
+    return None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHATTERBOT_", env_file=".env", extra="ignore")
+    # A setting that fails validation is named, its value (a DSN or URL may hold a password) never shown.
+    model_config = SettingsConfigDict(
+        env_prefix="CHATTERBOT_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- process ---
     data_dir: Path = Field(Path(".chatterbot"), description="where `chatterbot up` keeps data, logs and keys")
@@ -55,7 +78,20 @@ class Settings(BaseSettings):
 
     # --- servers; empty means "not configured" (`chatterbot up` fills them with embedded ones) ---
     nats_url: str = ""
-    redis_url: str = ""
+    redis_url: str = Field(
+        "",
+        description="redis://[:password@]host:port/db; with CHATTERBOT_REDIS_SENTINELS only its password and db "
+        "are used, the host is ignored (e.g. redis://:pw@ignored/0)",
+    )
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host:port of the Redis Sentinels that know the master; empty: "
+        "CHATTERBOT_REDIS_URL is dialled directly",
+    )
+    redis_sentinel_master: str = Field("chatterbot", description="the master's name at the sentinels")
+    redis_sentinel_password: str = Field(
+        "", description="password of the sentinels themselves (the master's comes from CHATTERBOT_REDIS_URL)"
+    )
     postgres_dsn: str = Field(
         "", description="the one database of an unsharded store (used when postgres_shards is empty)"
     )
@@ -104,6 +140,38 @@ class Settings(BaseSettings):
     retry_initial_backoff: float = 0.05
     retry_max_backoff: float = 0.5
 
+    # --- gRPC transport: TLS between services, the partner port, connection lifetimes ---
+    grpc_tls_ca: str = Field(
+        "",
+        description="PEM file of the CA that signs every mesh certificate; with _CERT and _KEY: mutual TLS on "
+        "every gRPC server and client of the mesh (all three empty: plaintext)",
+    )
+    grpc_tls_cert: str = Field(
+        "", description="PEM certificate (chain) this process presents, as a server and as a client"
+    )
+    grpc_tls_key: str = Field("", description="PEM private key of CHATTERBOT_GRPC_TLS_CERT")
+    partner_grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="chat_svc also listens here for partners (API keys as on its own port, server TLS from "
+        "CHATTERBOT_PARTNER_TLS_*, no client certificate); 0: off",
+    )
+    partner_tls_cert: str = Field("", description="PEM certificate of the partner port; empty: plaintext")
+    partner_tls_key: str = Field("", description="PEM private key of CHATTERBOT_PARTNER_TLS_CERT")
+    grpc_max_connection_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="gRPC servers end a connection (GOAWAY) after this long, so clients re-resolve and find new "
+        "replicas; calls in flight get CHATTERBOT_STREAM_DEADLINE_SECONDS to finish; 0: never",
+    )
+    grpc_keepalive_seconds: float = Field(
+        30.0,
+        ge=1,
+        description="gRPC clients ping an idle connection this often (servers accept pings down to a third of "
+        "their own value), so a dead peer is found before the next call",
+    )
+
     # --- edge ---
     edge_max_in_flight: int = Field(
         20000, description="requests (streams included) one edge process serves at once; past it: 503"
@@ -115,6 +183,17 @@ class Settings(BaseSettings):
     )
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, description="an idle server-sent event stream gets a keep-alive comment this often"
+    )
+    idempotency_ttl_seconds: int = Field(
+        86400,
+        gt=0,
+        description="how long the answer to a request with an Idempotency-Key is kept in Redis for its retries",
+    )
+    idempotency_lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="an edge running a keyed request renews its hold on the key for this long, a third of it "
+        "apart; when the edge dies, a retry takes the key over once the hold lapses",
     )
 
     # --- browsers: the chat page at /, other origins, and streams an EventSource can open ---
@@ -285,10 +364,53 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        mesh = ("GRPC_TLS_CA", "GRPC_TLS_CERT", "GRPC_TLS_KEY")
+        for names in (mesh, ("PARTNER_TLS_CERT", "PARTNER_TLS_KEY")):
+            unset = [f"CHATTERBOT_{name}" for name in names if not getattr(self, name.lower())]
+            if 0 < len(unset) < len(names):
+                every = ", ".join(f"CHATTERBOT_{name}" for name in names)
+                raise ValueError(f"{', '.join(unset)} not set: set all of {every}, or none of them")
+        return self
+
     @field_validator("postgres_shards", mode="before")
     @classmethod
     def _shards_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinels_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_usable(cls, value: str) -> str:
+        problem = _redis_url_problem(value, sentinels=False) if value else None
+        if problem:
+            raise ValueError(f"CHATTERBOT_REDIS_URL: {problem}")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_addresses(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for entry in value:
+            sentinel_address(entry)
+        url = info.data.get("redis_url", "")
+        problem = _redis_url_problem(url, sentinels=True) if value and url else None
+        if problem:
+            raise ValueError(f"CHATTERBOT_REDIS_URL with CHATTERBOT_REDIS_SENTINELS: {problem}")
+        return value
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _master_is_a_name(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(
+                "CHATTERBOT_REDIS_SENTINEL_MASTER must be a name without spaces (e.g. chatterbot)"
+            )
+        return value
 
     @field_validator("postgres_replicas", mode="before")
     @classmethod
@@ -312,6 +434,14 @@ class Settings(BaseSettings):
     def service_addr(self, service: str) -> str:
         """Address callers dial for `service` (one of SERVICES)."""
         return getattr(self, f"{service}_addr")
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of each of CHATTERBOT_REDIS_SENTINELS."""
+        return [sentinel_address(entry) for entry in self.redis_sentinels]
+
+    def redis_configured(self) -> bool:
+        """True when Redis is reached directly (CHATTERBOT_REDIS_URL) or through sentinels."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     def service_port(self, service: str) -> int:
         return int(self.service_addr(service).rsplit(":", 1)[1])

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as redis
-
 from chatterbot.grpc_server import GrpcApp, run_service
 from chatterbot.guarded_client import GuardedClient
+from chatterbot.redis_client import redis_client
 from chatterbot.settings import Settings
 from chatterbot.tokens import token_counter
 from chatterbot.v1 import context_pb2, context_pb2_grpc, store_pb2_grpc
@@ -20,9 +19,10 @@ from context_svc.turns import TurnStore
 
 @asynccontextmanager
 async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
-    if not settings.redis_url:
-        raise SystemExit("CHATTERBOT_REDIS_URL is not set")
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    if not settings.redis_configured():
+        raise SystemExit("neither CHATTERBOT_REDIS_URL nor CHATTERBOT_REDIS_SENTINELS is set")
+    # Directly or through Sentinel; the redis probe below asks the same client, so it follows a failover too.
+    client = redis_client(settings, timeout=2.0)
     count_tokens = token_counter(settings.context_tokenizer)
     # On a miss, context is rebuilt from history.
     store = GuardedClient("store", settings.store_addr, store_pb2_grpc.StoreServiceStub, settings)

@@ -9,11 +9,12 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import nats
-import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.grpc_server import DEPENDENCY_PREFIX
+from chatterbot.guarded_client import open_channel
 from chatterbot.jetstream import nats_servers
+from chatterbot.redis_client import redis_client
 from chatterbot.settings import GRPC_PROCESSES, Settings
 from chatterbot.v1 import chat_pb2, chat_pb2_grpc
 
@@ -25,13 +26,13 @@ class MeshHealth:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Health has its own channels: the breaker-guarded data path must not be disturbed by probes.
-        self.channels = {s: grpc.aio.insecure_channel(settings.service_addr(s)) for s in GRPC_PROCESSES}
+        # Health has its own channels (mutual TLS when the mesh has it): the breaker-guarded data path must
+        # not be disturbed by probes.
+        self.channels = {s: open_channel(settings.service_addr(s), settings) for s in GRPC_PROCESSES}
         self.stubs = {s: health_pb2_grpc.HealthStub(c) for s, c in self.channels.items()}
+        # The edge's Redis as its rate limits reach it: directly, or the master the sentinels name now.
         self.redis = (
-            redis.Redis.from_url(settings.redis_url, socket_timeout=CHECK_TIMEOUT)
-            if settings.redis_url
-            else None
+            redis_client(settings, timeout=CHECK_TIMEOUT, retries=1) if settings.redis_configured() else None
         )
 
     async def _serving(self, service: str, name: str = "") -> bool:

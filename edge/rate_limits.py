@@ -24,6 +24,11 @@ development, test and load-test keys, and load tests must not trip over the seed
 Redis down (or slow: 250 ms socket timeouts) does not take the edge down: limits fail open, counted in
 `chatterbot_rate_limit_storage_errors_total` and logged, and Redis is left alone for a second before the next
 try so that every request does not pay a timeout.
+
+The counters live on the client `chatterbot.redis_client` makes, directly or through Sentinel: `limits` is
+handed that client's pool rather than a URI of its own, so its counts are read from the master (its Sentinel
+storage would read them from a possibly lagging replica) and follow the master through a failover. During a
+failover's few seconds limits fail open as above; the counts the replica had received are still there after.
 """
 
 from __future__ import annotations
@@ -35,13 +40,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.exceptions
 from fastapi import Request
 from limits import RateLimitItem, RateLimitItemPerMinute, parse, parse_many
 from limits.aio.storage import RedisStorage
-from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.util import WindowStats
@@ -49,6 +53,7 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatterbot.api_keys import Principal, RouteLimits, route_limit
+from chatterbot.redis_client import redis_client
 from chatterbot.settings import Settings
 from edge.problems import ProblemError
 from edge.protocol import Problem
@@ -128,24 +133,33 @@ class RateLimits:
         )
         self.limit_static_keys = settings.rate_limit_static_keys
         self.storage: RedisStorage | None = None
-        if settings.redis_url:
+        # One retry: a request waits for a reconnect, not for a failover (it fails open meanwhile).
+        self._client = (
+            redis_client(settings, timeout=REDIS_TIMEOUT_SECONDS, retries=1)
+            if settings.redis_configured()
+            else None
+        )
+        if self._client is not None:
+            # `limits` documents connection_pool but types its options as scalars.
+            pool: dict[str, Any] = {"connection_pool": self._client.connection_pool}
             self.storage = RedisStorage(
-                "async+" + settings.redis_url,
+                "async+redis://",
                 implementation="redispy",
                 wrap_exceptions=True,
                 key_prefix=KEY_PREFIX,
-                socket_timeout=REDIS_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                **pool,
             )
             self.requests: RateLimiter = MovingWindowRateLimiter(self.storage)
             self.tokens: RateLimiter = SlidingWindowCounterRateLimiter(self.storage)
         else:
-            log.warning("CHATTERBOT_REDIS_URL is not set: rate limits are off")
+            log.warning(
+                "neither CHATTERBOT_REDIS_URL nor CHATTERBOT_REDIS_SENTINELS is set: rate limits are off"
+            )
         self._skip_until = 0.0
 
     async def close(self) -> None:
-        if self.storage is not None and isinstance(self.storage.bridge, RedispyBridge):
-            await self.storage.bridge.storage.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     # --- requests and tokens per key ---
 

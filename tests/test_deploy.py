@@ -14,9 +14,7 @@
 - nginx.conf: balanced braces, SSE and proxy directives, body limit equal to the edge's; `nginx -t`
   where nginx is installed;
 - the edge's FORWARDED_ALLOW_IPS, run through uvicorn's proxy-headers middleware;
-- k8s/: Kubernetes OpenAPI schemas (`kubernetes-validate`, strict) plus the cross-object checks a
-  schema cannot make (selectors, probe ports and health service names, Settings names, HPA/KEDA
-  targets and JetStream consumers, GPU request); `kubectl kustomize` where kubectl is installed.
+- the Helm chart (helm/chatterbot) is rendered and checked by tests/test_helm.py.
 """
 
 from __future__ import annotations
@@ -34,11 +32,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from chatterbot.jetstream import JOBS_STREAM, PRIORITIES, nats_servers
+from chatterbot.jetstream import nats_servers
 from chatterbot.settings import GRPC_PROCESSES, Settings
+from tests.nginx_versions import for_installed_nginx
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-K8S = DEPLOY / "k8s"
+HELM_VALUES = DEPLOY / "helm" / "chatterbot" / "values.yaml"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 NATS_CONF = DEPLOY / "nats.conf"
 NGINX_CONF = DEPLOY / "nginx.conf"
@@ -57,13 +56,8 @@ MESH = ("edge", "chat", "context", "inference", "store", "worker")
 POSTGRES_CLIENTS = ("store", "migrate")
 # The compose JetStream cluster: one service per node.
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
-# Durable pull consumers on CHAT_JOBS, one per priority.
-JOB_CONSUMERS = [durable for _, durable in PRIORITIES.values()]
 EDGE_PORT = 8000
 METRICS_PORT = 9100
-HEALTH_LIVENESS = "liveness"
-# Kubernetes releases whose schemas the manifests must satisfy: an older supported one and the newest bundled.
-K8S_VERSIONS = ("1.30.0", "latest")
 
 
 def _load_all(path: Path) -> list[dict]:
@@ -78,7 +72,12 @@ def _tool(name: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------- YAML
 
-YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
+# Helm templates are not YAML until rendered (tests/test_helm.py renders them).
+YAML_FILES = sorted(
+    p
+    for p in [*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")]
+    if not (p.relative_to(DEPLOY).parts[0] == "helm" and "templates" in p.parts)
+)
 
 
 def test_expected_files_exist():
@@ -89,7 +88,9 @@ def test_expected_files_exist():
         "nginx.conf",
         "nats.conf",
         "README.md",
-        "k8s/kustomization.yaml",
+        "helm/chatterbot/Chart.yaml",
+        "helm/chatterbot/values.yaml",
+        "helm/chatterbot/values-gpu.yaml",
         "postgres-init/10-shards.sql",
     ):
         assert (DEPLOY / name).is_file(), name
@@ -412,12 +413,17 @@ def _dockerfile_stages() -> dict[str, list[str]]:
 
 def test_dockerfile_stages_and_runtime():
     text = DOCKERFILE.read_text()
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+    # The public image by default; deploy/images/build.sh passes a locally built one.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.MULTILINE)
     stages = _dockerfile_stages()
     assert list(stages)[-1] == "runtime", "the default target must be the CPU runtime image"
     assert {"base", "builder", "runtime", "vllm"} <= set(stages)
-    assert stages["base"][0] == "FROM ${PYTHON_IMAGE} AS base"
-    assert any(re.fullmatch(r"RUN pip install \.", line) for line in stages["builder"])
+    assert stages["base"][0] == "FROM ${BASE_IMAGE} AS base"
+    # The dependencies in a layer of their own (from pyproject.toml alone), then the project without them.
+    builder = stages["builder"]
+    deps = next(i for i, line in enumerate(builder) if "pip install -r" in line)
+    assert builder[deps - 1] == "COPY pyproject.toml ."
+    assert builder[deps + 1 :] == ["COPY . .", "RUN pip install --no-deps ."]
     assert any('pip install ".[vllm]"' in line for line in stages["builder-vllm"])
     for name in ("runtime", "vllm"):
         lines = stages[name]
@@ -455,10 +461,10 @@ def test_hadolint():
 
 
 def _forwarded_allow_ips(compose) -> dict[str, str]:
-    k8s_env = {e["name"]: e["value"] for e in _containers(_by_kind("Deployment")["edge"])[0].get("env", [])}
     return {
         "compose": _env(compose["services"]["edge"])["FORWARDED_ALLOW_IPS"],
-        "k8s": k8s_env["FORWARDED_ALLOW_IPS"],
+        # What the chart sets as the edge's FORWARDED_ALLOW_IPS (tests/test_helm.py checks it renders so).
+        "k8s": yaml.safe_load(HELM_VALUES.read_text())["edge"]["forwardedAllowIps"],
     }
 
 
@@ -553,6 +559,7 @@ def test_nginx_t(tmp_path: Path):
     """`nginx -t` on a copy whose upstream host resolves here and whose temp paths are writable."""
     # The upstreams' hosts resolve here as loopback; Debian's nginx (1.22) predates `resolve` (1.27.3).
     conf = re.sub(r"server (edge|chat):(\d+) resolve;", r"server 127.0.0.1:\2;", NGINX_CONF.read_text())
+    conf = for_installed_nginx(conf)  # `http2 on` and ssl_certificate_cache, which 1.22 lacks
     temp_paths = "".join(
         f"    {kind}_temp_path {tmp_path}/{kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -572,254 +579,3 @@ def test_nginx_t(tmp_path: Path):
     ]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-
-
-# ------------------------------------------------------------------------------------- Kubernetes
-
-KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-
-
-def _k8s_docs() -> list[tuple[str, dict]]:
-    return [(name, doc) for name in KUSTOMIZATION["resources"] for doc in _load_all(K8S / name)]
-
-
-K8S_DOCS = _k8s_docs()
-
-
-def _by_kind(kind: str) -> dict[str, dict]:
-    return {doc["metadata"]["name"]: doc for _, doc in K8S_DOCS if doc["kind"] == kind}
-
-
-def _containers(workload: dict) -> list[dict]:
-    return workload["spec"]["template"]["spec"]["containers"]
-
-
-def _port_names_and_numbers(container: dict) -> set:
-    ports = container.get("ports") or []
-    return {p["containerPort"] for p in ports} | {p["name"] for p in ports if "name" in p}
-
-
-def _doc_id(item: tuple[str, dict]) -> str:
-    return f"{item[1]['kind']}/{item[1]['metadata']['name']}"
-
-
-def test_kustomization_lists_every_manifest():
-    listed = set(KUSTOMIZATION["resources"])
-    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == present
-    assert KUSTOMIZATION["namespace"] == _by_kind("Namespace").popitem()[0]
-
-
-@pytest.mark.parametrize("item", K8S_DOCS, ids=_doc_id)
-def test_k8s_object_has_identity(item):
-    _, doc = item
-    assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name")
-    assert "namespace" not in doc["metadata"], "kustomization.yaml sets the namespace"
-
-
-@pytest.mark.parametrize("item", [i for i in K8S_DOCS if "keda.sh" not in i[1]["apiVersion"]], ids=_doc_id)
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_k8s_object_matches_openapi_schema(item, version):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    if version == "latest":
-        version = kubernetes_validate.latest_version()
-    kubernetes_validate.validate(item[1], version, strict=True)
-
-
-def test_deployments_selectors_match_template_labels():
-    deployments = _by_kind("Deployment")
-    assert set(MESH) <= set(deployments)
-    for name, deployment in deployments.items():
-        selector = deployment["spec"]["selector"]["matchLabels"]
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert selector.items() <= labels.items(), name
-
-
-def test_services_select_a_deployment_and_its_ports():
-    deployments = _by_kind("Deployment")
-    services = _by_kind("Service")
-    assert set(services) == {"edge", *GRPC_PORTS}
-    for name, service in services.items():
-        selector = service["spec"]["selector"]
-        matches = [
-            d
-            for d in deployments.values()
-            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
-        ]
-        assert len(matches) == 1, name
-        ports = _port_names_and_numbers(_containers(matches[0])[0])
-        for port in service["spec"]["ports"]:
-            assert port.get("targetPort", port["port"]) in ports, name
-            if service["spec"].get("clusterIP") == "None":
-                # Headless: clients dial pod IPs directly, so the Service port is the container port.
-                assert port["port"] in ports, name
-
-
-def test_probes_use_declared_ports():
-    for name, deployment in _by_kind("Deployment").items():
-        for container in _containers(deployment):
-            ports = _port_names_and_numbers(container)
-            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-                probe = container.get(kind)
-                if probe is None:
-                    continue
-                handler = probe.get("httpGet") or probe.get("grpc") or probe.get("tcpSocket")
-                assert handler and handler["port"] in ports, f"{name} {kind}"
-
-
-def test_probes_per_service():
-    deployments = _by_kind("Deployment")
-    edge = _containers(deployments["edge"])[0]
-    assert edge["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert edge["livenessProbe"]["httpGet"]["path"] == "/livez"
-    for svc, port in GRPC_PORTS.items():
-        container = _containers(deployments[svc])[0]
-        readiness, liveness = container["readinessProbe"]["grpc"], container["livenessProbe"]["grpc"]
-        assert readiness["port"] == port, svc
-        assert liveness["port"] == port, svc
-        # Readiness follows the dependencies (health service ""). Liveness asks "liveness", which is
-        # SERVING while the process runs, so an outage elsewhere does not restart pods; inference's
-        # follows its model on purpose, so a failed engine is restarted.
-        assert readiness.get("service", "") == "", svc
-        assert liveness.get("service", "") == ("" if svc == "inference" else HEALTH_LIVENESS), svc
-
-
-def test_worker_serves_grpc_health():
-    worker = _containers(_by_kind("Deployment")["worker"])[0]
-    port = GRPC_PORTS["worker"]
-    assert {"name": "grpc", "containerPort": port} in worker["ports"]
-    assert worker["readinessProbe"]["grpc"] == {"port": port}
-    assert worker["livenessProbe"]["grpc"] == {"port": port, "service": HEALTH_LIVENESS}
-    service = _by_kind("Service")["worker"]
-    assert service["spec"]["clusterIP"] == "None"
-    assert [p["port"] for p in service["spec"]["ports"]] == [port]
-
-
-def test_containers_run_the_cli_with_settings_and_resources():
-    configmap = _by_kind("ConfigMap")["chatterbot-config"]
-    secret = _by_kind("Secret")["chatterbot-secrets"]
-    workloads = {**_by_kind("Deployment"), **_by_kind("Job")}
-    for name, workload in workloads.items():
-        for container in _containers(workload):
-            expected = ["migrate"] if name == "migrate" else ["serve", name]
-            assert container["args"] == expected, name
-            assert container["image"] in ("chatterbot", "chatterbot-vllm"), name
-            sources = {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]}
-            assert sources == {configmap["metadata"]["name"], secret["metadata"]["name"]}, name
-            unknown = _unknown_env(e["name"] for e in container.get("env", []))
-            assert not unknown, f"{name}: not fields of Settings: {sorted(unknown)}"
-            assert {"requests", "limits"} <= set(container["resources"]), name
-            assert "cpu" in container["resources"]["requests"], name
-    spec = workloads["edge"]["spec"]["template"]["spec"]
-    assert spec["securityContext"]["runAsNonRoot"] is True
-
-
-def test_configmap_and_secret_keys_are_settings():
-    configmap = _by_kind("ConfigMap")["chatterbot-config"]["data"]
-    secret = _by_kind("Secret")["chatterbot-secrets"]["stringData"]
-    for keys in (configmap, secret):
-        unknown = set(keys) - SETTINGS_ENV
-        assert not unknown, sorted(unknown)
-    assert not set(configmap) & set(secret)
-    assert {"CHATTERBOT_API_KEYS", "CHATTERBOT_ADMIN_KEYS", "CHATTERBOT_POSTGRES_SHARDS"} <= set(secret)
-    assert configmap["CHATTERBOT_BIND_HOST"] == "0.0.0.0"
-    assert configmap["CHATTERBOT_METRICS_PORT"] == str(METRICS_PORT)
-    assert configmap["CHATTERBOT_EDGE_PORT"] == str(EDGE_PORT)
-    services = _by_kind("Service")
-    for svc, port in GRPC_PORTS.items():
-        assert configmap[f"CHATTERBOT_{svc.upper()}_ADDR"] == f"{svc}:{port}"
-        assert port in {p["port"] for p in services[svc]["spec"]["ports"]}, svc
-    assert EDGE_PORT in {p["port"] for p in services["edge"]["spec"]["ports"]}
-    # Every process reads both (envFrom), the edge included: it dials store (API keys), worker
-    # (/health), Redis (rate limits) and NATS (SSE fan-out).
-    assert all(urlsplit(url).scheme == "nats" for url in nats_servers(configmap["CHATTERBOT_NATS_URL"]))
-    # Streams replicated on three nodes of the NATS cluster.
-    assert configmap["CHATTERBOT_JETSTREAM_REPLICAS"] == "3"
-    assert urlsplit(configmap["CHATTERBOT_REDIS_URL"]).scheme == "redis"
-    assert int(configmap["CHATTERBOT_EDGE_MAX_IN_FLIGHT"]) > 0
-    assert int(configmap["CHATTERBOT_MAX_BODY_BYTES"]) == _nginx_body_limit()
-    otlp = configmap["CHATTERBOT_OTEL_EXPORTER_OTLP_ENDPOINT"]
-    assert otlp == "" or urlsplit(otlp).scheme in ("http", "https")
-
-
-def test_k8s_postgres_shards():
-    secret = _by_kind("Secret")["chatterbot-secrets"]["stringData"]
-    dsns = [urlsplit(dsn.strip()) for dsn in secret["CHATTERBOT_POSTGRES_SHARDS"].split(",")]
-    assert dsns and all(dsn.scheme == "postgresql" and dsn.hostname for dsn in dsns)
-    databases = [dsn.path.lstrip("/") for dsn in dsns]
-    assert len(set(databases)) == len(databases)
-    # How to grow the list is written next to it.
-    assert "chatterbot shards rebalance" in (K8S / "secret.yaml").read_text()
-    # store and the migrate Job read the Secret.
-    workloads = {**_by_kind("Deployment"), **_by_kind("Job")}
-    for name in POSTGRES_CLIENTS:
-        refs = [ref.get("secretRef", {}).get("name") for ref in _containers(workloads[name])[0]["envFrom"]]
-        assert "chatterbot-secrets" in refs, name
-
-
-def test_prometheus_scrape_annotations():
-    for name, deployment in _by_kind("Deployment").items():
-        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/scrape"] == "true", name
-        port = int(annotations["prometheus.io/port"])
-        assert port == (EDGE_PORT if name == "edge" else METRICS_PORT), name
-        assert port in _port_names_and_numbers(_containers(deployment)[0]), name
-
-
-def test_autoscaling():
-    deployments = _by_kind("Deployment")
-    hpas = _by_kind("HorizontalPodAutoscaler")
-    assert set(hpas) == {"edge", "chat"}
-    for name, hpa in hpas.items():
-        target = hpa["spec"]["scaleTargetRef"]
-        assert (target["kind"], target["name"]) == ("Deployment", name)
-        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-        assert "replicas" not in deployments[name]["spec"], f"{name}: replicas would fight the HPA"
-    (scaled,) = _by_kind("ScaledObject").values()
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "worker"
-    triggers = scaled["spec"]["triggers"]
-    assert sorted(t["metadata"]["consumer"] for t in triggers) == sorted(JOB_CONSUMERS)
-    names = [t.get("name") for t in triggers]
-    assert len(set(names)) == len(names)
-    for trigger in triggers:
-        assert trigger["type"] == "nats-jetstream"
-        meta = trigger["metadata"]
-        assert meta["stream"] == JOBS_STREAM
-        assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
-        assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
-        assert int(meta["lagThreshold"]) > 0
-    assert "replicas" not in deployments["worker"]["spec"]
-
-
-def test_inference_requests_a_gpu_and_runs_vllm():
-    container = _containers(_by_kind("Deployment")["inference"])[0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["image"] == "chatterbot-vllm"
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["CHATTERBOT_INFERENCE_ENGINE"] == "vllm"
-    assert "sim" in (K8S / "inference.yaml").read_text()
-
-
-def test_edge_disruption_budget_and_migrate_job():
-    (pdb,) = _by_kind("PodDisruptionBudget").values()
-    edge_labels = _by_kind("Deployment")["edge"]["spec"]["template"]["metadata"]["labels"]
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= edge_labels.items()
-    job = _by_kind("Job")["migrate"]
-    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-def test_kustomize_renders():
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(K8S)], check=False, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert sorted(_doc_id(("", d)) for d in rendered) == sorted(_doc_id(i) for i in K8S_DOCS)
-    for doc in rendered:
-        if doc["kind"] != "Namespace":
-            assert doc["metadata"]["namespace"] == KUSTOMIZATION["namespace"], _doc_id(("", doc))
-        if doc["kind"] in ("Deployment", "Job"):
-            for container in doc["spec"]["template"]["spec"]["containers"]:
-                assert ":" in container["image"], "kustomize images: sets the tag"
