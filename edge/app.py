@@ -21,6 +21,7 @@ from edge.chat_client import new_chat_client
 from edge.cors import cors_options
 from edge.disconnects import install_disconnect_handler
 from edge.health import MeshHealth
+from edge.idempotency import IdempotencyStore
 from edge.middleware import EdgeGuard
 from edge.problems import install_problem_handlers
 from edge.rate_limits import RateLimitHeaders, RateLimits
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.keys = KeyResolver.from_settings(settings, store_lookup(app.state.store))
         app.state.rate_limits = RateLimits(settings)
+        app.state.idempotency = IdempotencyStore.from_settings(settings)
         app.state.health = MeshHealth(settings)
         app.state.tickets = StreamTickets(await ticket_secret(settings), settings.stream_ticket_seconds)
         # One NATS connection and one event subscription per edge process, shared by every SSE stream.
@@ -59,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.chat.close()
             await app.state.store.close()
             await app.state.rate_limits.close()
+            await app.state.idempotency.close()
             await app.state.health.close()
 
     app = FastAPI(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
+import orjson
 from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
 
 from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
@@ -16,6 +18,8 @@ from chatterbot.v1 import chat_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.chat_client import ChatClient, Metadata, chat_client, metadata
 from edge.disconnects import unless_disconnected
+from edge.idempotency import RESPONSES as IDEMPOTENCY_RESPONSES
+from edge.idempotency import Claim, Recorder, idempotency_key, keyed, openapi_parameter, run_once
 from edge.json_templates import JSONTemplate
 from edge.middleware import StreamMeter
 from edge.problems import ProblemError, downstream, problem_for_downstream
@@ -29,6 +33,7 @@ from edge.protocol import (
     finish_reason,
 )
 from edge.rate_limits import RATE_LIMITED_RESPONSE
+from edge.responses import ModelResponse
 from edge.sse import EventStreamResponse, close_iterator
 
 router = APIRouter(tags=["chat"])
@@ -69,23 +74,34 @@ def to_chat_turn(body: ChatRequest, max_message_chars: int) -> chat_pb2.ChatTurn
     response_model=ChatResponse,
     responses={
         **ERRORS,
+        **IDEMPOTENCY_RESPONSES,
         200: {"content": {"text/event-stream": {}}, "description": "The answer, or a stream"},
     },
+    openapi_extra=openapi_parameter(),
 )
 async def chat(
     body: ChatRequest,
     request: Request,
     caller: Caller = Depends(require_key),
     client: ChatClient = Depends(chat_client),
-) -> ChatResponse | EventStreamResponse:
+) -> ChatResponse | Response:
     """Run one chat turn. With `stream: true` the answer arrives as `data: {"token", "done"}` events."""
     settings = request.app.state.settings
     turn = to_chat_turn(body, settings.max_message_chars)
+    key = idempotency_key(request)
+    if key is not None:
+        return await _chat_once(body, request, caller, client, turn, key)
     await authorize_turn(request, caller, body.user_id, body.max_tokens)
     if body.stream:
         return await _stream(
             client, turn, metadata(caller), settings.sse_keepalive_seconds, StreamMeter(request, "/chat")
         )
+    return await _answer(request, client, caller, turn)
+
+
+async def _answer(
+    request: Request, client: ChatClient, caller: Caller, turn: chat_pb2.ChatTurn
+) -> ChatResponse:
     reply: chat_pb2.ChatResponse = await downstream(
         unless_disconnected(
             request,
@@ -95,6 +111,47 @@ async def chat(
     return ChatResponse(
         response=reply.response, conversation_id=reply.conversation_id, processing_time=reply.processing_time
     )
+
+
+def _token_text(data: str) -> str | None:
+    """The text of a plain token event (`{"token", "done": false}`), None for any other."""
+    event = orjson.loads(data)
+    return event["token"] if event.keys() == {"token", "done"} and event["done"] is False else None
+
+
+def _is_error(event: Mapping[str, str]) -> bool:
+    return event.get("event") == "error"
+
+
+async def _chat_once(
+    body: ChatRequest,
+    request: Request,
+    caller: Caller,
+    client: ChatClient,
+    turn: chat_pb2.ChatTurn,
+    key: str,
+) -> Response:
+    """A turn with an Idempotency-Key (edge.idempotency): run once, its answer (or stream) replayed after."""
+    settings = request.app.state.settings
+    once = keyed(caller.principal.key_id, key, "/chat", body)
+    turn.request_id = once.request_id
+    log_correlation_id.set(once.request_id)
+
+    async def run(claim: Claim) -> Response:
+        await authorize_turn(request, caller, body.user_id, body.max_tokens)
+        if body.stream:
+            record = claim.recorder(_is_error, _token_text, token_event)
+            meter = StreamMeter(request, "/chat")
+            return await _stream(
+                client, turn, metadata(caller), settings.sse_keepalive_seconds, meter, record
+            )
+        return ModelResponse(await _answer(request, client, caller, turn))
+
+    if body.stream:
+        return await run_once(
+            request, once, run, wait_seconds=None, replay=lambda stored: stored.stream(numbered=True)
+        )
+    return await run_once(request, once, run, wait_seconds=settings.deadline_seconds)
 
 
 def done_event(message: chat_pb2.StreamChatResponse) -> str:
@@ -115,7 +172,9 @@ async def _stream(
     call_metadata: Metadata,
     keepalive_seconds: float,
     meter: StreamMeter,
+    record: Recorder | None = None,
 ) -> EventStreamResponse:
+    """`record`: what the events pass through on their way (a keyed stream keeps them)."""
     stream: AsyncIterator[chat_pb2.StreamChatResponse] = client.stream(
         client.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=call_metadata
     )
@@ -148,4 +207,5 @@ async def _stream(
             # Closing the guarded stream cancels the gRPC call, and with it the generation.
             await close_iterator(stream)
 
-    return EventStreamResponse(events(), ping_seconds=keepalive_seconds)
+    source = events() if record is None else record(events())
+    return EventStreamResponse(source, ping_seconds=keepalive_seconds)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.errors
 import nats.js.errors
+import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
+from starlette.responses import Response
 
 from chatterbot import wire
 from chatterbot.events import EventFanout
 from chatterbot.jetstream import DLQ_STREAM, EVENTS_STREAM, JOBS_STREAM, PRIORITIES, JobEvent
+from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_admin, require_key
 from edge.browser_protocol import StreamTicket
 from edge.chat_client import ChatClient, chat_client, metadata
+from edge.idempotency import RESPONSES as IDEMPOTENCY_RESPONSES
+from edge.idempotency import Claim, Stored, idempotency_key, keyed, openapi_parameter, run_once
 from edge.middleware import StreamMeter
 from edge.problems import ProblemError, downstream
 from edge.protocol import (
@@ -35,6 +40,7 @@ from edge.protocol import (
     StreamChatAccepted,
     StreamEvent,
 )
+from edge.responses import ModelResponse
 from edge.routes.chat import ERRORS, to_chat_turn, token_event
 from edge.sse import EventStreamResponse
 from edge.tickets import StreamTickets, Ticket, stream_reader
@@ -49,6 +55,17 @@ async def _submit(
     body: ChatRequest, request: Request, caller: Caller, client: ChatClient, priority: types_pb2.JobPriority
 ) -> str:
     turn = to_chat_turn(body, request.app.state.settings.max_message_chars)
+    return await _send(turn, body, request, caller, client, priority)
+
+
+async def _send(
+    turn: chat_pb2.ChatTurn,
+    body: ChatRequest,
+    request: Request,
+    caller: Caller,
+    client: ChatClient,
+    priority: types_pb2.JobPriority,
+) -> str:
     await authorize_turn(request, caller, body.user_id, body.max_tokens)
     reply: chat_pb2.SubmitChatResponse = await downstream(
         client.call(
@@ -58,6 +75,39 @@ async def _submit(
         )
     )
     return reply.correlation_id
+
+
+async def _submit_once(
+    body: ChatRequest,
+    request: Request,
+    caller: Caller,
+    client: ChatClient,
+    priority: types_pb2.JobPriority,
+    route: str,
+    key: str,
+    accepted: Callable[[Request, Caller, str], AsyncChatAccepted | StreamChatAccepted],
+) -> Response:
+    """A submit with an Idempotency-Key (edge.idempotency): queued once; a retry gets the same correlation id
+    (and a fresh stream ticket)."""
+    turn = to_chat_turn(body, request.app.state.settings.max_message_chars)
+    once = keyed(caller.principal.key_id, key, route, body)
+    # chat_svc derives the correlation id from the user and the request id: a re-run gets the same one.
+    turn.request_id = once.request_id
+    log_correlation_id.set(once.request_id)
+
+    async def run(claim: Claim) -> Response:
+        correlation_id = await _send(turn, body, request, caller, client, priority)
+        return ModelResponse(accepted(request, caller, correlation_id))
+
+    def replay(stored: Stored) -> Response:
+        if stored.status != 200:
+            return stored.response()
+        correlation_id = orjson.loads(stored.body)["correlation_id"]
+        return ModelResponse(accepted(request, caller, correlation_id))
+
+    return await run_once(
+        request, once, run, wait_seconds=request.app.state.settings.deadline_seconds, replay=replay
+    )
 
 
 async def _result(client: ChatClient, caller: Caller, correlation_id: str) -> chat_pb2.GetChatResultResponse:
@@ -75,15 +125,7 @@ def _stream_endpoint(request: Request, caller: Caller, correlation_id: str) -> s
     return tickets.endpoint(correlation_id, caller.principal.key_id)
 
 
-@router.post("/async-chat", response_model=AsyncChatAccepted, status_code=200, responses=ERRORS)
-async def async_chat(
-    body: ChatRequest,
-    request: Request,
-    caller: Caller = Depends(require_key),
-    client: ChatClient = Depends(chat_client),
-) -> AsyncChatAccepted:
-    """Queue a turn; poll `check_endpoint` for the answer, or watch it on `stream_endpoint`."""
-    cid = await _submit(body, request, caller, client, types_pb2.JOB_PRIORITY_INTERACTIVE)
+def _async_accepted(request: Request, caller: Caller, cid: str) -> AsyncChatAccepted:
     return AsyncChatAccepted(
         status="processing",
         message="Your request is being processed",
@@ -93,22 +135,61 @@ async def async_chat(
     )
 
 
-@router.post("/stream-chat", response_model=StreamChatAccepted, responses=ERRORS)
-async def stream_chat(
-    body: ChatRequest,
-    request: Request,
-    caller: Caller = Depends(require_key),
-    client: ChatClient = Depends(chat_client),
-) -> StreamChatAccepted:
-    """Queue a turn at streaming priority; read its tokens from `stream_endpoint` (with a key, or as it is:
-    it carries a ticket)."""
-    cid = await _submit(body, request, caller, client, types_pb2.JOB_PRIORITY_STREAMING)
+def _stream_accepted(request: Request, caller: Caller, cid: str) -> StreamChatAccepted:
     return StreamChatAccepted(
         status="streaming",
         message="Stream is ready",
         correlation_id=cid,
         stream_endpoint=_stream_endpoint(request, caller, cid),
     )
+
+
+@router.post(
+    "/async-chat",
+    response_model=AsyncChatAccepted,
+    status_code=200,
+    responses={**ERRORS, **IDEMPOTENCY_RESPONSES},
+    openapi_extra=openapi_parameter(),
+)
+async def async_chat(
+    body: ChatRequest,
+    request: Request,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> AsyncChatAccepted | Response:
+    """Queue a turn; poll `check_endpoint` for the answer, or watch it on `stream_endpoint`."""
+    priority = types_pb2.JOB_PRIORITY_INTERACTIVE
+    key = idempotency_key(request)
+    if key is not None:
+        return await _submit_once(
+            body, request, caller, client, priority, "/async-chat", key, _async_accepted
+        )
+    cid = await _submit(body, request, caller, client, priority)
+    return _async_accepted(request, caller, cid)
+
+
+@router.post(
+    "/stream-chat",
+    response_model=StreamChatAccepted,
+    responses={**ERRORS, **IDEMPOTENCY_RESPONSES},
+    openapi_extra=openapi_parameter(),
+)
+async def stream_chat(
+    body: ChatRequest,
+    request: Request,
+    caller: Caller = Depends(require_key),
+    client: ChatClient = Depends(chat_client),
+) -> StreamChatAccepted | Response:
+    """Queue a turn at streaming priority; read its tokens from `stream_endpoint` (with a key, or as it is:
+    it carries a ticket)."""
+    priority = types_pb2.JOB_PRIORITY_STREAMING
+    key = idempotency_key(request)
+    if key is not None:
+        return await _submit_once(
+            body, request, caller, client, priority, "/stream-chat", key, _stream_accepted
+        )
+    cid = await _submit(body, request, caller, client, priority)
+    return _stream_accepted(request, caller, cid)
 
 
 @router.get(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -25,11 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatterbot import wire
 from chatterbot.breaker import CircuitOpenError
+from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.settings import Settings
 from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.chat_client import ChatClient, Metadata, chat_client, metadata
 from edge.disconnects import unless_disconnected
+from edge.idempotency import KEY_DESCRIPTION as IDEMPOTENCY_KEY_DESCRIPTION
+from edge.idempotency import Claim, Recorder, idempotency_key, keyed, openapi_parameter, run_once
 from edge.json_templates import JSONTemplate
 from edge.middleware import StreamMeter
 from edge.openai_protocol import (
@@ -292,6 +295,20 @@ def _logprobs(logprobs: Sequence[types_pb2.TokenLogprob]) -> ChoiceLogprobs:
     response_model=ChatCompletion,
     responses={
         **_ERRORS,
+        400: {
+            **_ERRORS[400],
+            "description": f"{_ERRORS[400]['description']}; or a malformed Idempotency-Key (empty, over 255 "
+            "characters, not printable ASCII), or one sent to an edge without Redis",
+        },
+        409: {
+            "model": OpenAIProblem,
+            "description": "A request with this Idempotency-Key is still running (a stream: at once; else past "
+            "the stream deadline); see Retry-After",
+        },
+        422: {
+            "model": OpenAIProblem,
+            "description": "Invalid body or header, or an Idempotency-Key used with another request",
+        },
         200: {
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
             "description": "The completion, or with `stream: true` `data:` events each holding a "
@@ -299,6 +316,10 @@ def _logprobs(logprobs: Sequence[types_pb2.TokenLogprob]) -> ChoiceLogprobs:
             "ending with `data: [DONE]`",
         },
     },
+    openapi_extra=openapi_parameter(
+        f"{IDEMPOTENCY_KEY_DESCRIPTION}. A stream is replayed as chunks ending in `[DONE]`; while it still "
+        "runs, a retry is 409"
+    ),
 )
 async def chat_completions(
     body: ChatCompletionRequest,
@@ -314,11 +335,56 @@ async def chat_completions(
     ),
 ) -> Response:
     """Generate the next assistant message of `messages` (OpenAI's chat completions API)."""
-    state = request.app.state
-    settings: Settings = state.settings
+    settings: Settings = request.app.state.settings
     turn = to_chat_turn(body, settings, x_conversation_id)
     if caller.user_id and not body.user:
         turn.user_id = caller.user_id  # a user key speaks for its own user
+    key = idempotency_key(request)
+    if key is None:
+        return await _completion(body, request, caller, client, turn)
+    once = keyed(caller.principal.key_id, key, "/v1/chat/completions", body, x_conversation_id)
+    turn.request_id = once.request_id
+    log_correlation_id.set(once.request_id)  # X-Request-ID: the same for the first request and its retries
+
+    async def run(claim: Claim) -> Response:
+        if not body.stream:
+            return await _completion(body, request, caller, client, turn)
+        chunks = _renderer(body, turn, settings)
+        record = claim.recorder(_is_error_event, _content_text, chunks.content)
+        return await _completion(body, request, caller, client, turn, chunks, record)
+
+    if body.stream:
+        return await run_once(
+            request,
+            once,
+            run,
+            wait_seconds=None,
+            replay=lambda stored: stored.stream(numbered=False),
+            problem=_openai_problem,
+        )
+    # A retry waits for the first as long as the first may take: the stream deadline bounds it.
+    return await run_once(
+        request, once, run, wait_seconds=settings.stream_deadline_seconds, problem=_openai_problem
+    )
+
+
+def _renderer(body: ChatCompletionRequest, turn: chat_pb2.ChatTurn, settings: Settings) -> _ChunkRenderer:
+    return _ChunkRenderer(
+        f"chatcmpl-{turn.request_id}", int(time.time()), body.model or settings.model_name, body.include_usage
+    )
+
+
+async def _completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    caller: Caller,
+    client: ChatClient,
+    turn: chat_pb2.ChatTurn,
+    chunks: _ChunkRenderer | None = None,
+    record: Recorder | None = None,
+) -> Response:
+    """The completion of `turn`, whole or streamed (`chunks` renders the stream; `record`: see `_stream`)."""
+    settings: Settings = request.app.state.settings
     await authorize_turn(request, caller, turn.user_id, turn.max_tokens)
     created = int(time.time())
     if body.stream:
@@ -326,11 +392,10 @@ async def chat_completions(
             client,
             turn,
             metadata(caller),
-            _ChunkRenderer(
-                f"chatcmpl-{turn.request_id}", created, body.model or settings.model_name, body.include_usage
-            ),
+            chunks or _renderer(body, turn, settings),
             settings.sse_keepalive_seconds,
             StreamMeter(request, "/v1/chat/completions"),
+            record,
         )
     # A whole generation, as a stream would be: the stream deadline bounds it, not the unary one.
     reply: chat_pb2.ChatResponse = await downstream(
@@ -363,6 +428,34 @@ async def chat_completions(
         usage=Usage(**wire.usage_dict(reply.usage)),
     )
     return ModelResponse(completion, headers={"X-Conversation-Id": reply.conversation_id})
+
+
+def _openai_problem(exc: ProblemError) -> Response:
+    return openai_problem(exc.status, exc.detail, exc.headers, param=exc.param)
+
+
+def _is_error_event(event: Mapping[str, str]) -> bool:
+    # OpenAI's SDKs raise for an event that carries `error`; it is followed by `[DONE]`.
+    return event.get("data", "").startswith('{"error"')
+
+
+def _content_text(data: str) -> str | None:
+    """The text of a chunk that carries text and nothing else, None for any other."""
+    chunk = orjson.loads(data)
+    choices = chunk.get("choices")
+    if chunk.get("object") != "chat.completion.chunk" or not isinstance(choices, list) or len(choices) != 1:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    plain = choice.get("finish_reason") is None and choice.get("logprobs") is None
+    if (
+        plain
+        and isinstance(delta, dict)
+        and delta.keys() == {"content"}
+        and isinstance(delta["content"], str)
+    ):
+        return delta["content"]
+    return None
 
 
 def _piece(piece: types_pb2.ToolCallDelta) -> ChunkToolCall:
@@ -445,7 +538,9 @@ async def _stream(
     chunks: _ChunkRenderer,
     keepalive_seconds: float,
     meter: StreamMeter,
+    record: Recorder | None = None,
 ) -> EventStreamResponse:
+    """`record`: what the events pass through on their way (a keyed stream keeps them)."""
     stream: AsyncIterator[chat_pb2.StreamChatResponse] = client.stream(
         client.stub.StreamChat, chat_pb2.StreamChatRequest(turn=turn), metadata=call_metadata
     )
@@ -484,7 +579,8 @@ async def _stream(
             await close_iterator(stream)
         yield {"data": "[DONE]"}
 
-    return EventStreamResponse(events(), ping_seconds=keepalive_seconds)
+    source = events() if record is None else record(events())
+    return EventStreamResponse(source, ping_seconds=keepalive_seconds)
 
 
 async def _served_models(caller: Caller, client: ChatClient) -> ModelList:
