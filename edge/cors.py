@@ -24,6 +24,8 @@ EXPOSE_HEADERS = (
     "X-RateLimit-Remaining-Tokens",
     "X-RateLimit-Reset-Tokens",
     "X-Request-ID",
+    "X-Conversation-Id",
+    "Idempotent-Replayed",
 )
 # Browsers cache a preflight at most this long (Chromium caps it at two hours).
 PREFLIGHT_MAX_AGE_SECONDS = 600

@@ -79,8 +79,8 @@ class EventStreamResponse(Response):
         self._last_write = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await until_disconnected(receive, self._pump(send))
         except ClientDisconnected:
             pass  # nobody to tell; the events' source is closed below
