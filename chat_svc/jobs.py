@@ -22,6 +22,7 @@ from chat_svc.turn import TurnInput
 from chatterbot.events import last_event_seq
 from chatterbot.jetstream import PRIORITIES, Job, JobEvent, cancel_subject, events_subject
 from chatterbot.status import NotFound
+from chatterbot.tracing import publishing
 from chatterbot.v1 import store_pb2, types_pb2
 
 if TYPE_CHECKING:
@@ -106,7 +107,10 @@ async def submit(deps: JobDeps, turn: TurnInput, priority: types_pb2.JobPriority
             conversation_id=job.conversation_id,
         )
     subject = PRIORITIES[job.priority][0]
-    await deps.js.publish(subject, job.encode(), headers={"Nats-Msg-Id": correlation_id})
+    headers = {"Nats-Msg-Id": correlation_id}
+    # The worker's span for the job continues this request's trace from these headers.
+    with publishing(subject, headers, correlation_id):
+        await deps.js.publish(subject, job.encode(), headers=headers)
     return correlation_id
 
 

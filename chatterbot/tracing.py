@@ -4,6 +4,12 @@ The propagator is always W3C `traceparent`, so a trace started by a client (or t
 chat_svc, context_svc, inference_svc and store_svc. Spans are recorded and exported over OTLP/HTTP only when
 `CHATTERBOT_OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise tracing costs next to nothing.
 
+Queued turns keep the trace across JetStream: `publishing()` wraps a job's publish in a producer span and puts its
+`traceparent`/`tracestate` in the message headers, and `processing()` opens the worker's consumer span for a
+delivery as a child of it. A child rather than a link: a job is the consequence of exactly one submit, so the one
+trace of a turn shows the wait in the queue and everything the worker called. The headers are stored with the
+message, so every redelivery is another child of the same producer span, with its attempt number.
+
 Servers use OpenTelemetry's gRPC instrumentation. Clients (every `GuardedClient` channel) use
 `client_tracing_interceptors()` below: OpenTelemetry's asyncio client interceptor awaits each unary call's status in
 a task of its own, so cancelling the caller left the RPC, and the generation behind it, running.
@@ -12,7 +18,9 @@ a task of its own, so cancelling the caller left the RPC, and the generation beh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator, Mapping
 
 import grpc
 from opentelemetry import propagate, trace
@@ -65,6 +73,53 @@ def shutdown_tracing() -> None:
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.shutdown()
+
+
+@contextlib.contextmanager
+def publishing(subject: str, headers: dict[str, str], message_id: str) -> Iterator[None]:
+    """A producer span around publishing message `message_id` on `subject`, its trace context added to
+    `headers`; with nothing exported, neither span nor headers."""
+    if not _exporting:
+        yield
+        return
+    with trace.get_tracer(__name__).start_as_current_span(
+        f"send {subject}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": subject,
+            "messaging.message.id": message_id,
+        },
+    ):
+        propagate.inject(headers)
+        yield
+
+
+@contextlib.contextmanager
+def processing(
+    subject: str, headers: Mapping[str, str] | None, message_id: str, consumer: str, attempt: int
+) -> Iterator[trace.Span]:
+    """The consumer span of one delivery of a message, current while it runs, a child of the trace context in
+    the message's `headers` (a trace of its own when they carry none); a non-recording span when nothing is
+    exported."""
+    if not _exporting:
+        yield trace.INVALID_SPAN
+        return
+    with trace.get_tracer(__name__).start_as_current_span(
+        f"process {subject}",
+        context=propagate.extract(headers or {}),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": subject,
+            "messaging.message.id": message_id,
+            "messaging.consumer.group.name": consumer,
+            "chatterbot.job.attempt": attempt,
+        },
+    ) as span:
+        yield span
 
 
 def client_tracing_interceptors() -> list[grpc.aio.ClientInterceptor]:
