@@ -17,6 +17,7 @@ from chatterbot.jetstream import connect, disconnect
 from chatterbot.settings import Settings
 from chatterbot.tracing import tracing_enabled
 from chatterbot.v1 import store_pb2_grpc
+from edge.auth import document_key_security
 from edge.chat_client import new_chat_client
 from edge.cors import cors_options
 from edge.disconnects import install_disconnect_handler
@@ -84,13 +85,18 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     install_disconnect_handler(app)
     # Routes are matched in order, router by router: the chat routes, which carry the traffic, come first.
-    app.include_router(openai.router)
-    app.include_router(chat.router)
-    app.include_router(jobs.router)
-    app.include_router(history.router)
-    app.include_router(whoami.router)
-    app.include_router(health.router)
-    app.include_router(ui.router)
+    routers = (
+        openai.router,
+        chat.router,
+        jobs.router,
+        history.router,
+        whoami.router,
+        health.router,
+        ui.router,
+    )
+    for router in routers:
+        app.include_router(router)
+    document_key_security(app, routers)
     app.mount("/static", ui.page_files(), name="static")
     if tracing_enabled():
         # Continues the caller's W3C trace (or starts one) for every request; gRPC calls carry it on.

@@ -80,7 +80,9 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             await until_disconnected(receive, self._pump(send))
         except ClientDisconnected:
             pass  # nobody to tell; the events' source is closed below

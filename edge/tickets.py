@@ -33,7 +33,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from chatterbot.redis_client import redis_client
 from chatterbot.settings import Settings
-from edge.auth import Caller, api_key_header, bearer_scheme, require_key
+from edge.auth import Caller, api_key_header, authenticate, bearer_scheme
 from edge.problems import ProblemError
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,6 @@ async def stream_reader(
 ) -> Caller | Ticket:
     """FastAPI dependency of a stream route: the caller of a key, when one is sent, else a valid ticket."""
     if x_api_key or bearer or ticket is None:
-        return await require_key(request, x_api_key, bearer)
+        return await authenticate(request, x_api_key or (bearer.credentials if bearer else None))
     tickets: StreamTickets = request.app.state.tickets
     return tickets.check(ticket, correlation_id)
