@@ -70,6 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
         version="1.0.0",
         description="Chat backend for large language models.",
         lifespan=lifespan,
+        # Spans come from the OpenTelemetry instrumentation below when tracing is on, metrics from Prometheus;
+        # FastAPI's own telemetry would only look for providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.add_middleware(
         EdgeGuard, max_in_flight=settings.edge_max_in_flight, max_body_bytes=settings.max_body_bytes
