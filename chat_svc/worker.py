@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from opentelemetry.trace import Status, StatusCode
 
 from chat_svc.jobs import TERMINAL, JobDeps, find_result, publish_event, put_result
 from chat_svc.turn import TurnDeps, TurnInput, TurnResult, stream_turn
@@ -41,6 +42,7 @@ from chatterbot.jetstream import (
 )
 from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.settings import Settings
+from chatterbot.tracing import processing
 from chatterbot.v1 import types_pb2
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ IDLE_FETCH_TIMEOUT = 0.1
 BUSY_FETCH_TIMEOUT = 0.005
 # Tells watchers a new try begins: the text so far is to be discarded (its seq is the publisher's).
 RESTART = JobEvent(0, restart=True)
+# How one delivery of a job ended, on its span: done, retried, dead-lettered, cancelled or handed back.
+OUTCOME = "chatterbot.job.outcome"
 
 
 def _permanent(exc: Exception) -> bool:
@@ -221,30 +225,39 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None  # a job runs in a task of its own
         self._running[job.correlation_id] = task
-        try:
-            await self._process(job, attempt)
-            await msg.ack()
-        except asyncio.CancelledError:
-            if job.correlation_id in self._cancel_requested:
-                await self._finish_cancelled(job)
+        consumer = msg.metadata.consumer or ""
+        with processing(msg.subject, msg.headers, job.correlation_id, consumer, attempt) as span:
+            try:
+                await self._process(job, attempt)
                 await msg.ack()
-            else:
-                # Shutting down: hand the job back at once rather than after ack_wait.
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-                raise
-        except Exception as exc:
-            log.warning("job failed", extra={"attempt": attempt, "error": repr(exc)})
-            if attempt >= self.settings.jobs_max_deliver or _permanent(exc):
-                await self._dead_letter(job, repr(exc))
-                await msg.term()
-            else:
-                backoff = self.settings.jobs_backoff_seconds
-                await msg.nak(delay=backoff[min(attempt - 1, len(backoff) - 1)] if backoff else None)
-        finally:
-            heartbeat.cancel()
-            self._running.pop(job.correlation_id, None)
-            self._cancel_requested.discard(job.correlation_id)
+                span.set_attribute(OUTCOME, "done")
+            except asyncio.CancelledError:
+                if job.correlation_id in self._cancel_requested:
+                    span.set_attribute(OUTCOME, "cancelled")
+                    await self._finish_cancelled(job)
+                    await msg.ack()
+                else:
+                    span.set_attribute(OUTCOME, "handed back")
+                    # Shutting down: hand the job back at once rather than after ack_wait.
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    raise
+            except Exception as exc:
+                log.warning("job failed", extra={"attempt": attempt, "error": repr(exc)})
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                if attempt >= self.settings.jobs_max_deliver or _permanent(exc):
+                    span.set_attribute(OUTCOME, "dead-lettered")
+                    await self._dead_letter(job, repr(exc))
+                    await msg.term()
+                else:
+                    span.set_attribute(OUTCOME, "retried")
+                    backoff = self.settings.jobs_backoff_seconds
+                    await msg.nak(delay=backoff[min(attempt - 1, len(backoff) - 1)] if backoff else None)
+            finally:
+                heartbeat.cancel()
+                self._running.pop(job.correlation_id, None)
+                self._cancel_requested.discard(job.correlation_id)
 
     async def _heartbeat(self, msg: Msg) -> None:
         while True:
