@@ -79,6 +79,7 @@ class EventPublisher:
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
         self._task: asyncio.Task[None] = asyncio.create_task(self._run())
 
     def token(self, text: str) -> None:
@@ -87,7 +88,7 @@ class EventPublisher:
         self._ready.set()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             await self._ready.wait()
             self._ready.clear()
             text, self._pending = "".join(self._pending), []
@@ -111,6 +112,10 @@ class EventPublisher:
             self._task.result()  # re-raise a failed publish
 
     async def close(self) -> None:
+        # A cancellation can be lost in a publish's own wait (Python 3.11's `asyncio.wait_for` swallows one that
+        # lands as the reply arrives), and the loop would wait for tokens forever: the flag ends it either way.
+        self._closed = True
+        self._ready.set()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
