@@ -270,7 +270,16 @@ def _wait_until_serving(project: Project) -> None:
                 last = f"{reply.status_code} {reply.text}"
                 body = reply.json()
                 if body["status"] == "healthy" and body["degradation"]["rung"] == "none":
-                    return
+                    # Healthy, and a turn goes through: a breaker that opened on a starved call to its
+                    # service is closed again (its next trial call succeeded).
+                    turn = client.post(
+                        "/chat",
+                        json={"message": "warm up", "user_id": new_user(), "max_tokens": 4},
+                        headers={"X-API-Key": API_KEY},
+                    )
+                    last = f"/chat: {turn.status_code} {turn.text}"
+                    if turn.status_code == 200:
+                        return
             except (httpx.TransportError, ValueError, KeyError) as exc:
                 last = f"{last} ({exc!r})"
             assert time.monotonic() < deadline, f"not serving: {last}\n{project.report()}"

@@ -206,6 +206,9 @@ def test_the_embedded_servers_are_an_extra_the_tests_pull_and_the_image_leaves_o
 
     dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
     installs = [line for line in dockerfile.splitlines() if re.search(r"\bpip install\b", line)]
-    assert any(re.fullmatch(r"RUN pip install \.", line.strip()) for line in installs), installs
+    # The project's own dependencies (pyproject's `dependencies`, no extra) in a layer of their own, then the
+    # project without them.
+    assert any(re.fullmatch(r"RUN pip install --no-deps \.", line.strip()) for line in installs), installs
+    assert '["project"]["dependencies"]' in dockerfile and "optional-dependencies" not in dockerfile
     for line in installs:
         assert "embedded" not in line and not any(p in line for p in EMBEDDED_PACKAGES), line
