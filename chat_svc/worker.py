@@ -30,7 +30,7 @@ from opentelemetry.trace import Status, StatusCode
 from chat_svc.jobs import TERMINAL, JobDeps, find_result, publish_event, put_result
 from chat_svc.turn import TurnDeps, TurnInput, TurnResult, stream_turn
 from chatterbot import wire
-from chatterbot.events import last_event_seq
+from chatterbot.events import last_event, last_event_seq
 from chatterbot.jetstream import (
     CANCEL_SUBJECT_PREFIX,
     DLQ_SUBJECT_PREFIX,
@@ -43,7 +43,7 @@ from chatterbot.jetstream import (
 from chatterbot.logs import correlation_id as log_correlation_id
 from chatterbot.settings import Settings
 from chatterbot.tracing import processing
-from chatterbot.v1 import types_pb2
+from chatterbot.v1 import store_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,10 @@ class Worker:
     async def _process(self, job: Job, attempt: int) -> None:
         result = await find_result(self.job_deps, job.correlation_id, job.user_id)
         if result is not None and result.status in TERMINAL:
-            return  # finished (or cancelled) by an earlier try: nothing to do but acknowledge
+            # Finished (or cancelled) by an earlier try: nothing to run again, but that try may have died
+            # between storing the result and publishing the stream's last event.
+            await self._end_events(job, result)
+            return
         started = time.perf_counter()
         publisher = EventPublisher(
             self.js, job.correlation_id, await last_event_seq(self.js, job.correlation_id)
@@ -322,6 +325,37 @@ class Worker:
                     finish_reason=wire.finish_name(final.finish_reason) or "stop",
                     usage=final.usage,
                     processing_time=processing_time,
+                )
+            )
+        finally:
+            await publisher.close()
+
+    async def _end_events(self, job: Job, result: store_pb2.JobResult) -> None:
+        """End the event stream of a job whose stored result is final, if it has not ended: the stored answer
+        (after a restart marker, replacing what an earlier try streamed) and the done event, or the error, so
+        that a reader of `/stream/{id}` is not left waiting for an end that was never published."""
+        last = await last_event(self.js, job.correlation_id)
+        if last is not None and last.final:
+            return
+        publisher = EventPublisher(self.js, job.correlation_id, last.seq if last is not None else 0)
+        try:
+            if result.status != types_pb2.JOB_STATUS_SUCCEEDED:
+                cancelled = result.status == types_pb2.JOB_STATUS_CANCELLED
+                await publisher.event(
+                    JobEvent(0, error="cancelled" if cancelled else "failed: " + result.error[:200])
+                )
+                return
+            if publisher.seq:
+                await publisher.event(RESTART)
+            await publisher.event(JobEvent(0, result.response))
+            await publisher.event(
+                JobEvent(
+                    0,
+                    done=True,
+                    conversation_id=result.conversation_id,
+                    finish_reason=wire.finish_name(result.finish_reason) or "stop",
+                    usage=result.usage,
+                    processing_time=result.processing_time,
                 )
             )
         finally:

@@ -187,10 +187,16 @@ class EventFanout:
                 await self.jsm.delete_consumer(EVENTS_STREAM, name)
 
 
-async def last_event_seq(js: JetStreamContext, correlation_id: str) -> int:
-    """The seq of the newest retained event of a job, 0 when there is none."""
+async def last_event(js: JetStreamContext, correlation_id: str) -> JobEvent | None:
+    """The newest retained event of a job, None when there is none."""
     try:
         msg = await js.get_last_msg(EVENTS_STREAM, events_subject(correlation_id))
     except nats.js.errors.NotFoundError:
-        return 0
-    return JobEvent.decode(msg.data).seq if msg.data else 0
+        return None
+    return JobEvent.decode(msg.data) if msg.data else None
+
+
+async def last_event_seq(js: JetStreamContext, correlation_id: str) -> int:
+    """The seq of the newest retained event of a job, 0 when there is none."""
+    event = await last_event(js, correlation_id)
+    return event.seq if event is not None else 0

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import httpx
+import nats
 import orjson
 import pytest
 
-from chatterbot.jetstream import JOBS_STREAM, PRIORITIES
-from chatterbot.v1 import chat_pb2, chat_pb2_grpc, types_pb2
+from chatterbot.jetstream import JOBS_STREAM, PRIORITIES, JobEvent, events_subject
+from chatterbot.v1 import chat_pb2, chat_pb2_grpc, store_pb2, store_pb2_grpc, types_pb2
 from ops.embedded import free_port
 from ops.launcher import Mesh, ServiceProcess
 from tests.clients import read_stream, tokens_after_last_restart, wait_done
@@ -234,3 +235,47 @@ def _purge_batch(mesh: Mesh) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def test_a_job_finished_by_an_earlier_try_still_ends_its_stream(slow_mesh, client):
+    """A try that stored its answer and died before publishing the stream's end: the next delivery runs nothing
+    again and ends the stream with the stored answer, so a reader is not left with keep-alives forever."""
+    worker = slow_mesh.services["worker"]
+    env = worker.env
+    worker.stop()
+    try:
+        cid = client.post(
+            "/stream-chat", json={"message": "finished already", "user_id": "user-end-1", "max_tokens": 20}
+        ).json()["correlation_id"]
+        stored = "the answer an earlier try stored"
+
+        async def earlier_try() -> None:
+            # What that try left: two tokens on the events stream and a succeeded result in the store.
+            nc = await nats.connect(env["CHATTERBOT_NATS_URL"])
+            try:
+                js = nc.jetstream()
+                for seq, token in ((1, "the "), (2, "ans")):
+                    await js.publish(events_subject(cid), JobEvent(seq, token).encode())
+            finally:
+                await nc.close()
+            async with grpc.aio.insecure_channel(env["CHATTERBOT_STORE_ADDR"]) as channel:
+                await store_pb2_grpc.StoreServiceStub(channel).PutJobResult(
+                    store_pb2.PutJobResultRequest(
+                        result=store_pb2.JobResult(
+                            correlation_id=cid,
+                            user_id="user-end-1",
+                            status=types_pb2.JOB_STATUS_SUCCEEDED,
+                            response=stored,
+                            finish_reason=types_pb2.FINISH_REASON_STOP,
+                        )
+                    )
+                )
+
+        asyncio.run(earlier_try())
+    finally:
+        worker.start()
+    events = read_stream(client, cid)
+    assert [int(i) for i, _, _ in events] == list(range(1, len(events) + 1))
+    assert events[-1][2] == "[DONE]"
+    assert tokens_after_last_restart(events) == stored
+    assert wait_done(client, cid)["response"] == stored
