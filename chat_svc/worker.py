@@ -367,7 +367,15 @@ class Worker:
             await publish_event(self.js, job.correlation_id, JobEvent(seq + 1, error="cancelled"))
 
     async def _dead_letter(self, job: Job, error: str) -> None:
-        """Park the job in the dead-letter stream, mark it failed, and end its event stream."""
+        """Park the job in the dead-letter stream, mark it failed, and end its event stream; unless a try's
+        answer was stored after all (its write landed though the try failed waiting for the reply): then that
+        answer is the job's, and only its stream is ended."""
+        result = None
+        with contextlib.suppress(Exception):  # the store unreachable: nothing can say the answer is in
+            result = await find_result(self.job_deps, job.correlation_id, job.user_id)
+        if result is not None and result.status == types_pb2.JOB_STATUS_SUCCEEDED:
+            await self._end_events(job, result)
+            return
         await self.js.publish(
             DLQ_SUBJECT_PREFIX + job.correlation_id,
             job.encode(),
