@@ -20,7 +20,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/chatterbot up
 
-test: $(STAMP) chromium nginx podman helm
+test: $(STAMP) chromium nginx podman helm chaos-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's Chromium, which the browser tests (tests/test_browser.py) drive through Playwright; Playwright's own
@@ -40,6 +40,22 @@ nginx:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+
+# iproute2 (`ip netns`, `tc`) and iptables, with which tests/chaos makes its hosts and its slow, lossy link
+# (`tc netem` where the kernel has it; else a token bucket and iptables' random drop). Installed once.
+.PHONY: chaos-deps chaos
+chaos-deps:
+	@{ command -v ip && command -v tc && command -v iptables; } >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			iproute2 iptables; }
+
+# Every fault of tests/chaos under load on a cluster of network namespaces, then the reconciliation (as root;
+# about four minutes). CHAOS_REPORT: where the JSON report goes.
+CHAOS_REPORT ?= .chatterbot/chaos-report.json
+chaos: $(STAMP) nginx chaos-deps
+	mkdir -p $(dir $(CHAOS_REPORT))
+	$(BIN)/python -m tests.chaos run --profile full --report $(CHAOS_REPORT)
 
 # Debian's podman with runc (crun refuses hybrid cgroup hierarchies), netavark and aardvark-dns (service names
 # resolve on compose's network), debootstrap for the local base image (deploy/images/build.sh) and iproute2
