@@ -274,7 +274,7 @@ def _wait_until_serving(project: Project) -> None:
                     # service is closed again (its next trial call succeeded).
                     turn = client.post(
                         "/chat",
-                        json={"message": "warm up", "user_id": new_user(), "max_tokens": 4},
+                        json={"message": "warm up", "user_id": new_user(), "max_tokens": 12},
                         headers={"X-API-Key": API_KEY},
                     )
                     last = f"/chat: {turn.status_code} {turn.text}"

@@ -446,7 +446,9 @@ async def test_the_handler_sees_the_callers_deadline(servicer, transport):
     async with served(servicer, transport) as client:
         await client.call(client.stub.ListModels, inference_pb2.ListModelsRequest(), timeout=3)
     [left] = remaining
-    assert left is not None and 0 < left <= 3
+    # Over the network gRPC rounds the timeout it sends up and dates its deadline by a cached clock: a few
+    # milliseconds more than 3 s may be left on a busy machine (the default deadline is far from it).
+    assert left is not None and 0 < left <= 3.1
 
 
 async def test_cancelling_the_caller_cancels_the_unary_handler(servicer, transport):
