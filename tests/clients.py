@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,23 +36,30 @@ def read_stream(
 ) -> list[tuple[str, str, str]]:
     """(id, event, data) of each SSE event, up to stop_after events (then the connection is dropped)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events, current = [], {"id": "", "event": "message", "data": ""}
+    events = []
     with edge.stream("GET", f"/stream/{correlation_id}", headers=headers, timeout=30) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("id:"):
-                current["id"] = line[3:].strip()
-            elif line.startswith("event:"):
-                current["event"] = line[6:].strip()
-            elif line.startswith("data:"):
-                current["data"] = line[5:].strip()
-            elif line == "" and current["data"]:
-                events.append((current["id"], current["event"], current["data"]))
-                current = {"id": "", "event": "message", "data": ""}
-                if stop_after is not None and len(events) >= stop_after:
-                    break
+        for event in sse(r.iter_lines()):
+            events.append(event)
+            if stop_after is not None and len(events) >= stop_after:
+                break
     return events
+
+
+def sse(lines: Iterable[str]) -> Iterator[tuple[str, str, str]]:
+    """(id, event, data) of each event of a text/event-stream's lines."""
+    current = {"id": "", "event": "message", "data": ""}
+    for line in lines:
+        if line.startswith("id:"):
+            current["id"] = line[3:].strip()
+        elif line.startswith("event:"):
+            current["event"] = line[6:].strip()
+        elif line.startswith("data:"):
+            current["data"] = line[5:].strip()
+        elif line == "" and current["data"]:
+            yield current["id"], current["event"], current["data"]
+            current = {"id": "", "event": "message", "data": ""}
 
 
 def tokens_after_last_restart(events: list[tuple[str, str, str]]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -22,7 +22,7 @@ from edge.idempotency import KEY_PREFIX, REPLAYED_HEADER, Keyed, keyed
 from edge.protocol import ChatRequest
 from ops.embedded import free_port
 from ops.launcher import Mesh, ServiceProcess
-from tests.clients import new_user, wait_done
+from tests.clients import new_user, sse, wait_done
 from tests.meshes import ADMIN_KEY, API_KEY, mesh_settings, own_mesh
 
 # Tokens come 10 ms apart and answers run to max_tokens, so a test can tell how long a turn is in flight.
@@ -97,21 +97,6 @@ def answers(pg, user: str) -> list[tuple[str, str]]:
         )
         .fetchall()
     )
-
-
-def sse(lines: Iterable[str]) -> Iterator[tuple[str, str, str]]:
-    """(id, event, data) of each event of a text/event-stream's lines."""
-    current = {"id": "", "event": "message", "data": ""}
-    for line in lines:
-        if line.startswith("id:"):
-            current["id"] = line[3:].strip()
-        elif line.startswith("event:"):
-            current["event"] = line[6:].strip()
-        elif line.startswith("data:"):
-            current["data"] = line[5:].strip()
-        elif line == "" and current["data"]:
-            yield current["id"], current["event"], current["data"]
-            current = {"id": "", "event": "message", "data": ""}
 
 
 def streamed_text(events: list[tuple[str, str, str]]) -> str:
