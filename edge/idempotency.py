@@ -45,7 +45,7 @@ from chatterbot.settings import Settings
 from edge.disconnects import unless_disconnected
 from edge.problems import ProblemError, problem_response
 from edge.protocol import Problem
-from edge.sse import EventStreamResponse, close_iterator
+from edge.sse import Burst, EventStreamResponse, StreamItem, close_iterator
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": Problem, "description": "Invalid body, or an Idempotency-Key used with another request"},
 }
 
-Event: TypeAlias = Mapping[str, str] | None
+Event: TypeAlias = StreamItem
 Events: TypeAlias = AsyncIterator[Event]
 Recorder: TypeAlias = Callable[[Events], Events]
 # One kept event of a stream: (event name or None, data).
@@ -420,23 +420,31 @@ class _RecordedStream:
 
     async def __anext__(self) -> Event:
         try:
-            event = await anext(self._events)
+            item = await anext(self._events)
         except BaseException:  # the end (StopAsyncIteration) included
             await self._claim.release()
             raise
-        if event is not None:
-            data = event.get("data", "")
-            self._failed = self._failed or self._is_error(event)
-            self._kept.append((event.get("event"), data))
+        for one in _events_of(item):
+            data = one.get("data", "")
+            self._failed = self._failed or self._is_error(one)
+            self._kept.append((one.get("event"), data))
             if data == DONE and not self._failed:
                 await self._claim.finish(Stored(200, events=tuple(self._merge(self._kept))))
-        return event
+        return item
 
     async def aclose(self) -> None:
         try:
             await close_iterator(self._events)
         finally:
             await self._claim.release()
+
+
+def _events_of(item: Event) -> tuple[Mapping[str, str], ...]:
+    if item is None:
+        return ()
+    if isinstance(item, Burst):
+        return item.events
+    return (item,)
 
 
 def _problem(exc: ProblemError) -> Response:

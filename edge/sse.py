@@ -1,7 +1,8 @@
 """Server-sent events, lean enough for one edge process to hold ten thousand streams.
 
 `EventStreamResponse` sends the events of an async iterator: a dict (`data`, optional `id` and `event`) is one
-event, `None` a keep-alive comment. Per stream it costs the response's own task plus one that waits for the
+event, `None` a keep-alive comment, a `Burst` events that are ready together, written in one piece (a `last`
+one ends the response with the same write). Per stream it costs the response's own task plus one that waits for the
 client to hang up (then the iterator is closed at once: a gRPC stream behind it is cancelled, and with it the
 generation). Keep-alives: with `ping_seconds`, a timer task of the response's own writes one whenever the
 stream has been quiet that long, while the events pass from their iterator to the socket in the response's
@@ -15,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -51,6 +53,20 @@ def encode(event: Mapping[str, str]) -> bytes:
     return (_SEP.join(lines) + _SEP + _SEP).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """Events ready at the same moment (an answer's first piece behind its role chunk, the finish behind the
+    last piece): one body write, and one socket write, for all of them. `last`: they end the stream; the
+    response writes its end with them and asks the iterator for nothing more."""
+
+    events: tuple[Mapping[str, str], ...]
+    last: bool = False
+
+
+# What a stream's iterator yields: an event, a keep-alive (None), or a burst of events.
+StreamItem: TypeAlias = Mapping[str, str] | Burst | None
+
+
 async def close_iterator(source: AsyncIterator[Any]) -> None:
     """Close `source` if it can be closed (an async generator, a guarded gRPC stream): its resources go now."""
     aclose = getattr(source, "aclose", None)
@@ -59,13 +75,14 @@ async def close_iterator(source: AsyncIterator[Any]) -> None:
 
 
 class EventStreamResponse(Response):
-    """A `text/event-stream` response of `events` (dicts are events, None keep-alives)."""
+    """A `text/event-stream` response of `events` (dicts are events, None keep-alives, `Burst`s events
+    written together)."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        events: AsyncIterator[Mapping[str, str] | None],
+        events: AsyncIterator[StreamItem],
         *,
         headers: Mapping[str, str] | None = None,
         ping_seconds: float | None = None,
@@ -93,15 +110,24 @@ class EventStreamResponse(Response):
         loop = asyncio.get_running_loop()
         self._last_write = loop.time()
         pinger = asyncio.ensure_future(self._pings(send)) if self.ping_seconds else None
+        body = b""
         try:
-            async for event in self.events:
-                body = PING if event is None else encode(event)
+            async for item in self.events:
+                if item is None:
+                    body = PING
+                elif isinstance(item, Burst):
+                    body = b"".join([encode(event) for event in item.events])
+                    if item.last:
+                        break
+                else:
+                    body = encode(item)
                 self._last_write = loop.time()
                 await send({"type": "http.response.body", "body": body, "more_body": True})
+                body = b""
         finally:
             if pinger is not None:
                 pinger.cancel()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _pings(self, send: Send) -> None:
         # ASGI servers write a message before send() first waits, so a ping never lands inside an event.

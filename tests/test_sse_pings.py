@@ -1,4 +1,5 @@
-"""Keep-alives between a stream's events: EventStreamResponse(ping_seconds=...) over ASGI."""
+"""EventStreamResponse over ASGI: keep-alives between a stream's events (ping_seconds=...), and bursts of
+events written in one piece."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from starlette.types import Message
 
-from edge.sse import PING, EventStreamResponse
+from edge.sse import PING, Burst, EventStreamResponse, StreamItem, encode
 
 SCOPE = {"type": "http", "method": "GET", "path": "/stream", "headers": []}
 
@@ -88,3 +89,59 @@ async def test_a_client_that_leaves_closes_the_events_and_stops_the_pings() -> N
     count = len(sent)
     await asyncio.sleep(0.3)
     assert len(sent) == count and PING in [m.get("body") for m in sent]
+
+
+async def body_messages(events: AsyncIterator[StreamItem]) -> list[Message]:
+    """Every body message the response sends, the last (`more_body` false) included."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await EventStreamResponse(events)(SCOPE, receive, send)
+    assert sent[0]["type"] == "http.response.start"
+    return sent[1:]
+
+
+async def test_a_burst_is_one_body_write_of_its_events_in_order() -> None:
+    async def events() -> AsyncIterator[StreamItem]:
+        yield Burst(({"data": "role"}, {"data": "first", "id": "1"}))
+        yield {"data": "second"}
+
+    messages = await body_messages(events())
+    assert [m["body"] for m in messages] == [
+        encode({"data": "role"}) + encode({"data": "first", "id": "1"}),
+        b"data: second\r\n\r\n",
+        b"",
+    ]
+    assert [m["more_body"] for m in messages] == [True, True, False]
+
+
+async def test_a_last_burst_ends_the_body_in_the_same_write_and_nothing_more_is_asked() -> None:
+    asked_after_last = False
+    closed = False
+
+    async def events() -> AsyncIterator[StreamItem]:
+        nonlocal asked_after_last, closed
+        try:
+            yield {"data": "piece"}
+            yield Burst(({"data": "finish"}, {"data": "[DONE]"}), last=True)
+            asked_after_last = True
+            yield {"data": "never sent"}
+        finally:
+            closed = True
+
+    messages = await body_messages(events())
+    assert messages == [
+        {"type": "http.response.body", "body": b"data: piece\r\n\r\n", "more_body": True},
+        {
+            "type": "http.response.body",
+            "body": b"data: finish\r\n\r\ndata: [DONE]\r\n\r\n",
+            "more_body": False,
+        },
+    ]
+    assert not asked_after_last and closed

@@ -31,8 +31,8 @@ from chatterbot.v1 import chat_pb2, types_pb2
 from edge.auth import Caller, authorize_turn, require_key
 from edge.chat_client import ChatClient, Metadata, chat_client, metadata
 from edge.disconnects import unless_disconnected
+from edge.idempotency import DONE, Claim, Recorder, idempotency_key, keyed, openapi_parameter, run_once
 from edge.idempotency import KEY_DESCRIPTION as IDEMPOTENCY_KEY_DESCRIPTION
-from edge.idempotency import Claim, Recorder, idempotency_key, keyed, openapi_parameter, run_once
 from edge.json_templates import JSONTemplate
 from edge.middleware import StreamMeter
 from edge.openai_protocol import (
@@ -68,7 +68,7 @@ from edge.problems import (
 )
 from edge.protocol import FieldError, FinishReason, FunctionCall, ToolCall, Usage, finish_reason
 from edge.responses import ModelResponse
-from edge.sse import EventStreamResponse, close_iterator
+from edge.sse import Burst, EventStreamResponse, close_iterator
 
 # `developer` is OpenAI's newer name for `system`.
 _ROLE_ALIASES = {"developer": "system"}
@@ -553,31 +553,37 @@ async def _stream(
         await close_iterator(stream)
         raise problem_for_downstream(exc) from None
 
-    async def events() -> AsyncIterator[dict[str, str]]:
+    async def events() -> AsyncIterator[Burst]:
+        # Events that are ready together leave together: the role chunk with the first piece, the finish with
+        # usage and [DONE].
+        ready: list[Mapping[str, str]] = [{"data": chunks.role()}]
         try:
-            yield {"data": chunks.role()}
             message = first
             while not message.finish_reason:
                 if message.tool_calls or message.logprobs:
                     meter.token()
-                    yield {"data": chunks.pieces(message)}
+                    ready.append({"data": chunks.pieces(message)})
                 elif message.text:
                     meter.token()
-                    yield {"data": chunks.content(message.text)}
+                    ready.append({"data": chunks.content(message.text)})
+                if ready:
+                    yield Burst(tuple(ready))
+                    ready = []
                 message = await anext(stream)
             answered_by = message.model or chunks.model
-            yield {"data": chunks.finish(finish_reason(message.finish_reason), answered_by)}
+            ready.append({"data": chunks.finish(finish_reason(message.finish_reason), answered_by)})
             if chunks.include_usage:
-                yield {"data": chunks.usage(message.usage, answered_by)}
+                ready.append({"data": chunks.usage(message.usage, answered_by)})
         except (CircuitOpenError, grpc.aio.AioRpcError) as exc:
-            yield _error_event(problem_for_downstream(exc))
+            ready.append(_error_event(problem_for_downstream(exc)))
         except StopAsyncIteration:
-            yield _error_event(ProblemError(502, "the answer ended early"))
+            ready.append(_error_event(ProblemError(502, "the answer ended early")))
         finally:
             meter.close()
             # Closing the guarded stream cancels the gRPC call, and with it the generation down to the engine.
             await close_iterator(stream)
-        yield {"data": "[DONE]"}
+        ready.append({"data": DONE})
+        yield Burst(tuple(ready), last=True)
 
     source = events() if record is None else record(events())
     return EventStreamResponse(source, ping_seconds=keepalive_seconds)
