@@ -21,7 +21,8 @@ from store_svc.migrate import upgrade_all_async
 from store_svc.partitions import keep_partitions_ahead
 from store_svc.repository import StoreRepository
 from store_svc.servicer import StoreServicer
-from store_svc.sharding import ShardRouter, ShardSpec, shard_specs
+from store_svc.sharding import Pool, ShardRouter, ShardSpec, shard_specs
+from store_svc.statement_pool import StatementPool
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
     ]
 
     async def postgres_probe() -> bool:
-        async def one(pool: asyncpg.Pool) -> bool:
+        async def one(pool: Pool) -> bool:
             async with pool.acquire(timeout=PROBE_TIMEOUT_SECONDS) as conn:
                 return await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_SECONDS) == 1
 
@@ -86,9 +87,16 @@ async def app(settings: Settings) -> AsyncIterator[GrpcApp]:
 
 async def open_router(specs: list[ShardSpec], settings: Settings) -> ShardRouter:
     """A pool per shard primary and per replica, routed as the settings say."""
-    primaries = [await _pool(spec.dsn, settings) for spec in specs]
-    replicas = [await _pool(spec.replica_dsn, settings) if spec.replica_dsn else None for spec in specs]
+    primaries = [await _statement_pool(spec.dsn, settings) for spec in specs]
+    replicas = [
+        await _statement_pool(spec.replica_dsn, settings) if spec.replica_dsn else None for spec in specs
+    ]
     return ShardRouter(primaries, replicas, previous_shard_count=settings.postgres_previous_shard_count)
+
+
+async def _statement_pool(dsn: str, settings: Settings) -> StatementPool:
+    # Two of the pool's connections stay for transactions and for statements that find the kept ones busy.
+    return StatementPool(await _pool(dsn, settings), kept=max(1, settings.postgres_pool_max - 2))
 
 
 async def _pool(dsn: str, settings: Settings) -> asyncpg.Pool:

@@ -19,9 +19,14 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import asyncpg
+
+from store_svc.statement_pool import StatementPool
+
+# A shard's connections: asyncpg's pool, or one whose single statements skip its acquire and release.
+Pool: TypeAlias = asyncpg.Pool | StatementPool
 
 # The two-key advisory lock space (classid, objid) of per-user locks; objid is hashtext(user_id). A hash
 # collision only makes two users' moves wait for each other.
@@ -88,8 +93,8 @@ class ShardRouter:
 
     def __init__(
         self,
-        primaries: Sequence[asyncpg.Pool],
-        replicas: Sequence[asyncpg.Pool | None] = (),
+        primaries: Sequence[Pool],
+        replicas: Sequence[Pool | None] = (),
         *,
         previous_shard_count: int = 0,
     ) -> None:
