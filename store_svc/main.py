@@ -94,9 +94,13 @@ async def open_router(specs: list[ShardSpec], settings: Settings) -> ShardRouter
     return ShardRouter(primaries, replicas, previous_shard_count=settings.postgres_previous_shard_count)
 
 
-async def _statement_pool(dsn: str, settings: Settings) -> StatementPool:
-    # Two of the pool's connections stay for transactions and for statements that find the kept ones busy.
-    return StatementPool(await _pool(dsn, settings), kept=max(1, settings.postgres_pool_max - 2))
+async def _statement_pool(dsn: str, settings: Settings) -> Pool:
+    # One of the pool's connections stays for transactions (and readiness probes); the rest run single
+    # statements. A pool of one keeps none.
+    pool = await _pool(dsn, settings)
+    return (
+        StatementPool(pool, kept=settings.postgres_pool_max - 1) if settings.postgres_pool_max > 1 else pool
+    )
 
 
 async def _pool(dsn: str, settings: Settings) -> asyncpg.Pool:

@@ -5,8 +5,9 @@
 statement itself, and two more turns of the event loop before the caller resumes (on a busy loop, each is a
 wait behind every other ready callback). Nearly every call the store makes is one statement in autocommit, so
 `StatementPool` keeps a few of the pool's connections checked out between calls and runs those statements on
-them directly, most recently used first. Anything else (a transaction, a connection held across statements)
-goes through `acquire()` to the pool itself, as do statements that find every kept connection busy.
+them directly, most recently used first; when every kept connection is busy, callers wait for one in the
+order they came (none overtakes another). Anything else (a transaction, a connection held across statements)
+goes through `acquire()` to the pool's other connections.
 
 A kept connection that a statement fails on (a SQL error, a lost server, a cancelled call) goes back to the
 pool, which resets or replaces it as it would its own; one whose server went away while it was kept (the pool
@@ -16,6 +17,7 @@ takes those back itself) is never used again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -36,6 +38,7 @@ class StatementPool:
         self.pool = pool
         self.kept = kept
         self._idle: list[asyncpg.Connection] = []
+        self._waiters: collections.deque[asyncio.Future[asyncpg.Connection | None]] = collections.deque()
         self._checked_out = 0
         self._releases: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -61,6 +64,10 @@ class StatementPool:
     async def close(self) -> None:
         """Give the kept connections back, then close the pool (which waits for the ones in use)."""
         self._closing = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
         idle, self._idle = self._idle, []
         for conn in idle:
             self._checked_out -= 1
@@ -76,7 +83,7 @@ class StatementPool:
 
     async def _run(self, statement: Callable[[asyncpg.Connection], Coroutine[Any, Any, T]]) -> T:
         conn = await self._connection()
-        if conn is None:
+        if conn is None:  # closing: the pool's own connections serve what is still asked
             async with self.pool.acquire() as pooled:
                 return await statement(pooled)
         try:
@@ -87,34 +94,72 @@ class StatementPool:
         if self._closing:
             self._give_back(conn)
         else:
-            self._idle.append(conn)
+            self._put(conn)
         return result
 
     async def _connection(self) -> asyncpg.Connection | None:
-        """A kept connection that is free, a newly checked out one while fewer than `kept` are, else None."""
-        while self._idle:
-            conn = self._idle.pop()
-            try:
-                closed = conn.is_closed()
-            except asyncpg.InterfaceError:
-                # Its server went away while it was kept, and the pool took it back on its own.
-                self._checked_out -= 1
+        """A free kept connection; else a newly checked out one while fewer than `kept` are; else the first
+        one freed, in the order the callers asked (None once closing)."""
+        while not self._closing:
+            if self._idle and not self._waiters:
+                conn = self._idle.pop()
+                try:
+                    closed = conn.is_closed()
+                except asyncpg.InterfaceError:
+                    # Its server went away while it was kept, and the pool took it back on its own.
+                    self._checked_out -= 1
+                    continue
+                if not closed:
+                    return conn
+                self._give_back(conn)
                 continue
-            if not closed:
-                return conn
-            self._give_back(conn)
-        if self._closing or self._checked_out >= self.kept:
-            return None
-        self._checked_out += 1
-        try:
-            return await self.pool.acquire()
-        except BaseException:
-            self._checked_out -= 1
-            raise
+            if self._checked_out < self.kept:
+                self._checked_out += 1
+                try:
+                    return await self.pool.acquire()
+                except BaseException:
+                    self._checked_out -= 1
+                    self._wake()
+                    raise
+            waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    # Handed over just as the caller gave up: pass it on.
+                    late = waiter.result()
+                    if late is not None:
+                        self._put(late)
+                    else:
+                        self._wake()
+                raise
+            if handed is not None:
+                return handed
+            # None: a kept connection was given back to the pool; check out another in its place.
+        return None
+
+    def _put(self, conn: asyncpg.Connection) -> None:
+        """A kept connection is free: to the longest waiting caller, else to the idle ones."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def _wake(self) -> None:
+        """Room to check out another connection: the longest waiting caller takes it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _give_back(self, conn: asyncpg.Connection) -> None:
         """Return a kept connection to the pool, which resets it (or, closed or broken, replaces it)."""
         self._checked_out -= 1
+        self._wake()
         # Its own task, shielded from the caller's cancellation as asyncpg's own release is: a connection still
         # cancelling its statement is waited for there, not dropped.
         task = asyncio.ensure_future(self._release(conn))

@@ -48,14 +48,53 @@ async def test_every_statement_kind_answers_as_on_the_pool(statements: Statement
     assert await statements.execute("SELECT 1") == "SELECT 1"
 
 
-async def test_more_concurrent_statements_than_kept_connections_overflow_into_the_pool(
+async def test_callers_beyond_the_kept_connections_wait_their_turn_in_order(
     statements: StatementPool,
 ) -> None:
-    pids = await asyncio.gather(
-        *(statements.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.2)") for _ in range(4))
-    )
-    assert len(set(pids)) == 4  # two kept connections and two of the pool's own, side by side
-    assert statements.pool.get_size() == 4
+    finished: list[int] = []
+
+    async def sleep_then_note(i: int) -> int:
+        pid = await backend_of_sleep(statements)
+        finished.append(i)
+        return pid
+
+    tasks = []
+    for i in range(6):
+        tasks.append(asyncio.ensure_future(sleep_then_note(i)))
+        await asyncio.sleep(0.01)  # asked in this order
+    pids = await asyncio.gather(*tasks)
+    assert len(set(pids)) == 2  # only the two kept connections served them
+    assert finished == sorted(finished)  # none overtook one that asked before it
+
+
+async def backend_of_sleep(pool: StatementPool) -> int:
+    pid = await pool.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.1)")
+    assert isinstance(pid, int)
+    return pid
+
+
+async def test_a_transaction_runs_while_every_kept_connection_is_busy(statements: StatementPool) -> None:
+    busy = [asyncio.ensure_future(backend_of_sleep(statements)) for _ in range(3)]
+    await asyncio.sleep(0.02)
+    async with asyncio.timeout(5), statements.acquire() as conn, conn.transaction():
+        assert await conn.fetchval("SELECT 8") == 8
+    await asyncio.gather(*busy)
+
+
+async def test_a_caller_cancelled_while_waiting_takes_no_connection_with_it(
+    statements: StatementPool,
+) -> None:
+    busy = [asyncio.ensure_future(backend_of_sleep(statements)) for _ in range(2)]
+    await asyncio.sleep(0.02)
+    waiting = asyncio.ensure_future(statements.fetchval("SELECT 9"))
+    await asyncio.sleep(0.02)
+    waiting.cancel()
+    await asyncio.gather(*busy)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # Both kept connections still serve: two statements side by side run on two backends at once.
+    pids = await asyncio.gather(backend_of_sleep(statements), backend_of_sleep(statements))
+    assert len(set(pids)) == 2
 
 
 async def test_a_failed_statement_gives_its_connection_back_and_the_next_one_runs(
