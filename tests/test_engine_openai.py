@@ -326,6 +326,10 @@ def make_app(upstream: Upstream) -> Starlette:
                 return
             if model == "cut-off":
                 return  # no finish reason, no [DONE]
+            if model == "dropped":
+                # The server drops the connection mid-body (no last chunk), as a proxy does when the replica
+                # behind it dies.
+                raise ConnectionAbortedError("the replica serving this stream died")
             yield chunk(finish="length")
             if model != "no-usage":
                 yield chunk(usage={"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
@@ -673,6 +677,39 @@ async def test_health_recovers_when_a_stream_succeeds(upstream) -> None:
         assert engine.state() is EngineState.READY
 
 
+@pytest.mark.parametrize("model", ["cut-off", "dropped"])
+async def test_a_stream_that_breaks_off_fails_that_request_not_the_engine(upstream, model: str) -> None:
+    base_url, _ = upstream
+    async with started(base_url, model) as engine:
+        received = []
+        with pytest.raises(EngineUnavailable):
+            async for delta in engine.generate(request(f"r-{model}-1")):
+                received.append(delta.text)
+        assert received == WORDS  # what came before the break, and no final delta that would pass for an end
+        assert engine.state() is EngineState.READY
+        engine.upstream_model = "ok"
+        assert (await collect(engine, request(f"r-{model}-2")))[-1].finish_reason == "length"
+
+
+async def test_health_recovers_by_probing_once_the_upstream_is_back() -> None:
+    port = free_port()
+    async with started(f"http://127.0.0.1:{port}/v1", "ok") as engine:
+        assert engine.state() is EngineState.FAILED
+        server = uvicorn.Server(
+            uvicorn.Config(make_app(Upstream()), host="127.0.0.1", port=port, log_level="warning")
+        )
+        task = asyncio.create_task(server.serve())
+        try:
+            deadline = time.monotonic() + 10
+            while engine.state() is not EngineState.READY:  # no request is made meanwhile
+                assert time.monotonic() < deadline, "the engine did not notice its upstream is back"
+                await asyncio.sleep(0.05)
+            assert (await collect(engine, request("r-back")))[-1].finish_reason == "length"
+        finally:
+            server.should_exit = True
+            await task
+
+
 @pytest.mark.parametrize(
     ("model", "api_key", "expected"),
     [
@@ -686,6 +723,7 @@ async def test_health_recovers_when_a_stream_succeeds(upstream) -> None:
         ("down", API_KEY, EngineUnavailable),
         ("error-event", API_KEY, EngineUnavailable),
         ("cut-off", API_KEY, EngineUnavailable),
+        ("dropped", API_KEY, EngineUnavailable),
         ("not-sse", API_KEY, EngineUnavailable),
     ],
 )

@@ -25,7 +25,7 @@ Upstream failures map to the engine errors that `inference_svc.servicer.engine_s
 | 400, 413, 422 (e.g. prompt too long)       | `InvalidRequest`    | INVALID_ARGUMENT    |
 | 400, 422 whose error names its `param`     | `Unsupported`       | INVALID_ARGUMENT, with the param |
 | an `{"error": ...}` event mid-stream        | by its `code`, as above (500 if none) |    |
-| a stream that ends without a finish reason | `EngineUnavailable` | UNAVAILABLE         |
+| a stream that ends without a finish reason, or breaks off | `EngineUnavailable` | UNAVAILABLE |
 | a 200 that is not `text/event-stream`      | `EngineUnavailable` | UNAVAILABLE         |
 
 429 is `Overloaded` rather than `EngineUnavailable`: the upstream is shedding load, which is exactly what
@@ -37,12 +37,17 @@ per chunk (or per log probability, when they are asked for), and an approximate 
 iterator early closes the HTTP response (and its connection), so the upstream sees the client go away and can
 abort the request (vLLM does).
 
-Health: `start()` probes `GET {base_url}/models`; READY when the upstream answers, FAILED when it does not
-(the engine still tries each request, and a stream that completes marks it READY again).
+Health: `start()` probes `GET {base_url}/models`; READY when the upstream answers, FAILED when it does not.
+An upstream that cannot be reached or answers 5xx makes the engine FAILED; while it is, the engine probes again
+every `RECOVERY_PROBE_SECONDS` (and a stream that completes marks it READY at once), so a service whose
+upstream was down serves again as soon as it is back. A stream that breaks off after the upstream answered
+(a replica behind a Ray Serve or vLLM fleet's proxy died mid-answer) fails that request only: the upstream
+itself still serves, and the next request goes to a replica that lives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -84,6 +89,8 @@ _running = series(metrics.RUNNING)
 
 # Idle pooled connections are closed after this long; upstreams keep theirs alive for about as long.
 KEEPALIVE_SECONDS = 30.0
+# How often a FAILED engine asks its upstream whether it serves again.
+RECOVERY_PROBE_SECONDS = 1.0
 
 
 class OpenAIEngine:
@@ -115,6 +122,7 @@ class OpenAIEngine:
         self._max_model_len = 0
         self._running: dict[str, Response | None] = {}  # by request id; None until headers
         self._abort_requested: set[str] = set()
+        self._recovery: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(
@@ -153,12 +161,33 @@ class OpenAIEngine:
             await self.probe()
         except EngineError as exc:
             log.warning("openai upstream %s is not ready: %s", self.base_url, exc)
+            self._recover()
 
     async def stop(self) -> None:
         self._state = EngineState.FAILED
+        # Without a client no prober starts again, and a running one ends.
         client, self._client = self._client, None
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
         if client is not None:
             await client.close()
+
+    def _recover(self) -> None:
+        """Probe the upstream in the background until it serves again (one prober at a time)."""
+        if self._client is None or (self._recovery is not None and not self._recovery.done()):
+            return
+        self._recovery = asyncio.get_running_loop().create_task(self._probe_until_ready())
+
+    async def _probe_until_ready(self) -> None:
+        while self._state is EngineState.FAILED and self._client is not None:
+            await asyncio.sleep(RECOVERY_PROBE_SECONDS)
+            with contextlib.suppress(EngineError):
+                await self.probe()
+        if self._state is EngineState.READY:
+            log.info("openai upstream %s serves again", self.base_url)
 
     async def probe(self) -> None:
         """Ask the upstream for its models; READY if it answers, FAILED (and the error raised) if not."""
@@ -238,7 +267,9 @@ class OpenAIEngine:
     @contextlib.asynccontextmanager
     async def _post(self, client: Http1Client, rid: str, body: dict[str, Any]) -> AsyncIterator[Response]:
         """The upstream's response to `body`, registered for abort(); an error status raised as an engine
-        error. Transport failures become engine errors too (none for a request that was aborted)."""
+        error. Transport failures become engine errors too (none for a request that was aborted). Only
+        failures before the upstream answered make the engine FAILED: after a 200, they are this request's."""
+        answered = False
         try:
             async with await client.request(
                 "POST",
@@ -249,12 +280,14 @@ class OpenAIEngine:
                 self._running[rid] = response
                 if response.status != 200:
                     raise _status_error(response.status, await response.text(), self.upstream_model)
+                answered = True
                 yield response
         except HttpError as exc:
             if rid not in self._abort_requested:
-                raise self._failed(_transport_error(exc)) from exc
+                error = _transport_error(exc)
+                raise (error if answered else self._failed(error)) from exc
         except EngineUnavailable as exc:
-            raise self._failed(exc) from None
+            raise (exc if answered else self._failed(exc)) from None
 
     async def _streamed(
         self, client: Http1Client, rid: str, body: dict[str, Any]
@@ -323,7 +356,7 @@ class OpenAIEngine:
         elif finish == "function_call":  # the legacy name of a call's finish
             finish = "tool_calls"
         if finish is None:
-            raise self._failed(EngineUnavailable("upstream ended the answer without a finish reason"))
+            raise EngineUnavailable("upstream ended the answer without a finish reason")
         if usage:
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or counted)
@@ -347,9 +380,10 @@ class OpenAIEngine:
         return self._client
 
     def _failed(self, exc: EngineError) -> EngineError:
-        """An upstream that cannot serve makes this engine unhealthy until a stream succeeds again."""
+        """An upstream that cannot serve makes this engine unhealthy until a probe or a stream succeeds."""
         if isinstance(exc, EngineUnavailable):
             self._state = EngineState.FAILED
+            self._recover()
         return exc
 
 
