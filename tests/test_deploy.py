@@ -14,6 +14,9 @@
 - nginx.conf: balanced braces, SSE and proxy directives, body limit equal to the edge's; `nginx -t`
   where nginx is installed;
 - the edge's FORWARDED_ALLOW_IPS, run through uvicorn's proxy-headers middleware;
+- the compose profile `ray`: ray-head runs deploy/ray/serve.yaml on the image with the `ray` extra, and its env
+  file points inference's openai engine at it (the Serve configs themselves are validated against Ray's schema
+  classes by tests/test_ray_serve.py, `make test-ray`);
 - the Helm chart (helm/chatterbot) is rendered and checked by tests/test_helm.py.
 """
 
@@ -91,7 +94,11 @@ def test_expected_files_exist():
         "helm/chatterbot/Chart.yaml",
         "helm/chatterbot/values.yaml",
         "helm/chatterbot/values-gpu.yaml",
+        "helm/chatterbot/values-ray.yaml",
         "postgres-init/10-shards.sql",
+        "ray/serve.yaml",
+        "ray/serve-llm.yaml",
+        "ray/compose.env",
     ):
         assert (DEPLOY / name).is_file(), name
 
@@ -107,14 +114,15 @@ def test_yaml_parses(path: Path):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
 
-def _interpolate(value):
-    """Compose's `${VAR:-default}` interpolation with an empty environment."""
+def _interpolate(value, env: dict[str, str] | None = None):
+    """Compose's `${VAR:-default}` interpolation with `env` (default: an empty environment)."""
+    env = env or {}
     if isinstance(value, str):
-        return _VAR.sub(lambda m: m.group(2) or "", value)
+        return _VAR.sub(lambda m: env.get(m.group(1)) or m.group(2) or "", value)
     if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
+        return {k: _interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v) for v in value]
+        return [_interpolate(v, env) for v in value]
     return value
 
 
@@ -180,6 +188,43 @@ def test_compose_addresses_and_urls_name_services(compose):
         assert all(u.scheme == "nats" and u.port == 4222 for u in nats_urls), name
         assert [u.hostname for u in nats_urls] == list(NATS_NODES), name
         assert env["CHATTERBOT_JETSTREAM_REPLICAS"] == str(len(NATS_NODES)), name
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_compose_ray_profile_runs_the_serve_config_and_inference_streams_from_it():
+    env = _env_file(DEPLOY / "ray" / "compose.env")
+    assert env["COMPOSE_PROFILES"] == "ray"
+    compose = _interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env)
+    services = compose["services"]
+    # Only ray-head is in the profile: without it the mesh runs as ever.
+    assert {name for name, s in services.items() if "profiles" in s} == {"ray-head"}
+    ray = services["ray-head"]
+    assert ray["profiles"] == ["ray"]
+    assert ray["build"]["dockerfile"] == "deploy/Dockerfile" and ray["build"]["args"] == {"EXTRAS": "ray"}
+    assert ray["image"] != services["inference"]["image"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in ray["volumes"]}
+    config = ray["command"][-1]
+    assert [*ray["entrypoint"], *ray["command"]] == ["serve", "run", config]
+    assert (COMPOSE_FILE.parent / mounts[config]).resolve() == DEPLOY / "ray" / "serve.yaml"
+    serve = yaml.safe_load((DEPLOY / "ray" / "serve.yaml").read_text())
+    port = serve["http_options"]["port"]
+    assert serve["http_options"]["host"] == "0.0.0.0"
+    assert f"http://127.0.0.1:{port}/v1/models" in " ".join(ray["healthcheck"]["test"])
+
+    inference = _env(services["inference"])
+    assert inference["CHATTERBOT_INFERENCE_ENGINE"] == "openai"
+    assert inference["CHATTERBOT_OPENAI_BASE_URL"] == f"http://ray-head:{port}/v1"
+    # Without the env file, the sim engine as before.
+    assert (
+        _env(_interpolate(yaml.safe_load(COMPOSE_FILE.read_text()))["services"]["inference"])[
+            "CHATTERBOT_INFERENCE_ENGINE"
+        ]
+        == "sim"
+    )
 
 
 def _init_databases() -> list[str]:

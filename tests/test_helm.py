@@ -4,7 +4,8 @@
   AWQ, nvidia.com/gpu) and a profile with mesh TLS, the partner port and its TLS, both Ingresses and Sentinels;
 - every rendered object against its schema: the Kubernetes OpenAPI schemas (`kubernetes-validate`, strict, 1.30
   and the newest bundled), KEDA's ScaledObject and prometheus-operator's ServiceMonitor and PrometheusRule against
-  models generated from their CRDs (cloudcoil), strict types and no unknown field;
+  models generated from their CRDs (cloudcoil), strict types and no unknown field, and KubeRay's RayService
+  (values-ray.yaml) against the openAPIV3Schema of its CRD (tests/crds/README.md), no unknown field either;
 - the cross-object checks a schema cannot make: selectors, probe ports and health service names, Settings names,
   addresses against Services, HPA/KEDA targets and JetStream consumers, GPU requests, requests within limits,
   PDBs, the migration hook, Ingress annotations, TLS files against what `chatterbot certs` writes;
@@ -25,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from concurrent import futures
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -86,6 +88,7 @@ PROFILES = {
     "default": [],
     "gpu": ["-f", str(CHART / "values-gpu.yaml")],
     "partner-tls": PARTNER_TLS,
+    "ray": ["-f", str(CHART / "values-ray.yaml")],
 }
 
 
@@ -201,7 +204,47 @@ def _unknown_fields(given, known, path: str = "") -> list[str]:
     return []
 
 
+# Custom resources whose CRD has no model package, validated against its openAPIV3Schema (vendored in tests/crds).
+CRD_SCHEMAS = {("ray.io/v1", "RayService"): REPO / "tests" / "crds" / "ray.io_rayservices.v1.schema.json"}
+
+
+def _closed(schema):
+    """A CRD schema that refuses unknown fields, as the API server prunes them: every object with properties
+    allows only those, unless the CRD keeps unknown fields there (x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: _closed(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        closed["additionalProperties"] = False
+    return closed
+
+
+@functools.lru_cache
+def _crd_validator(path: Path):
+    import jsonschema
+
+    return jsonschema.Draft7Validator(_closed(json.loads(path.read_text())))
+
+
+def _validate_against_crd_schema(doc: dict) -> None:
+    errors = sorted(
+        _crd_validator(CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]).iter_errors(doc), key=lambda e: e.path
+    )
+    assert not errors, f"{_doc_id(doc)}: " + "; ".join(
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
+
+
 def _validate_custom_resource(doc: dict) -> None:
+    if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+        _validate_against_crd_schema(doc)
+        return
     module, name = CRD_MODELS[(doc["apiVersion"], doc["kind"])]
     model = getattr(importlib.import_module(module), name)
     parsed = model.model_validate_json(json.dumps(doc), strict=True)
@@ -217,7 +260,7 @@ def test_every_object_matches_its_schema(profile):
     kinds = set()
     for doc in _objects(profile):
         kinds.add(doc["kind"])
-        if (doc["apiVersion"], doc["kind"]) in CRD_MODELS:
+        if (doc["apiVersion"], doc["kind"]) in CRD_MODELS | CRD_SCHEMAS:
             _validate_custom_resource(doc)
             continue
         for version in versions:
@@ -236,6 +279,22 @@ def test_custom_resource_schemas_catch_mistakes():
     unknown["spec"]["minReplicas"] = 1
     with pytest.raises(AssertionError, match="minReplicas"):
         _validate_custom_resource(unknown)
+
+    (ray,) = by_kind(_objects("ray"), "RayService").values()
+    wrong_type = json.loads(json.dumps(ray))
+    wrong_type["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "2"
+    with pytest.raises(
+        AssertionError, match=re.escape("workerGroupSpecs.0.maxReplicas: '2' is not of type 'integer'")
+    ):
+        _validate_custom_resource(wrong_type)
+    unknown = json.loads(json.dumps(ray))
+    unknown["spec"]["rayClusterConfig"]["headGroupSpec"]["replicas"] = 1
+    with pytest.raises(AssertionError, match="'replicas' was unexpected"):
+        _validate_custom_resource(unknown)
+    in_a_pod = json.loads(json.dumps(ray))
+    in_a_pod["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["port"] = 8000
+    with pytest.raises(AssertionError, match="'port' was unexpected"):
+        _validate_custom_resource(in_a_pod)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -555,6 +614,101 @@ def test_gpu_profile_runs_vllm_with_an_awq_model_on_gpu_nodes():
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
 
+def _ray_pods(docs) -> dict[str, Pod]:
+    """The pods KubeRay makes from the RayService's head and worker templates."""
+    (ray,) = by_kind(docs, "RayService").values()
+    cluster = ray["spec"]["rayClusterConfig"]
+    templates = {"ray-head": cluster["headGroupSpec"]["template"]}
+    templates |= {f"ray-{group['groupName']}": group["template"] for group in cluster["workerGroupSpecs"]}
+    return {
+        name: Pod(
+            name, NAMESPACE, template["metadata"]["labels"], {}, template["spec"]["containers"][0]["ports"]
+        )
+        for name, template in templates.items()
+    }
+
+
+def test_ray_profile_runs_deploy_ray_serve_yaml_on_a_rayservice():
+    """values-ray.yaml: a RayService running deploy/ray/serve.yaml on the project's Ray image, and the inference
+    tier's openai engine pointed at its serve Service."""
+    serve_yaml = (DEPLOY / "ray" / "serve.yaml").read_text()
+    assert (CHART / "files" / "ray-serve.yaml").read_text() == serve_yaml, (
+        "files/ray-serve.yaml must be a copy of deploy/ray/serve.yaml"
+    )
+    docs = _objects("ray")
+    (ray,) = by_kind(docs, "RayService").values()
+    assert ray["metadata"]["name"] == _name("ray")
+    assert ray["spec"]["serveConfigV2"] == serve_yaml
+    serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == "inference_svc.ray_serve:app_builder"
+    assert serve["http_options"] == {**serve["http_options"], "host": "0.0.0.0", "port": 8000}
+
+    cluster = ray["spec"]["rayClusterConfig"]
+    pinned = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ray"]
+    assert pinned == [f"ray[serve]=={cluster['rayVersion']}"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas go to the workers
+    (workers,) = cluster["workerGroupSpecs"]
+    assert 1 <= workers["minReplicas"] == workers["replicas"] <= workers["maxReplicas"]
+    pods = [cluster["headGroupSpec"]["template"], workers["template"]]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] == "chatterbot-ray:0.1.0"
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}["serve"] == 8000
+    probe = workers["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/-/healthz", "port": "serve"}
+
+    (inference,) = _containers(by_kind(docs, "Deployment")[_name("inference")])
+    env = _env(inference)
+    assert env["CHATTERBOT_INFERENCE_ENGINE"] == "openai"
+    assert env["CHATTERBOT_OPENAI_BASE_URL"] == f"http://{ray['metadata']['name']}-serve-svc:8000/v1"
+    assert not _unknown_env(env)
+
+    assert not by_kind(_objects("default"), "RayService")
+
+
+def test_ray_profile_takes_a_serve_config_of_the_operators():
+    serve_llm = DEPLOY / "ray" / "serve-llm.yaml"
+    docs = render("-f", str(CHART / "values-ray.yaml"), "--set-file", f"ray.serveConfig={serve_llm}")
+    (ray,) = by_kind(docs, "RayService").values()
+    assert ray["spec"]["serveConfigV2"] == serve_llm.read_text()
+    _validate_custom_resource(ray)
+    gpus = render("-f", str(CHART / "values-ray.yaml"), "--set", "ray.workers.gpus=1")
+    (ray,) = by_kind(gpus, "RayService").values()
+    (workers,) = ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    resources = workers["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_network_policies_let_only_inference_reach_ray_serve():
+    """The Ray pods reach each other on any port; from outside, inference reaches Serve (8000), the KubeRay
+    operator the dashboard (8265), Prometheus the metrics (8080), and no one anything else."""
+    docs = _objects("ray")
+    policies = list(by_kind(docs, "NetworkPolicy").values())
+    release, others = _cluster(docs)
+    ray = _ray_pods(docs)
+    operator = Pod("kuberay-operator", "kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"}, {})
+    sources = {**release, **others, **ray, "kuberay-operator": operator}
+    object_manager = 8076  # one of the ports Ray picks for itself, declared nowhere
+    for name, pod in ray.items():
+        for port in [*(p["containerPort"] for p in pod.ports), object_manager]:
+            allowed = {
+                s
+                for s, source in sources.items()
+                if s != name and ingress_allowed(policies, source, pod, port)
+            }
+            expected = (
+                (set(ray) - {name})
+                | ({"inference"} if port == 8000 else set())
+                | ({"kuberay-operator"} if port == 8265 else set())
+                | ({"prometheus"} if port == 8080 else set())
+            )
+            assert allowed == expected, (name, port)
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_tier_has_a_disruption_budget(profile):
     docs = _objects(profile)
@@ -779,6 +933,10 @@ def test_tls_probe_checks_a_real_mutual_tls_health_server(tmp_path: Path):
         ),
         (["--set", "nats.jetstreamReplicas=7"], "nats.jetstreamReplicas: Must be less than or equal to 5"),
         (["--set", "edge.forwardedAllowIps=*"], "edge.forwardedAllowIps: Does not match pattern"),
+        (
+            ["--set", "ray.workers.maxReplicas=0"],
+            "ray.workers.maxReplicas: Must be greater than or equal to 1",
+        ),
         # the templates: combinations
         (["--set", "partner.ingress.enabled=true"], "partner.ingress.enabled needs partner.enabled"),
         (
@@ -787,6 +945,17 @@ def test_tls_probe_checks_a_real_mutual_tls_health_server(tmp_path: Path):
         ),
         (["--set", "tls.enabled=true", "--set", "tls.secretName="], "tls.secretName is required"),
         (["--set", "nats.url="], "nats.url is required"),
+        (
+            [
+                "--set",
+                "ray.enabled=true",
+                "--set",
+                "ray.workers.minReplicas=3",
+                "--set",
+                "ray.workers.maxReplicas=2",
+            ],
+            "ray.workers.minReplicas must not exceed ray.workers.maxReplicas",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_clear_error(args, message):

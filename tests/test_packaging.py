@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ops.components import COMPONENTS
@@ -206,9 +207,18 @@ def test_the_embedded_servers_are_an_extra_the_tests_pull_and_the_image_leaves_o
 
     dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
     installs = [line for line in dockerfile.splitlines() if re.search(r"\bpip install\b", line)]
-    # The project's own dependencies (pyproject's `dependencies`, no extra) in a layer of their own, then the
-    # project without them.
+    # The project's own dependencies (pyproject's `dependencies`, and the extras the EXTRAS build argument names:
+    # none by default) in a layer of their own, then the project without them.
     assert any(re.fullmatch(r"RUN pip install --no-deps \.", line.strip()) for line in installs), installs
-    assert '["project"]["dependencies"]' in dockerfile and "optional-dependencies" not in dockerfile
+    assert 'p["dependencies"]' in dockerfile and re.search(r'^ARG EXTRAS=""$', dockerfile, re.MULTILINE)
     for line in installs:
         assert "embedded" not in line and not any(p in line for p in EMBEDDED_PACKAGES), line
+    # Images built with extras (the Ray Serve image: EXTRAS=ray) leave the embedded servers out too.
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "docker-compose.yml").read_text())
+    built_extras = [
+        extra
+        for service in compose["services"].values()
+        for extra in str((service.get("build") or {}).get("args", {}).get("EXTRAS", "")).split(",")
+        if extra
+    ]
+    assert built_extras and "embedded" not in built_extras and "ray" in built_extras

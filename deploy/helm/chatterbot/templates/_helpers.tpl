@@ -142,7 +142,12 @@ key: {{ printf "%s/%s-key.pem" $dir .tier }}
 {{/* The container env of a tier: its own settings, then what the chart sets for it. */}}
 {{- define "chatterbot.env" -}}
 {{- $values := index .root.Values .tier }}
-{{- range $name, $value := $values.settings }}
+{{- $settings := deepCopy ($values.settings | default dict) }}
+{{- if and (eq .tier "inference") .root.Values.ray.enabled }}
+{{- /* Ray Serve is the inference tier: the openai engine calls the RayService's serve Service. */}}
+{{- $settings = merge (include "chatterbot.raySettings" .root | fromYaml) $settings }}
+{{- end }}
+{{- range $name, $value := $settings }}
 {{- if not (hasPrefix "CHATTERBOT_" $name) }}
 {{- fail (printf "%s.settings.%s: only CHATTERBOT_* settings belong here" $.tier $name) }}
 {{- end }}
@@ -216,4 +221,10 @@ grpc:
     matchLabels:
       {{- include "chatterbot.selectorLabels" (dict "root" $.root "tier" .) | nindent 6 }}
 {{- end }}
+{{- end }}
+
+{{/* What inference_svc is told when Ray Serve (ray.enabled) is the inference tier. */}}
+{{- define "chatterbot.raySettings" -}}
+CHATTERBOT_INFERENCE_ENGINE: openai
+CHATTERBOT_OPENAI_BASE_URL: {{ printf "http://%s-serve-svc:8000/v1" (include "chatterbot.tierName" (dict "root" . "tier" "ray")) }}
 {{- end }}
