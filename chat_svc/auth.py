@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from contextvars import ContextVar
 from typing import Any
 
@@ -98,8 +99,10 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: Principal) -> grpc.RpcMet
 
             async def yielding(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 _caller.set(caller)
-                async for response in stream(request, context):
-                    yield response
+                # Closed with this one, not left to the garbage collector.
+                async with aclosing(stream(request, context)) as responses:
+                    async for response in responses:
+                        yield response
 
             behaviour = yielding
         else:

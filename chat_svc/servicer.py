@@ -8,6 +8,7 @@ it comes (the shared interceptor passes it on), a shed turn or a job-queue failu
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -165,20 +166,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def StreamChat(
         self, request: chat_pb2.StreamChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
-        async for chunk, result in stream_turn(self.deps, self._turn(request.turn)):
-            if result is None:
-                yield chat_pb2.StreamChatResponse(
-                    text=chunk.text, tool_calls=chunk.tool_calls, logprobs=chunk.logprobs
-                )
-            else:
-                yield chat_pb2.StreamChatResponse(
-                    conversation_id=result.conversation_id,
-                    finish_reason=result.finish_reason,
-                    usage=result.usage,
-                    processing_time=result.processing_time,
-                    model=result.model,
-                    request_id=result.request_id,
-                )
+        async with aclosing(stream_turn(self.deps, self._turn(request.turn))) as chunks:
+            async for chunk, result in chunks:
+                if result is None:
+                    yield chat_pb2.StreamChatResponse(
+                        text=chunk.text, tool_calls=chunk.tool_calls, logprobs=chunk.logprobs
+                    )
+                else:
+                    yield chat_pb2.StreamChatResponse(
+                        conversation_id=result.conversation_id,
+                        finish_reason=result.finish_reason,
+                        usage=result.usage,
+                        processing_time=result.processing_time,
+                        model=result.model,
+                        request_id=result.request_id,
+                    )
 
     async def GetStatus(
         self, request: chat_pb2.GetStatusRequest, context: grpc.aio.ServicerContext

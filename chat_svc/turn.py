@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -284,7 +285,7 @@ _NOTHING = inference_pb2.GenerateResponse()
 
 async def stream_turn(
     deps: TurnDeps, turn: TurnInput, *, whole: bool = False
-) -> AsyncIterator[tuple[inference_pb2.GenerateResponse, TurnResult | None]]:
+) -> AsyncGenerator[tuple[inference_pb2.GenerateResponse, TurnResult | None], None]:
     """Yield (the engine's delta, None) as the answer is generated (deltas with text, tool-call pieces or
     log probabilities), then (an empty delta, result) once it is stored.
 
@@ -311,7 +312,9 @@ async def stream_turn(
 
 async def run_turn(deps: TurnDeps, turn: TurnInput) -> TurnResult:
     """Run a whole turn and return the stored answer."""
-    async for _, result in stream_turn(deps, turn, whole=True):
-        if result is not None:
-            return result
+    # Closed here, not left to the garbage collector (whose finalizer closes it in a task of its own).
+    async with aclosing(stream_turn(deps, turn, whole=True)) as chunks:
+        async for _, result in chunks:
+            if result is not None:
+                return result
     raise RuntimeError("stream_turn ended without a result")
