@@ -68,6 +68,20 @@ def _permanent(exc: Exception) -> bool:
     )
 
 
+def _done(
+    conversation_id: str, finish_reason: int, usage: types_pb2.Usage, processing_time: float
+) -> JobEvent:
+    """A stream's last event, for the answer stored as the conversation's turn."""
+    return JobEvent(
+        0,
+        done=True,
+        conversation_id=conversation_id,
+        finish_reason=wire.finish_name(finish_reason) or "stop",
+        usage=usage,
+        processing_time=processing_time,
+    )
+
+
 class EventPublisher:
     """Publishes one job's events in order; tokens that pile up while a publish is in flight go out as one."""
 
@@ -318,14 +332,7 @@ class Worker:
                 usage=final.usage,
             )
             await publisher.event(
-                JobEvent(
-                    0,
-                    done=True,
-                    conversation_id=final.conversation_id,
-                    finish_reason=wire.finish_name(final.finish_reason) or "stop",
-                    usage=final.usage,
-                    processing_time=processing_time,
-                )
+                _done(final.conversation_id, final.finish_reason, final.usage, processing_time)
             )
         finally:
             await publisher.close()
@@ -349,14 +356,7 @@ class Worker:
                 await publisher.event(RESTART)
             await publisher.event(JobEvent(0, result.response))
             await publisher.event(
-                JobEvent(
-                    0,
-                    done=True,
-                    conversation_id=result.conversation_id,
-                    finish_reason=wire.finish_name(result.finish_reason) or "stop",
-                    usage=result.usage,
-                    processing_time=result.processing_time,
-                )
+                _done(result.conversation_id, result.finish_reason, result.usage, result.processing_time)
             )
         finally:
             await publisher.close()

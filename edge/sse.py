@@ -2,9 +2,9 @@
 
 `EventStreamResponse` sends the events of an async iterator: a dict (`data`, optional `id` and `event`) is one
 event, `None` a keep-alive comment, a `Burst` events that are ready together, written in one piece (a `last`
-one ends the response with the same write). Per stream it costs the response's own task plus one that waits for the
-client to hang up (then the iterator is closed at once: a gRPC stream behind it is cancelled, and with it the
-generation). Keep-alives: with `ping_seconds`, a timer task of the response's own writes one whenever the
+one ends the response with the same write). Per stream it costs the response's own task plus one that waits
+for the client to hang up (then the iterator is closed at once: a gRPC stream behind it is cancelled, and with
+it the generation). Keep-alives: with `ping_seconds`, a timer task of the response's own writes one whenever the
 stream has been quiet that long, while the events pass from their iterator to the socket in the response's
 task with no hand-over between tasks; the queued-stream fan-out (chatterbot.events) sends them itself to all
 of its watchers from one timer, so an idle stream costs no timer of its own; it also ends them all when the

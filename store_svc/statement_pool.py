@@ -64,10 +64,8 @@ class StatementPool:
     async def close(self) -> None:
         """Give the kept connections back, then close the pool (which waits for the ones in use)."""
         self._closing = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        while self._waiters:  # each takes the pool's own connections from here on
+            self._wake()
         idle, self._idle = self._idle, []
         for conn in idle:
             self._checked_out -= 1
@@ -141,20 +139,25 @@ class StatementPool:
 
     def _put(self, conn: asyncpg.Connection) -> None:
         """A kept connection is free: to the longest waiting caller, else to the idle ones."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
-        self._idle.append(conn)
+        waiter = self._next_waiter()
+        if waiter is None:
+            self._idle.append(conn)
+        else:
+            waiter.set_result(conn)
 
     def _wake(self) -> None:
         """Room to check out another connection: the longest waiting caller takes it."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(None)
+
+    def _next_waiter(self) -> asyncio.Future[asyncpg.Connection | None] | None:
+        """The longest waiting caller still waiting (one that gave up has a done future)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                return waiter
+        return None
 
     def _give_back(self, conn: asyncpg.Connection) -> None:
         """Return a kept connection to the pool, which resets it (or, closed or broken, replaces it)."""
