@@ -75,6 +75,11 @@ async def collect(engine: OpenAIEngine, req: GenerationRequest) -> list[Delta]:
     return [d async for d in engine.generate(req)]
 
 
+def text_of(deltas: list[Delta]) -> str:
+    """The answer's text: chunks that arrive together go on as one delta, so only the whole is fixed."""
+    return "".join(d.text for d in deltas)
+
+
 # --- a small OpenAI-compatible upstream whose behaviour is chosen by the model name ---
 
 
@@ -88,6 +93,8 @@ class Upstream:
     peers: list[tuple[str, int]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
+    # Set by a test when it has read a delta: the "paced" model then sends its next chunk.
+    delta_read: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def chunk(content: str | None = None, finish: str | None = None, usage: dict | None = None) -> bytes:
@@ -299,6 +306,16 @@ def make_app(upstream: Upstream) -> Starlette:
                     yield sdk_chunk({"content": "".join(t for t, *_ in entries)}, logprobs=entries)
                 yield sdk_chunk({}, finish="stop", logprobs=[]) + USAGE + b"data: [DONE]\n\n"
                 return
+            if model == "paced":  # each chunk waits until the test has read the one before it
+                for word in WORDS:
+                    yield chunk(word)
+                    await upstream.delta_read.wait()
+                    upstream.delta_read.clear()
+                yield chunk(finish="length") + b"data: [DONE]\n\n"
+                return
+            if model == "burst":  # the whole answer in one write, as a reader that fell behind finds it
+                yield from_words(WORDS)
+                return
             if model == "chatty":
                 # Keep-alive comments (with and without text), a bare field, a retry hint, named events.
                 for word in WORDS:
@@ -383,7 +400,7 @@ async def test_stream_is_complete_in_order_with_upstream_usage(upstream) -> None
         deltas = await collect(engine, request("r-ok", seed=5, stop=["\n\n"]))
 
     *body, last = deltas
-    assert [d.text for d in body] == WORDS
+    assert text_of(body) == "".join(WORDS)
     assert all(d.finish_reason is None for d in body)
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 11, 7)
     assert sum(d.token_count for d in deltas) == 7
@@ -619,7 +636,8 @@ async def test_content_with_unicode_line_separators_comes_through_intact(upstrea
     async with started(base_url, name) as engine:
         deltas = [d async for d in measured("chatterbot-model", engine.generate(request(f"r-{name}")))]
         *body, last = deltas
-        assert [d.text for d in body] == separated(SEPARATORS[name])
+        assert text_of(body) == "".join(separated(SEPARATORS[name]))
+        assert sum(d.token_count for d in body) == 4
         assert (last.finish_reason, last.completion_tokens) == ("length", 4)
         assert engine.state() is EngineState.READY  # not a failed upstream
     assert metrics.ABORTS.labels("chatterbot-model")._value.get() == aborts
@@ -629,8 +647,30 @@ async def test_events_split_across_reads_are_put_back_together(upstream) -> None
     base_url, _ = upstream
     async with started(base_url, "split-reads") as engine:
         *body, last = await collect(engine, request("r-split-reads"))
-    assert [d.text for d in body] == WORDS
+    assert [d.text for d in body] == WORDS  # each event completed by a read of its own
     assert (last.finish_reason, last.completion_tokens) == ("length", len(WORDS))
+
+
+async def test_chunks_read_one_at_a_time_go_on_one_delta_each(upstream) -> None:
+    base_url, state = upstream
+    async with started(base_url, "paced") as engine:
+        deltas = []
+        async for delta in engine.generate(request("r-paced")):
+            deltas.append(delta)
+            state.delta_read.set()
+    *body, last = deltas
+    assert [(d.text, d.token_count) for d in body] == [(word, 1) for word in WORDS]
+    assert (last.finish_reason, last.completion_tokens) == ("length", len(WORDS))
+
+
+async def test_chunks_that_arrive_together_go_on_as_one_delta(upstream) -> None:
+    """A turn that fell behind its upstream catches up in one step: one delta for what one read brought,
+    counting every chunk's token, instead of one delta (and one message and event downstream) per chunk."""
+    base_url, _ = upstream
+    async with started(base_url, "burst") as engine:
+        *body, last = await collect(engine, request("r-burst"))
+    assert [(d.text, d.token_count) for d in body] == [("".join(WORDS), len(WORDS))]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 11, len(WORDS))
 
 
 async def test_comments_keep_alives_and_other_fields_are_ignored(upstream) -> None:
@@ -638,7 +678,7 @@ async def test_comments_keep_alives_and_other_fields_are_ignored(upstream) -> No
     async with started(base_url, "chatty") as engine:
         *body, last = await collect(engine, request("r-chatty"))
         assert engine.state() is EngineState.READY
-    assert [d.text for d in body] == WORDS
+    assert text_of(body) == "".join(WORDS) and sum(d.token_count for d in body) == len(WORDS)
     assert last.finish_reason == "stop"
 
 
@@ -685,7 +725,8 @@ async def test_a_stream_that_breaks_off_fails_that_request_not_the_engine(upstre
         with pytest.raises(EngineUnavailable):
             async for delta in engine.generate(request(f"r-{model}-1")):
                 received.append(delta.text)
-        assert received == WORDS  # what came before the break, and no final delta that would pass for an end
+        # What came before the break, and no final delta that would pass for an end.
+        assert "".join(received) == "".join(WORDS)
         assert engine.state() is EngineState.READY
         engine.upstream_model = "ok"
         assert (await collect(engine, request(f"r-{model}-2")))[-1].finish_reason == "length"

@@ -135,6 +135,31 @@ async def test_a_chunked_body_arrives_piece_by_piece_and_ends_at_the_last_chunk(
     assert server.connections == 1
 
 
+async def test_chunks_that_arrived_together_are_read_as_one_piece() -> None:
+    """A reader that fell behind gets everything that has arrived, in order, in one step."""
+    written = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (b"one", b" two", b" three")))
+        await writer.drain()
+        written.set()
+        await asyncio.sleep(0.05)
+        writer.write(b"5\r\n four\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async with (
+        Server(handler) as server,
+        client_for(server) as client,
+        await client.request("POST", "/x", b"{}") as r,
+    ):
+        await written.wait()
+        await asyncio.sleep(0.02)  # the three chunks are in; the reader comes late
+        assert [p async for p in r] == [b"one two three", b" four"]
+
+
 async def test_a_body_delimited_by_close_ends_with_the_connection() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)

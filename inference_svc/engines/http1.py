@@ -152,15 +152,18 @@ class _Connection(asyncio.Protocol):
         return self._status, self._headers
 
     async def piece(self, timeout: float) -> bytes | None:
-        """The next body bytes; None at the end of the body."""
+        """The body bytes that have arrived since the last call (all of them, in one piece: a reader that fell
+        behind catches up in one step); None at the end of the body."""
         while not self._pieces:
             if self._complete:
                 return None
             if self.error is not None:
                 raise self.error
             await self._wait(timeout)
-        piece = self._pieces.popleft()
-        self._buffered -= len(piece)
+        pieces = self._pieces
+        piece = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._buffered = 0
         if self._paused and self._buffered <= HIGH_WATER // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()

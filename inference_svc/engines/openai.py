@@ -301,25 +301,31 @@ class OpenAIEngine:
         async with self._post(client, rid, body) as response:
             if response.content_type != "text/event-stream":
                 raise EngineUnavailable(f"upstream answered {response.content_type!r}, not an event stream")
-            async for chunk in _chunks(response):
+            async for batch in _chunks(response):
                 if rid in self._abort_requested:
                     break
-                _raise_error_event(chunk, self.upstream_model)
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content")
-                    if rich:
-                        piece = _delta(text, delta.get("tool_calls"), choice.get("logprobs"))
-                        if piece is not None:
-                            chunks += piece.token_count
-                            yield piece
-                    elif text:
-                        chunks += 1
-                        yield Delta(text=text, token_count=1)
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
+                # The text of the chunks that arrived together goes on as one delta: a turn that fell behind
+                # its upstream catches up in one step instead of one per chunk.
+                texts: list[str] = []
+                for chunk in batch:
+                    _raise_error_event(chunk, self.upstream_model)
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
+                        if rich:
+                            piece = _delta(text, delta.get("tool_calls"), choice.get("logprobs"))
+                            if piece is not None:
+                                chunks += piece.token_count
+                                yield piece
+                        elif text:
+                            texts.append(text)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                if texts:
+                    chunks += len(texts)
+                    yield Delta(text=texts[0] if len(texts) == 1 else "".join(texts), token_count=len(texts))
         yield self._last(rid, finish, usage, chunks, body)
 
     async def _whole(
@@ -478,20 +484,23 @@ def _token_logprob(entry: dict[str, Any]) -> TokenLogprob:
     )
 
 
-async def _chunks(response: Response) -> AsyncGenerator[dict[str, Any], None]:
-    """The JSON payloads of the upstream's server-sent events, up to `[DONE]` (engines.sse reads the
-    stream by the spec's line rules). After `[DONE]` the body is read to its end, so that its connection
-    goes back to the pool instead of closing."""
+async def _chunks(response: Response) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The JSON payloads of the upstream's server-sent events up to `[DONE]`, those of one read together
+    (engines.sse reads the stream by the spec's line rules). After `[DONE]` the body is read to its end, so
+    that its connection goes back to the pool instead of closing."""
     decoder = EventDecoder()
     done = False
     async for data in response:
+        if done:
+            continue
+        batch: list[dict[str, Any]] = []
         for event in decoder.feed(data):
-            if done:
-                continue
             if event.data == "[DONE]":
                 done = True
-            else:
-                yield orjson.loads(event.data)
+                break
+            batch.append(orjson.loads(event.data))
+        if batch:
+            yield batch
 
 
 def _raise_error_event(payload: dict[str, Any], model: str) -> None:
