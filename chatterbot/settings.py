@@ -57,7 +57,9 @@ class Settings(BaseSettings):
         "component, calling each other in process) or split (a process per service, as in compose)",
     )
     up_processes: int = Field(
-        0, ge=0, description="combined mode: how many processes share the ports; 0 = one per core"
+        0,
+        ge=0,
+        description="combined mode: how many processes share the ports; 0 = one per core but one, at least one",
     )
     log_level: str = "INFO"
     log_json: bool = True

@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--processes",
         type=int,
-        help="combined mode: processes sharing the ports (default: CHATTERBOT_UP_PROCESSES, 0 = one per core)",
+        help="combined mode: processes sharing the ports (default: CHATTERBOT_UP_PROCESSES; 0 = one per core but one, at least one)",
     )
     # Defaults (None here) are RestartPolicy's, listed in the README's "Supervision".
     up.add_argument(

@@ -2,9 +2,9 @@
 
 Embedded NATS (JetStream), PostgreSQL and Valkey start unless their URLs are set; then the services start in
 one of two modes, awaited until healthy:
-- `combined` (the default of `chatterbot up`): one process per core runs every component
-  (`chatterbot serve all`), the processes sharing each component's port, and components calling each other in
-  process. An engine that holds a model (vllm) stays in a process of its own: one copy of the model.
+- `combined` (the default of `chatterbot up`): one process per core but one (at least one) runs every
+  component (`chatterbot serve all`), the processes sharing each component's port, and components calling each
+  other in process. An engine that holds a model (vllm) stays in a process of its own: one copy of the model.
 - `split`: every service is a process of its own (`chatterbot serve <name>`), as compose and Kubernetes run it.
 Everything is stopped in reverse order on Ctrl-C or SIGTERM. Data, logs and the dev keys stay in the data dir.
 
@@ -70,6 +70,18 @@ SERVER_SETTINGS = {
 TLS_PARTS = ("CA", "CERT", "KEY")
 # Engines that hold nothing but connections (the simulator, an HTTP upstream) run in every combined process.
 SHARED_NOTHING_ENGINES = frozenset({"sim", "openai"})
+
+
+def default_processes(cores: int | None = None) -> int:
+    """Combined processes for a machine of `cores` (this one's by default): one per core but one, at least
+    one.
+
+    The core left over is for what shares the machine with the mesh: the servers `up` starts (PostgreSQL,
+    NATS, Redis), a model server, a load generator. A mesh process that shares a core with a busy neighbour
+    gets a fraction of it for seconds at a time (the scheduler balances the cores' load, not the processes'
+    answers), and its streams take that much longer than its peers' (README, "The request path")."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class ServiceProcess(EmbeddedServer):
@@ -198,7 +210,7 @@ class Mesh:
     extra_env: dict[str, str] = field(default_factory=dict)
     # "split" (a process per service) or "combined" (`processes` processes each running the components).
     mode: str = "split"
-    # Combined processes sharing the ports; 0: one per core.
+    # Combined processes sharing the ports; 0: `default_processes()`.
     processes: int = 0
     servers: dict[str, EmbeddedServer] = field(default_factory=dict)
     # Where each component answers: its own process (split), or a view of the processes serving it.
@@ -334,7 +346,7 @@ class Mesh:
         together = tuple(name for name in START_ORDER if name not in alone)
         if not together:
             return
-        count = self.processes or os.cpu_count() or 1
+        count = self.processes or default_processes()
         for index in range(count):
             service_env = {**env, "CHATTERBOT_METRICS_PORT": str(self._port(0, taken))}
             process = ServiceProcess(

@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from ops.launcher import default_processes
+
 
 def _wait_for_up_json(path: Path, proc: subprocess.Popen, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
@@ -24,6 +26,11 @@ def _wait_for_up_json(path: Path, proc: subprocess.Popen, timeout: float) -> dic
             return json.loads(path.read_text())
         time.sleep(0.2)
     raise AssertionError("chatterbot up did not write up.json in time")
+
+
+@pytest.mark.parametrize(("cores", "processes"), [(1, 1), (2, 1), (4, 3), (16, 15)])
+def test_a_combined_mesh_leaves_one_core_to_what_shares_the_machine(cores: int, processes: int) -> None:
+    assert default_processes(cores) == processes
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
