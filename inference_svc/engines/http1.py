@@ -160,11 +160,10 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             await self._wait(timeout)
-        pieces = self._pieces
-        piece = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
-        pieces.clear()
+        piece = b"".join(self._pieces)  # one piece is handed over as it is, not copied
+        self._pieces.clear()
         self._buffered = 0
-        if self._paused and self._buffered <= HIGH_WATER // 2 and self.transport is not None:
+        if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return piece

@@ -325,7 +325,7 @@ class OpenAIEngine:
                             finish = choice["finish_reason"]
                 if texts:
                     chunks += len(texts)
-                    yield Delta(text=texts[0] if len(texts) == 1 else "".join(texts), token_count=len(texts))
+                    yield Delta(text="".join(texts), token_count=len(texts))
         yield self._last(rid, finish, usage, chunks, body)
 
     async def _whole(
